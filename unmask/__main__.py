@@ -1,0 +1,5 @@
+"""`python -m unmask` is the `unmask` command."""
+
+from unmask.cli import entry
+
+entry()

@@ -1,0 +1,181 @@
+"""Typed configuration of `unmask train`.
+
+Every field is a flag (`--name=value`) and a preset key, with the original framework's names and meanings
+(its README is our compatibility contract). The docstring under each field is its `--help` text.
+`__post_init__` validates values and names the flag in every error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from unmask.errors import UserError
+from unmask.stages import DEFAULT_STAGES, Stage, parse_stages
+
+
+@dataclass
+class TrainConfig:
+    # --- I/O -----------------------------------------------------------------------------------------------
+    out_dir: str = "out"
+    """Directory for checkpoints, metrics.jsonl and config.json."""
+    data_dir: str = "data"
+    """Directory that holds prepared datasets (`unmask prepare` writes there)."""
+    dataset: str = "shakespeare_char"
+    """Dataset name: the data is read from DATA_DIR/DATASET/{train.bin,val.bin,meta.json}."""
+    init_from: Literal["scratch", "resume"] = "scratch"
+    """'scratch' starts a new run; 'resume' continues from the newest complete checkpoint in out_dir."""
+    ckpt_filename: str | None = None
+    """With --init_from=resume: a checkpoint file name in out_dir instead of the newest."""
+    eval_interval: int = 200
+    """Evaluate, update the curriculum and checkpoint every this many iterations."""
+    log_interval: int = 10
+    """Print and record a training line every this many iterations."""
+    eval_iters: int = 20
+    """Validation set size in batches (eval_iters * batch_size samples); also the fresh train batches per eval."""
+    eval_only: bool = False
+    """Evaluate once and exit."""
+    always_save_checkpoint: bool = True
+    """Write a checkpoint at every evaluation, not only when the validation loss improves."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints in out_dir (0 keeps all)."""
+    wandb_log: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`)."""
+    wandb_project: str = "unmask"
+    """W&B project name."""
+    wandb_run_name: str = "run"
+    """W&B run name."""
+
+    # --- training type and curriculum -----------------------------------------------------------------------
+    training_type: Literal["unmasking"] = "unmasking"
+    """Training objective. 'unmasking': fill masked characters through the stage curriculum."""
+    unmasking_stages: tuple[Stage, ...] = DEFAULT_STAGES
+    """Curriculum: a list of stage dicts (type sticky/random/span, their parameters, val_loss_stale_count).
+    As a flag, a JSON or Python list literal. Default: the README's three sticky stages (0.2, 0.4, 0.6)."""
+    validation_stages: tuple[Stage, ...] | None = None
+    """Stages the fixed validation set is built from (default: unmasking_stages)."""
+    use_all_stages_for_training: bool = False
+    """Mix all stages into every training batch instead of stages 0..current."""
+    use_paragraph_boundaries: bool = True
+    """Start training and validation windows right after blank lines (paragraph starts)."""
+
+    # --- model ---------------------------------------------------------------------------------------------
+    n_layer: int = 6
+    """Transformer layers."""
+    n_head: int = 6
+    """Attention heads per layer."""
+    n_embd: int = 384
+    """Embedding width."""
+    dropout: float = 0.2
+    """Dropout rate (embeddings, attention, residual)."""
+    bias: bool = False
+    """Use biases in Linear and LayerNorm layers."""
+    block_size: int = 1024
+    """Sequence length in characters."""
+
+    # --- optimisation --------------------------------------------------------------------------------------
+    batch_size: int = 16
+    """Sequences per micro-batch (per process)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (divided among DDP processes)."""
+    max_iters: int = 50000
+    """Total optimizer steps."""
+    learning_rate: float = 1e-3
+    """Peak learning rate."""
+    decay_lr: bool = True
+    """Cosine-decay the learning rate after warmup (else constant)."""
+    warmup_iters: int = 2000
+    """Linear warmup steps."""
+    lr_decay_iters: int | None = None
+    """Step at which the cosine reaches min_lr (default: max_iters)."""
+    min_lr: float | None = None
+    """Final learning rate (default: learning_rate / 10)."""
+    weight_decay: float = 2e-2
+    """AdamW weight decay, applied to >= 2-D weights only."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+    # --- system --------------------------------------------------------------------------------------------
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype: 'auto' is bfloat16 on GPUs that support it, else float16 on CUDA, float32 elsewhere."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """DDP backend under torchrun: 'auto' is nccl on CUDA, gloo on CPU."""
+    seed: int = 1337
+    """Seed of the model init, data and masking generators (offset by the DDP rank)."""
+
+    # Flags the user set explicitly (not part of the config proper; used to report resume overrides).
+    _explicit: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.unmasking_stages = parse_stages(self.unmasking_stages, "--unmasking_stages")
+        if self.validation_stages is not None:
+            self.validation_stages = parse_stages(self.validation_stages, "--validation_stages")
+        positive = ("eval_interval", "log_interval", "eval_iters", "n_layer", "n_head", "n_embd", "block_size",
+                    "batch_size", "gradient_accumulation_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name}={getattr(self, name)} must be >= 1")
+        for name in ("max_iters", "warmup_iters", "keep_last"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name}={getattr(self, name)} must be >= 0")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise UserError(f"--lr_decay_iters={self.lr_decay_iters} must be >= 1")
+        if self.n_embd % self.n_head:
+            raise UserError(f"--n_embd={self.n_embd} must be divisible by --n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise UserError(f"--n_embd/--n_head = {self.n_embd // self.n_head} must be even (rotary embeddings)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout={self.dropout} must be in [0, 1)")
+        for name in ("learning_rate", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise UserError(f"--{name}={value} must be a finite number >= 0")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
+            raise UserError(f"--min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"--{name}={getattr(self, name)} must be in [0, 1)")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise UserError(f"--device={self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+    @property
+    def stages_for_validation(self) -> tuple[Stage, ...]:
+        return self.validation_stages or self.unmasking_stages
+
+    @property
+    def final_lr(self) -> float:
+        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def decay_iters(self) -> int:
+        return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (stages as dicts); `from_dict` inverts it."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_"):
+                continue
+            value = getattr(self, f.name)
+            if f.name in ("unmasking_stages", "validation_stages") and value is not None:
+                value = [stage.to_dict() for stage in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], explicit: frozenset[str] = frozenset()) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**values, _explicit=explicit)

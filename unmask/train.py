@@ -1,0 +1,327 @@
+"""The training loop of `unmask train`.
+
+`Trainer.run` reads as the list of what happens: evaluate (and advance the curriculum), checkpoint, train step,
+log. Everything a resumed run needs to continue bit for bit is in `Trainer.state_dict`: model, optimizer,
+scaler, iteration, best validation loss, curriculum state, the data and masking generators, the global RNG
+(dropout) and the config.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from unmask import checkpoint as ckpt_io
+from unmask.batches import BatchSource
+from unmask.config import TrainConfig
+from unmask.curriculum import Curriculum, CurriculumState
+from unmask.data import check_split_length, load_dataset
+from unmask.errors import UserError
+from unmask.metrics import RunLogger
+from unmask.model import ModelConfig, Transformer
+from unmask.runtime import Runtime
+from unmask.validation import build_validation_set, evaluate_batches, masked_cross_entropy, mean_train_loss
+
+ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+# Fixed offsets keep the generators of one run independent of each other (and of the validation seed 42).
+_MASK_SEED_OFFSET = 1_000_003
+_EVAL_SEED_OFFSET = 2_000_003
+_MAX_NONFINITE_STEPS = 5
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `learning_rate`, then cosine to `min_lr` at `lr_decay_iters`, then `min_lr`."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.decay_iters:
+        return cfg.final_lr
+    progress = (it - cfg.warmup_iters) / max(1, cfg.decay_iters - cfg.warmup_iters)
+    return cfg.final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.final_lr)
+
+
+def check_architecture(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    """A resumed run must keep the checkpoint's architecture; list every differing field."""
+    diffs = [f"{k}: flag {getattr(cfg, k)} vs checkpoint {saved[k]}" for k in ARCHITECTURE_KEYS
+             if k in saved and getattr(cfg, k) != saved[k]]
+    if diffs:
+        raise UserError(f"{path}: architecture differs from the flags ({'; '.join(diffs)})")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, checkpoint: dict[str, Any] | None = None,
+                 checkpoint_path: Path | None = None) -> None:
+        self.cfg, self.rt = cfg, runtime
+        self.out_dir = Path(cfg.out_dir)
+        self.log = RunLogger(self.out_dir, runtime.is_master, cfg.to_dict() if cfg.wandb_log else None)
+
+        self.data = load_dataset(Path(cfg.data_dir) / cfg.dataset)
+        for split in ("train", "val"):
+            check_split_length(self.data, split, cfg.block_size)
+        self.vocab = self.data.vocab
+
+        # Model init draws from the global RNG; seed it identically on every rank (DDP also broadcasts).
+        torch.manual_seed(cfg.seed)
+        self.model_config = ModelConfig(vocab_size=self.vocab.size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                                        n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+        self.raw_model = Transformer(self.model_config).to(runtime.device)
+        fused = runtime.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.raw_model.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate,
+                                           betas=(cfg.beta1, cfg.beta2), fused=fused)
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+        self.curriculum = Curriculum(cfg.unmasking_stages, cfg.use_all_stages_for_training)
+
+        # Per-rank streams: different data on every rank, reproducible for a seed.
+        self.data_gen = torch.Generator().manual_seed(cfg.seed + runtime.rank)
+        self.mask_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + _MASK_SEED_OFFSET + runtime.rank)
+        self.iter_num = 0
+        self.best_val_loss = math.inf
+        self.last_eval_iter = -1
+        self.nonfinite_steps = 0
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint, checkpoint_path or Path("checkpoint"))
+
+        self.model: torch.nn.Module = self.raw_model
+        if cfg.compile:
+            self.model = torch.compile(self.raw_model)  # type: ignore[assignment]
+        if runtime.ddp:
+            idx = [runtime.local_rank] if runtime.device.type == "cuda" else None
+            self.model = DDP(self.model, device_ids=idx)
+
+        self.train_source = BatchSource(self.data.train, cfg.block_size, runtime.device,
+                                        self.data.paragraphs["train"] if cfg.use_paragraph_boundaries else None)
+        val_stages = cfg.stages_for_validation
+        self.val_set = build_validation_set(
+            self.data.val, self.data.paragraphs["val"] if cfg.use_paragraph_boundaries else None, val_stages,
+            cfg.eval_iters * cfg.batch_size, cfg.block_size, self.vocab.mask_id, self.vocab.n_chars, runtime.device)
+        self.step_times: list[float] = []
+        self.batch_times: list[float] = []
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train to `max_iters`; returns the last evaluation's metrics."""
+        self.start()
+        metrics: dict[str, Any] = {}
+        while True:
+            if self.due_for_eval():
+                metrics = self.evaluate()
+                self.advance_curriculum(metrics)
+                self.save_checkpoint(metrics)
+                if self.cfg.eval_only:
+                    break
+            if self.iter_num >= self.cfg.max_iters:
+                break
+            loss = self.train_step()
+            self.log_step(loss)
+        self.log.close()
+        return metrics
+
+    def start(self) -> None:
+        cfg = self.cfg
+        if self.rt.is_master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.atomic_write_json(self.out_dir / "config.json", cfg.to_dict())
+            if cfg.init_from == "resume":
+                self.log.truncate_after(self.iter_num)
+            elif cfg.init_from == "scratch" and self.log.path.exists():
+                self.log.path.unlink()
+        n = self.raw_model.num_params()
+        tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+        self.log.print(f"unmask: {n:,} parameters, vocabulary {self.vocab.n_chars} characters + [MASK], "
+                       f"{self.rt.device} {str(self.rt.dtype).removeprefix('torch.')}, world size {self.rt.world_size}")
+        self.log.print(f"dataset {cfg.dataset}: {len(self.data.train):,} train / {len(self.data.val):,} val characters; "
+                       f"{tokens * self.rt.world_size:,} tokens per iteration")
+        stages = self.cfg.stages_for_validation
+        self.log.print(f"Validation set: {len(self.val_set)} samples from all {len(stages)} validation stages "
+                       f"(seed 42)")
+        for i, stage in enumerate(self.cfg.unmasking_stages):
+            self.log.print(f"  Stage {i} ({stage.type}): {stage.params()}, "
+                           f"val_loss_stale_count={stage.val_loss_stale_count}")
+        if self.iter_num:
+            self.log.print(f"Resumed at iteration {self.iter_num}, stage {self.curriculum.state.stage}")
+
+    def due_for_eval(self) -> bool:
+        it = self.iter_num
+        due = it % self.cfg.eval_interval == 0 or it >= self.cfg.max_iters or self.cfg.eval_only
+        return due and it != self.last_eval_iter
+
+    def evaluate(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.raw_model.eval()
+        gen_seed = cfg.seed + _EVAL_SEED_OFFSET + 7919 * self.iter_num + self.rt.rank
+        data_gen = torch.Generator().manual_seed(gen_seed)
+        mask_gen = torch.Generator(device=self.rt.device).manual_seed(gen_seed)
+        counts = self.curriculum.training_mix(cfg.batch_size)
+        fresh = [self.train_source.batch(counts, cfg.unmasking_stages, self.vocab.mask_id, self.vocab.n_chars,
+                                         data_gen, mask_gen) for _ in range(cfg.eval_iters)]
+        metrics = {"iter": self.iter_num, "train_loss": mean_train_loss(self.raw_model, fresh, self.rt)}
+        metrics |= evaluate_batches(self.raw_model, self.val_set, cfg.batch_size,
+                                    len(cfg.stages_for_validation), self.vocab.n_chars, self.rt)
+        self.raw_model.train()
+        self.last_eval_iter = self.iter_num
+        if not (math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["train_loss"])):
+            raise UserError(f"evaluation at iteration {self.iter_num} gave a non-finite loss "
+                            f"(train {metrics['train_loss']}, val {metrics['val_loss']}); lower --learning_rate "
+                            f"or raise --warmup_iters, and resume from the last checkpoint")
+        return metrics
+
+    def advance_curriculum(self, m: dict[str, Any]) -> None:
+        decision = self.curriculum.update(m["val_loss"])
+        cur, state = self.curriculum.current, self.curriculum.state
+        m |= {"lr": lr_at(self.iter_num, self.cfg), "stage": state.stage, "stale_count": state.stale_count,
+              "best_stage_val_loss": state.best_stage_val_loss}
+        p = self.log.print
+        p(f"step {m['iter']}: train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}, lr {m['lr']:.6f}")
+        p(f"Stage {state.stage} ({cur.type}): {cur.params()}, stale_count={state.stale_count}")
+        p(f"  val model vs random: {m['val_model_vs_random']:.2f}x better")
+        p(f"  val accuracy: {m['val_avg_correct_prob']:.4f} (random baseline: {1 / self.vocab.n_chars:.4f})")
+        p(f"  Most likely guess correct P %: {m['val_most_likely_accuracy']:.1f}%")
+        p(f"  val masked token ratio: {m['val_masked_token_ratio']:.3f} "
+          f"(min {m['val_masked_token_ratio_min']:.3f}, max {m['val_masked_token_ratio_max']:.3f})")
+        p("Per-stage validation losses:")
+        for i, stage in enumerate(self.cfg.stages_for_validation):
+            p(f"  Stage {i} ({stage.type}): {m[f'val_stage_{i}_loss']:.4f} "
+              f"({m[f'val_stage_{i}_samples']} samples) - {stage.ratio_label()}")
+        p(decision)
+        self.log.record("eval", m)
+
+    def save_checkpoint(self, m: dict[str, Any]) -> None:
+        improved = m["val_loss"] < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, m["val_loss"])
+        if self.iter_num == 0 or not (improved or self.cfg.always_save_checkpoint):
+            return
+        rng = self.gather_rng_states()  # collective: every rank takes part
+        if self.rt.is_master:
+            sidecar = {"iter": self.iter_num, "val_loss": m["val_loss"], "best_val_loss": self.best_val_loss,
+                       "curriculum": self.curriculum.state.to_dict(), "model_config": self.model_config.__dict__,
+                       "vocab": list(self.vocab.itos), "config": self.cfg.to_dict()}
+            path = ckpt_io.save_checkpoint(self.out_dir, self.iter_num, self.state_dict(rng), sidecar,
+                                           self.cfg.keep_last)
+            self.log.print(f"saved checkpoint {path}")
+        self.rt.barrier()
+
+    def train_step(self) -> float:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
+        cfg, rt = self.cfg, self.rt
+        t0 = time.perf_counter()
+        batch_time = 0.0
+        lr = lr_at(self.iter_num, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        counts = self.curriculum.training_mix(cfg.batch_size)
+        accum = cfg.gradient_accumulation_steps
+        total = torch.zeros((), device=rt.device)
+        for micro in range(accum):
+            tb = time.perf_counter()
+            batch = self.train_source.batch(counts, cfg.unmasking_stages, self.vocab.mask_id, self.vocab.n_chars,
+                                            self.data_gen, self.mask_gen)
+            batch_time += time.perf_counter() - tb
+            # Under DDP, all-reduce gradients only on the last micro-step.
+            sync = isinstance(self.model, DDP) and micro < accum - 1
+            with self.model.no_sync() if sync else nullcontext(), rt.autocast():  # type: ignore[operator]
+                logits = self.model(batch.x, positions=batch.selected)  # (N, V)
+                loss = masked_cross_entropy(logits, batch.y[batch.selected]) / accum
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if not torch.isfinite(total):
+            self.skip_nonfinite_step()
+        else:
+            self.nonfinite_steps = 0
+            if cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.iter_num += 1
+        self.batch_times.append(batch_time)
+        self.step_times.append(time.perf_counter() - t0)
+        return float(total)
+
+    def skip_nonfinite_step(self) -> None:
+        """A non-finite loss skips the update; several in a row stop the run with advice (work is checkpointed)."""
+        self.nonfinite_steps += 1
+        self.log.print(f"iter {self.iter_num}: non-finite loss, update skipped "
+                       f"({self.nonfinite_steps}/{_MAX_NONFINITE_STEPS})")
+        if self.scaler.is_enabled():
+            self.scaler.update()  # let the float16 loss scale back off, as GradScaler does for inf gradients
+        if self.nonfinite_steps >= _MAX_NONFINITE_STEPS:
+            raise UserError(f"training diverged at iteration {self.iter_num}: {_MAX_NONFINITE_STEPS} non-finite "
+                            f"losses in a row; lower --learning_rate and resume with --init_from=resume")
+
+    def log_step(self, loss: float) -> None:
+        if self.iter_num % self.cfg.log_interval and self.iter_num != self.cfg.max_iters:
+            return
+        n = len(self.step_times)
+        step_s = sum(self.step_times) / n
+        batch_share = sum(self.batch_times) / sum(self.step_times)
+        tokens = self.cfg.batch_size * self.cfg.block_size * self.cfg.gradient_accumulation_steps * self.rt.world_size
+        lr = lr_at(self.iter_num - 1, self.cfg)
+        self.log.print(f"iter {self.iter_num}: loss {loss:.4f}, time {1000 * step_s:.2f}ms, "
+                       f"{tokens / step_s:,.0f} tok/s, batch+mask {100 * batch_share:.1f}%, lr {lr:.6f}, "
+                       f"stage {self.curriculum.state.stage}")
+        self.log.record("train", {"iter": self.iter_num, "train_loss_step": loss, "lr": lr,
+                                  "ms_per_iter": 1000 * step_s, "tokens_per_s": tokens / step_s,
+                                  "batch_share": batch_share, "stage": self.curriculum.state.stage})
+        self.step_times.clear()
+        self.batch_times.clear()
+
+    # --- checkpoint state ----------------------------------------------------------------------------------------
+
+    def gather_rng_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every rank's RNG states (index = rank): each rank draws its own data and masks."""
+        rng = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state(), "mask": self.mask_gen.get_state()}
+        if self.rt.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+        if not self.rt.ddp:
+            return [rng]
+        gathered: list[Any] = [None] * self.rt.world_size
+        torch.distributed.all_gather_object(gathered, rng)
+        return gathered
+
+    def state_dict(self, rng: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iter_num": self.iter_num,
+            "best_val_loss": self.best_val_loss,
+            "curriculum": self.curriculum.state.to_dict(),
+            "rng": rng,
+            "model_config": dict(self.model_config.__dict__),
+            "vocab": list(self.vocab.itos),
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any], path: Path) -> None:
+        saved_vocab = ckpt.get("vocab")
+        if saved_vocab is not None and list(saved_vocab) != list(self.vocab.itos):
+            raise UserError(f"{path}: the checkpoint's vocabulary differs from {self.cfg.dataset}'s meta.json")
+        check_architecture(self.cfg, ckpt["model_config"], path)
+        self.raw_model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.iter_num = int(ckpt["iter_num"])
+        self.last_eval_iter = self.iter_num  # the checkpoint was written right after this iteration's evaluation
+        self.best_val_loss = float(ckpt["best_val_loss"])
+        self.curriculum.state = CurriculumState.from_dict(ckpt["curriculum"])
+        if self.curriculum.state.stage >= len(self.cfg.unmasking_stages):
+            raise UserError(f"{path}: checkpoint is at stage {self.curriculum.state.stage} but only "
+                            f"{len(self.cfg.unmasking_stages)} --unmasking_stages are configured")
+        if len(ckpt["rng"]) != self.rt.world_size:
+            raise UserError(f"{path}: saved by {len(ckpt['rng'])} process(es), resumed with {self.rt.world_size}; "
+                            f"resume with the same number of processes to continue the same data streams")
+        rng = ckpt["rng"][self.rt.rank]
+        torch.set_rng_state(rng["torch"])
+        self.data_gen.set_state(rng["data"])
+        self.mask_gen.set_state(rng["mask"])
+        if "cuda" in rng and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
