@@ -12,8 +12,33 @@ from unmask.prepare import prepare
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-WORDS = ("the king and queen of rome speak to their people in the hall while a fool sings "
-         "of love and war and bread and night").split()
+WORDS = [
+    "the",
+    "king",
+    "and",
+    "queen",
+    "of",
+    "rome",
+    "speak",
+    "to",
+    "their",
+    "people",
+    "in",
+    "the",
+    "hall",
+    "while",
+    "a",
+    "fool",
+    "sings",
+    "of",
+    "love",
+    "and",
+    "war",
+    "and",
+    "bread",
+    "and",
+    "night",
+]
 
 
 def tiny_corpus(n_lines: int = 1200, seed: int = 0) -> str:
@@ -39,9 +64,24 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_flags(data_dir: Path, out_dir: Path, **overrides: object) -> list[str]:
     """Flags for a model of a few thousand parameters that trains in about a second."""
     values: dict[str, object] = dict(
-        data_dir=data_dir, dataset="tiny", out_dir=out_dir, device="cpu", n_layer=1, n_head=2, n_embd=16,
-        block_size=32, batch_size=4, dropout=0.1, eval_interval=4, eval_iters=3, log_interval=2,
-        learning_rate=3e-2, warmup_iters=2, lr_decay_iters=40, max_iters=16, keep_last=0,
+        data_dir=data_dir,
+        dataset="tiny",
+        out_dir=out_dir,
+        device="cpu",
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        block_size=32,
+        batch_size=4,
+        dropout=0.1,
+        eval_interval=4,
+        eval_iters=3,
+        log_interval=2,
+        learning_rate=3e-2,
+        warmup_iters=2,
+        lr_decay_iters=40,
+        max_iters=16,
+        keep_last=0,
     )
     values.update(overrides)
     return [f"--{k}={v}" for k, v in values.items()]

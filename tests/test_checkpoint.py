@@ -13,7 +13,11 @@ from unmask.errors import UserError
 
 
 def _state(i: int) -> dict:
-    return {"model": {"w": torch.full((2, 2), float(i))}, "iter_num": i, "rng": [{"torch": torch.get_rng_state()}]}
+    return {
+        "model": {"w": torch.full((2, 2), float(i))},
+        "iter_num": i,
+        "rng": [{"torch": torch.get_rng_state()}],
+    }
 
 
 def test_save_load_weights_only_and_sidecar(tmp_path: Path) -> None:

@@ -12,10 +12,18 @@ from unmask.errors import UserError
 from unmask.flags import convert, load_preset, parse_flags
 from unmask.stages import DEFAULT_STAGES, RandomStage, SpanStage, StickyStage
 
-README_CPU_COMMAND = (
-    "--training_type=unmasking --device=cpu --compile=False --batch_size=8 --block_size=256 "
-    "--n_layer=4 --n_head=4 --n_embd=128 --max_iters=10000 --learning_rate=5e-4"
-).split()
+README_CPU_COMMAND = [
+    "--training_type=unmasking",
+    "--device=cpu",
+    "--compile=False",
+    "--batch_size=8",
+    "--block_size=256",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--max_iters=10000",
+    "--learning_rate=5e-4",
+]
 
 
 def test_readme_cpu_command_parses_verbatim() -> None:
@@ -28,10 +36,27 @@ def test_readme_cpu_command_parses_verbatim() -> None:
 
 
 def test_seed_readme_flag_forms() -> None:
-    _, flags = parse_flags(TrainConfig, ["--compile=True", "--bias", "--eval_iters", "7", "--min_lr=None",
-                                         "--init_from=resume", "--ckpt_filename=ckpt_unmasking_10.pt"], 0)
-    assert flags == {"compile": True, "bias": True, "eval_iters": 7, "min_lr": None, "init_from": "resume",
-                     "ckpt_filename": "ckpt_unmasking_10.pt"}
+    _, flags = parse_flags(
+        TrainConfig,
+        [
+            "--compile=True",
+            "--bias",
+            "--eval_iters",
+            "7",
+            "--min_lr=None",
+            "--init_from=resume",
+            "--ckpt_filename=ckpt_unmasking_10.pt",
+        ],
+        0,
+    )
+    assert flags == {
+        "compile": True,
+        "bias": True,
+        "eval_iters": 7,
+        "min_lr": None,
+        "init_from": "resume",
+        "ckpt_filename": "ckpt_unmasking_10.pt",
+    }
 
 
 @pytest.mark.parametrize(
@@ -56,12 +81,18 @@ def test_flag_errors_name_the_flag(argv: list[str], message: str) -> None:
 @pytest.mark.parametrize(
     ("flag", "message"),
     [
-        ("--unmasking_stages=[{'type': 'sticky', 'target_masked_ratio': 1.5, 'p1_probability': 0.1, "
-         "'p2_probability': 0.1}]", r"unmasking_stages\[0\]: target_masked_ratio=1.5 is outside \[0, 1\]"),
+        (
+            "--unmasking_stages=[{'type': 'sticky', 'target_masked_ratio': 1.5, 'p1_probability': 0.1, "
+            "'p2_probability': 0.1}]",
+            r"unmasking_stages\[0\]: target_masked_ratio=1.5 is outside \[0, 1\]",
+        ),
         ("--unmasking_stages=[{'type': 'blur'}]", r"unmasking_stages\[0\]: unknown stage type 'blur'"),
         ("--unmasking_stages=[{'max_masked_ratio': 0.2}]", r"unmasking_stages\[0\]: missing key 'type'"),
         ("--unmasking_stages=[{'type': 'random'}]", r"missing key\(s\) 'max_masked_ratio'"),
-        ('--unmasking_stages=[{"type": "random", "max_masked_ratio": 0.2, "colour": 1}]', r"unknown key\(s\) 'colour'"),
+        (
+            '--unmasking_stages=[{"type": "random", "max_masked_ratio": 0.2, "colour": 1}]',
+            r"unknown key\(s\) 'colour'",
+        ),
         ("--unmasking_stages=[{'type': 'span', 'spans_count': 0}]", r"spans_count=0 must be >= 1"),
         ("--unmasking_stages=[]", "the list of stages is empty"),
         ("--n_embd=130", r"--n_embd=130 must be divisible by --n_head=6"),
@@ -77,13 +108,18 @@ def test_invalid_values_and_stages(flag: str, message: str) -> None:
 
 
 def test_stage_list_as_json_and_python_literal() -> None:
-    cfg, _, _ = build_train_config([
-        '--unmasking_stages=[{"type": "random", "max_masked_ratio": 0.3, "val_loss_stale_count": 2},'
-        ' {"type": "span", "spans_count": 4}]',
-        "--validation_stages=[{'type': 'sticky', 'target_masked_ratio': 0.5, 'p1_probability': 0.2, "
-        "'p2_probability': 0.8}]",
-    ])
-    assert cfg.unmasking_stages == (RandomStage(max_masked_ratio=0.3, val_loss_stale_count=2), SpanStage(spans_count=4))
+    cfg, _, _ = build_train_config(
+        [
+            '--unmasking_stages=[{"type": "random", "max_masked_ratio": 0.3, "val_loss_stale_count": 2},'
+            ' {"type": "span", "spans_count": 4}]',
+            "--validation_stages=[{'type': 'sticky', 'target_masked_ratio': 0.5, 'p1_probability': 0.2, "
+            "'p2_probability': 0.8}]",
+        ]
+    )
+    assert cfg.unmasking_stages == (
+        RandomStage(max_masked_ratio=0.3, val_loss_stale_count=2),
+        SpanStage(spans_count=4),
+    )
     assert cfg.stages_for_validation == (StickyStage(target_masked_ratio=0.5, p1_probability=0.2, p2_probability=0.8),)
 
 

@@ -15,9 +15,11 @@ from tests.conftest import REPO, SHARED_DATA, tiny_flags
 from unmask.cli import main
 
 # Stale count 1 and a high learning rate make the curriculum advance within a few evaluations.
-STAGES = ('--unmasking_stages=[{"type": "sticky", "target_masked_ratio": 0.2, "p1_probability": 0.3, '
-          '"p2_probability": 0.0, "val_loss_stale_count": 1}, {"type": "random", "max_masked_ratio": 0.6, '
-          '"val_loss_stale_count": 1}, {"type": "span", "spans_count": 3, "val_loss_stale_count": 1}]')
+STAGES = (
+    '--unmasking_stages=[{"type": "sticky", "target_masked_ratio": 0.2, "p1_probability": 0.3, '
+    '"p2_probability": 0.0, "val_loss_stale_count": 1}, {"type": "random", "max_masked_ratio": 0.6, '
+    '"val_loss_stale_count": 1}, {"type": "span", "spans_count": 3, "val_loss_stale_count": 1}]'
+)
 
 
 def records(out_dir: Path, kind: str) -> list[dict]:
@@ -52,8 +54,19 @@ def test_metrics_and_checkpoint_contents(tiny_data: Path, tmp_path: Path) -> Non
     evals = records(out, "eval")
     assert [r["iter"] for r in evals] == [0, 4, 8]
     last = evals[-1]
-    for key in ("iter", "train_loss", "val_loss", "val_stage_0_loss", "val_stage_2_loss", "val_model_vs_random",
-                "val_most_likely_accuracy", "val_masked_token_ratio", "lr", "stage", "stale_count"):
+    for key in (
+        "iter",
+        "train_loss",
+        "val_loss",
+        "val_stage_0_loss",
+        "val_stage_2_loss",
+        "val_model_vs_random",
+        "val_most_likely_accuracy",
+        "val_masked_token_ratio",
+        "lr",
+        "stage",
+        "stale_count",
+    ):
         assert key in last, key
     # 3 eval_iters x batch 4 = 12 samples spread 4/4/4 over the README's three default stages, all evaluated.
     assert [last[f"val_stage_{i}_samples"] for i in range(3)] == [4, 4, 4]
@@ -67,15 +80,17 @@ def test_metrics_and_checkpoint_contents(tiny_data: Path, tmp_path: Path) -> Non
     assert records(out, "train")[-1]["iter"] == 8
 
 
-def test_train_split_too_short_names_both_numbers(tiny_data: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_split_too_short_names_both_numbers(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["train", *tiny_flags(tiny_data, tmp_path / "o", block_size=100000)]) == 2
     err = capsys.readouterr().err
     assert "--block_size=100000" in err and "100,001" in err and len(err.strip().splitlines()) == 1
 
 
-def test_resume_with_different_architecture_is_refused(tiny_data: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_with_different_architecture_is_refused(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     assert main(["train", *tiny_flags(tiny_data, out, max_iters=4)]) == 0
     assert main(["train", "--init_from=resume", f"--out_dir={out}", "--n_layer=2"]) == 2
@@ -84,8 +99,9 @@ def test_resume_with_different_architecture_is_refused(tiny_data: Path, tmp_path
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "UNMASK_DATA_MIRROR": str(SHARED_DATA), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "unmask", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "unmask", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.slow
@@ -97,8 +113,7 @@ def test_cli_prepare_and_train_in_subprocess(tiny_data: Path, tmp_path: Path) ->
     assert "mirror" in done.stdout
     meta = json.loads((tmp_path / "data" / "shakespeare_char" / "meta.json").read_text())
     assert meta["vocab_size"] == 65
-    done = _cli("train", *tiny_flags(Path("data"), Path("out"), dataset="shakespeare_char", max_iters=4),
-                cwd=tmp_path)
+    done = _cli("train", *tiny_flags(Path("data"), Path("out"), dataset="shakespeare_char", max_iters=4), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "step 4: train loss" in done.stdout and "Per-stage validation losses:" in done.stdout
     assert (tmp_path / "out" / "ckpt_unmasking_4.pt").exists()

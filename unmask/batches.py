@@ -38,7 +38,7 @@ def corrupt_by_stage(
     """Mask consecutive row slices of `clean` (B, T) with stage i for counts[i] rows each (sum(counts) == B)."""
     xs, selecteds, ids = [], [], []
     start = 0
-    for i, (stage, n) in enumerate(zip(stages, counts)):
+    for i, (stage, n) in enumerate(zip(stages, counts, strict=True)):
         if n == 0:
             continue
         x, selected = stage.apply(clean[start : start + n], mask_id, n_chars, generator)
@@ -52,8 +52,9 @@ def corrupt_by_stage(
 class BatchSource:
     """Clean windows of one split, delivered on the training device."""
 
-    def __init__(self, tokens: np.ndarray, block_size: int, device: torch.device,
-                 paragraphs: np.ndarray | None = None) -> None:
+    def __init__(
+        self, tokens: np.ndarray, block_size: int, device: torch.device, paragraphs: np.ndarray | None = None
+    ) -> None:
         self.tokens = tokens
         self.block_size = block_size
         self.device = device
@@ -66,7 +67,15 @@ class BatchSource:
             return x.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device)
 
-    def batch(self, counts: list[int], stages: tuple[Stage, ...], mask_id: int, n_chars: int,
-              data_generator: torch.Generator, mask_generator: torch.Generator) -> Batch:
-        return corrupt_by_stage(self.clean(sum(counts), data_generator), counts, stages, mask_id, n_chars,
-                                mask_generator)
+    def batch(
+        self,
+        counts: list[int],
+        stages: tuple[Stage, ...],
+        mask_id: int,
+        n_chars: int,
+        data_generator: torch.Generator,
+        mask_generator: torch.Generator,
+    ) -> Batch:
+        return corrupt_by_stage(
+            self.clean(sum(counts), data_generator), counts, stages, mask_id, n_chars, mask_generator
+        )

@@ -69,8 +69,9 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(out_dir: Path, iter_num: int, state: dict[str, Any], sidecar: dict[str, Any],
-                    keep_last: int = 0) -> Path:
+def save_checkpoint(
+    out_dir: Path, iter_num: int, state: dict[str, Any], sidecar: dict[str, Any], keep_last: int = 0
+) -> Path:
     """Atomically write checkpoint + sidecar, then delete all but the `keep_last` newest (0 keeps all)."""
     path = checkpoint_path(out_dir, iter_num)
     buffer = io.BytesIO()
@@ -108,6 +109,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(ckpt, dict) or "model" not in ckpt or "format_version" not in ckpt:
         raise UserError(f"{path}: not an unmask checkpoint")
     if ckpt["format_version"] > FORMAT_VERSION:
-        raise UserError(f"{path}: checkpoint format {ckpt['format_version']} is newer than this unmask "
-                        f"({FORMAT_VERSION}); upgrade unmask")
+        raise UserError(
+            f"{path}: checkpoint format {ckpt['format_version']} is newer than this unmask "
+            f"({FORMAT_VERSION}); upgrade unmask"
+        )
     return ckpt

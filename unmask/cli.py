@@ -36,8 +36,13 @@ def run_prepare(argv: list[str]) -> int:
     from unmask.prepare import KNOWN_DATASETS, prepare
 
     if "--help" in argv or "-h" in argv:
-        print(format_help(PrepareArgs, "unmask prepare [DATASET] [flags]",
-                          f"Prepare a known dataset ({', '.join(KNOWN_DATASETS)}) or any UTF-8 file (--input)."))
+        print(
+            format_help(
+                PrepareArgs,
+                "unmask prepare [DATASET] [flags]",
+                f"Prepare a known dataset ({', '.join(KNOWN_DATASETS)}) or any UTF-8 file (--input).",
+            )
+        )
         return 0
     positional, flags = parse_flags(PrepareArgs, argv, max_positional=1)
     args = PrepareArgs(**flags)
@@ -69,9 +74,14 @@ def run_train(argv: list[str]) -> int:
     from unmask.config import TrainConfig
 
     if "--help" in argv or "-h" in argv:
-        print(format_help(TrainConfig, "unmask train [PRESET] [--flag=value ...]",
-                          "Train a bidirectional transformer to fill masked characters through a curriculum of "
-                          "masking stages.\nPRESET: a preset name (cpu, gpu) or a .py file of plain assignments."))
+        print(
+            format_help(
+                TrainConfig,
+                "unmask train [PRESET] [--flag=value ...]",
+                "Train a bidirectional transformer to fill masked characters through a curriculum of "
+                "masking stages.\nPRESET: a preset name (cpu, gpu) or a .py file of plain assignments.",
+            )
+        )
         return 0
     cfg, checkpoint, path = build_train_config(argv)
 

@@ -120,8 +120,17 @@ class TrainConfig:
         self.unmasking_stages = parse_stages(self.unmasking_stages, "--unmasking_stages")
         if self.validation_stages is not None:
             self.validation_stages = parse_stages(self.validation_stages, "--validation_stages")
-        positive = ("eval_interval", "log_interval", "eval_iters", "n_layer", "n_head", "n_embd", "block_size",
-                    "batch_size", "gradient_accumulation_steps")
+        positive = (
+            "eval_interval",
+            "log_interval",
+            "eval_iters",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "batch_size",
+            "gradient_accumulation_steps",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name}={getattr(self, name)} must be >= 1")

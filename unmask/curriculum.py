@@ -38,8 +38,9 @@ def split_evenly(n: int, k: int) -> list[int]:
 
 
 class Curriculum:
-    def __init__(self, stages: tuple[Stage, ...], use_all_stages: bool = False,
-                 state: CurriculumState | None = None) -> None:
+    def __init__(
+        self, stages: tuple[Stage, ...], use_all_stages: bool = False, state: CurriculumState | None = None
+    ) -> None:
         self.stages = stages
         self.use_all_stages = use_all_stages
         self.state = state or CurriculumState()
@@ -74,5 +75,7 @@ class Curriculum:
         s.stage += 1
         s.stale_count = 0
         s.best_stage_val_loss = math.inf
-        return (f"*** ADVANCING TO STAGE {s.stage} ({self.current.type}): {self.current.params()} "
-                f"after {limit} evaluations without improvement ***")
+        return (
+            f"*** ADVANCING TO STAGE {s.stage} ({self.current.type}): {self.current.params()} "
+            f"after {limit} evaluations without improvement ***"
+        )

@@ -71,8 +71,7 @@ class Vocab:
         if unknown:
             shown = " ".join(repr(ch) for ch in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
             raise UserError(
-                f"{source}: {len(unknown)} character(s) not in the dataset's vocabulary "
-                f"of {self.n_chars}: {shown}"
+                f"{source}: {len(unknown)} character(s) not in the dataset's vocabulary of {self.n_chars}: {shown}"
             )
         return [stoi[ch] for ch in text]
 

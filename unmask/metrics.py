@@ -31,8 +31,11 @@ class RunLogger:
             except ImportError:
                 raise UserError("--wandb_log=True needs the wandb package: pip install wandb") from None
             self._wandb = wandb
-            wandb.init(project=wandb_config["wandb_project"], name=wandb_config["wandb_run_name"],
-                       config=wandb_config)
+            wandb.init(
+                project=wandb_config["wandb_project"],
+                name=wandb_config["wandb_run_name"],
+                config=wandb_config,
+            )
 
     def print(self, line: str = "") -> None:
         if self.enabled:
@@ -45,15 +48,17 @@ class RunLogger:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in values.items() if isinstance(v, (int, float))},
-                            step=int(values["iter"]))
+            self._wandb.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=int(values["iter"]))
 
     def truncate_after(self, iter_num: int) -> None:
         """On resume, drop records written after the checkpoint's iteration (they are about to be redone)."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("iter", 0) <= iter_num]
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("iter", 0) <= iter_num
+        ]
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def close(self) -> None:

@@ -47,9 +47,7 @@ from unmask.errors import UserError
 
 MIRROR_ENV = "UNMASK_DATA_MIRROR"
 MIRROR_FILENAME = "tinyshakespeare.txt"
-TINY_SHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 KNOWN_DATASETS = ("shakespeare_char",)
 
@@ -133,9 +131,7 @@ def prepare(
     _check_val_fraction(val_fraction)
     if input_path is None:
         if dataset is None:
-            raise UserError(
-                f"--dataset: give a dataset ({', '.join(KNOWN_DATASETS)}) or a text file with --input FILE"
-            )
+            raise UserError(f"--dataset: give a dataset ({', '.join(KNOWN_DATASETS)}) or a text file with --input FILE")
         if dataset not in KNOWN_DATASETS:
             raise UserError(
                 f"--dataset={dataset}: unknown dataset; known datasets: {', '.join(KNOWN_DATASETS)} "
@@ -455,9 +451,7 @@ def encode_corpus(text: str, val_fraction: float, what: str) -> Encoded:
     elif n_ids <= 65536:
         dtype = np.dtype(np.uint16)
     else:
-        raise UserError(
-            f"{what}: has {n_chars:,} distinct characters; at most 65,535 are supported (ids are uint16)"
-        )
+        raise UserError(f"{what}: has {n_chars:,} distinct characters; at most 65,535 are supported (ids are uint16)")
     ids = inverse.reshape(-1).astype(dtype)
     itos = [chr(int(cp)) for cp in uniques]
 

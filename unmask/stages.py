@@ -146,8 +146,9 @@ def parse_stage(raw: Any, where: str) -> Stage:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields) - {"type"})
     if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for a {kind} stage "
-                        f"(allowed: {', '.join(fields)})")
+        raise UserError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for a {kind} stage (allowed: {', '.join(fields)})"
+        )
     required = [name for name in fields if name != "val_loss_stale_count"]
     missing = [name for name in required if name not in raw]
     if missing:

@@ -49,15 +49,23 @@ def lr_at(it: int, cfg: TrainConfig) -> float:
 
 def check_architecture(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
     """A resumed run must keep the checkpoint's architecture; list every differing field."""
-    diffs = [f"{k}: flag {getattr(cfg, k)} vs checkpoint {saved[k]}" for k in ARCHITECTURE_KEYS
-             if k in saved and getattr(cfg, k) != saved[k]]
+    diffs = [
+        f"{k}: flag {getattr(cfg, k)} vs checkpoint {saved[k]}"
+        for k in ARCHITECTURE_KEYS
+        if k in saved and getattr(cfg, k) != saved[k]
+    ]
     if diffs:
         raise UserError(f"{path}: architecture differs from the flags ({'; '.join(diffs)})")
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, runtime: Runtime, checkpoint: dict[str, Any] | None = None,
-                 checkpoint_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        runtime: Runtime,
+        checkpoint: dict[str, Any] | None = None,
+        checkpoint_path: Path | None = None,
+    ) -> None:
         self.cfg, self.rt = cfg, runtime
         self.out_dir = Path(cfg.out_dir)
         self.log = RunLogger(self.out_dir, runtime.is_master, cfg.to_dict() if cfg.wandb_log else None)
@@ -69,12 +77,23 @@ class Trainer:
 
         # Model init draws from the global RNG; seed it identically on every rank (DDP also broadcasts).
         torch.manual_seed(cfg.seed)
-        self.model_config = ModelConfig(vocab_size=self.vocab.size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                                        n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+        self.model_config = ModelConfig(
+            vocab_size=self.vocab.size,
+            block_size=cfg.block_size,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            dropout=cfg.dropout,
+            bias=cfg.bias,
+        )
         self.raw_model = Transformer(self.model_config).to(runtime.device)
         fused = runtime.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.raw_model.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate,
-                                           betas=(cfg.beta1, cfg.beta2), fused=fused)
+        self.optimizer = torch.optim.AdamW(
+            self.raw_model.optimizer_groups(cfg.weight_decay),
+            lr=cfg.learning_rate,
+            betas=(cfg.beta1, cfg.beta2),
+            fused=fused,
+        )
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
         self.curriculum = Curriculum(cfg.unmasking_stages, cfg.use_all_stages_for_training)
 
@@ -95,12 +114,23 @@ class Trainer:
             idx = [runtime.local_rank] if runtime.device.type == "cuda" else None
             self.model = DDP(self.model, device_ids=idx)
 
-        self.train_source = BatchSource(self.data.train, cfg.block_size, runtime.device,
-                                        self.data.paragraphs["train"] if cfg.use_paragraph_boundaries else None)
+        self.train_source = BatchSource(
+            self.data.train,
+            cfg.block_size,
+            runtime.device,
+            self.data.paragraphs["train"] if cfg.use_paragraph_boundaries else None,
+        )
         val_stages = cfg.stages_for_validation
         self.val_set = build_validation_set(
-            self.data.val, self.data.paragraphs["val"] if cfg.use_paragraph_boundaries else None, val_stages,
-            cfg.eval_iters * cfg.batch_size, cfg.block_size, self.vocab.mask_id, self.vocab.n_chars, runtime.device)
+            self.data.val,
+            self.data.paragraphs["val"] if cfg.use_paragraph_boundaries else None,
+            val_stages,
+            cfg.eval_iters * cfg.batch_size,
+            cfg.block_size,
+            self.vocab.mask_id,
+            self.vocab.n_chars,
+            runtime.device,
+        )
         self.step_times: list[float] = []
         self.batch_times: list[float] = []
 
@@ -135,16 +165,22 @@ class Trainer:
                 self.log.path.unlink()
         n = self.raw_model.num_params()
         tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-        self.log.print(f"unmask: {n:,} parameters, vocabulary {self.vocab.n_chars} characters + [MASK], "
-                       f"{self.rt.device} {str(self.rt.dtype).removeprefix('torch.')}, world size {self.rt.world_size}")
-        self.log.print(f"dataset {cfg.dataset}: {len(self.data.train):,} train / {len(self.data.val):,} val characters; "
-                       f"{tokens * self.rt.world_size:,} tokens per iteration")
+        self.log.print(
+            f"unmask: {n:,} parameters, vocabulary {self.vocab.n_chars} characters + [MASK], "
+            f"{self.rt.device} {str(self.rt.dtype).removeprefix('torch.')}, world size {self.rt.world_size}"
+        )
+        self.log.print(
+            f"dataset {cfg.dataset}: {len(self.data.train):,} train / {len(self.data.val):,} val characters; "
+            f"{tokens * self.rt.world_size:,} tokens per iteration"
+        )
         stages = self.cfg.stages_for_validation
-        self.log.print(f"Validation set: {len(self.val_set)} samples from all {len(stages)} validation stages "
-                       f"(seed 42)")
+        self.log.print(
+            f"Validation set: {len(self.val_set)} samples from all {len(stages)} validation stages (seed 42)"
+        )
         for i, stage in enumerate(self.cfg.unmasking_stages):
-            self.log.print(f"  Stage {i} ({stage.type}): {stage.params()}, "
-                           f"val_loss_stale_count={stage.val_loss_stale_count}")
+            self.log.print(
+                f"  Stage {i} ({stage.type}): {stage.params()}, val_loss_stale_count={stage.val_loss_stale_count}"
+            )
         if self.iter_num:
             self.log.print(f"Resumed at iteration {self.iter_num}, stage {self.curriculum.state.stage}")
 
@@ -160,36 +196,56 @@ class Trainer:
         data_gen = torch.Generator().manual_seed(gen_seed)
         mask_gen = torch.Generator(device=self.rt.device).manual_seed(gen_seed)
         counts = self.curriculum.training_mix(cfg.batch_size)
-        fresh = [self.train_source.batch(counts, cfg.unmasking_stages, self.vocab.mask_id, self.vocab.n_chars,
-                                         data_gen, mask_gen) for _ in range(cfg.eval_iters)]
+        fresh = [
+            self.train_source.batch(
+                counts, cfg.unmasking_stages, self.vocab.mask_id, self.vocab.n_chars, data_gen, mask_gen
+            )
+            for _ in range(cfg.eval_iters)
+        ]
         metrics = {"iter": self.iter_num, "train_loss": mean_train_loss(self.raw_model, fresh, self.rt)}
-        metrics |= evaluate_batches(self.raw_model, self.val_set, cfg.batch_size,
-                                    len(cfg.stages_for_validation), self.vocab.n_chars, self.rt)
+        metrics |= evaluate_batches(
+            self.raw_model,
+            self.val_set,
+            cfg.batch_size,
+            len(cfg.stages_for_validation),
+            self.vocab.n_chars,
+            self.rt,
+        )
         self.raw_model.train()
         self.last_eval_iter = self.iter_num
         if not (math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["train_loss"])):
-            raise UserError(f"evaluation at iteration {self.iter_num} gave a non-finite loss "
-                            f"(train {metrics['train_loss']}, val {metrics['val_loss']}); lower --learning_rate "
-                            f"or raise --warmup_iters, and resume from the last checkpoint")
+            raise UserError(
+                f"evaluation at iteration {self.iter_num} gave a non-finite loss "
+                f"(train {metrics['train_loss']}, val {metrics['val_loss']}); lower --learning_rate "
+                f"or raise --warmup_iters, and resume from the last checkpoint"
+            )
         return metrics
 
     def advance_curriculum(self, m: dict[str, Any]) -> None:
         decision = self.curriculum.update(m["val_loss"])
         cur, state = self.curriculum.current, self.curriculum.state
-        m |= {"lr": lr_at(self.iter_num, self.cfg), "stage": state.stage, "stale_count": state.stale_count,
-              "best_stage_val_loss": state.best_stage_val_loss}
+        m |= {
+            "lr": lr_at(self.iter_num, self.cfg),
+            "stage": state.stage,
+            "stale_count": state.stale_count,
+            "best_stage_val_loss": state.best_stage_val_loss,
+        }
         p = self.log.print
         p(f"step {m['iter']}: train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}, lr {m['lr']:.6f}")
         p(f"Stage {state.stage} ({cur.type}): {cur.params()}, stale_count={state.stale_count}")
         p(f"  val model vs random: {m['val_model_vs_random']:.2f}x better")
         p(f"  val accuracy: {m['val_avg_correct_prob']:.4f} (random baseline: {1 / self.vocab.n_chars:.4f})")
         p(f"  Most likely guess correct P %: {m['val_most_likely_accuracy']:.1f}%")
-        p(f"  val masked token ratio: {m['val_masked_token_ratio']:.3f} "
-          f"(min {m['val_masked_token_ratio_min']:.3f}, max {m['val_masked_token_ratio_max']:.3f})")
+        p(
+            f"  val masked token ratio: {m['val_masked_token_ratio']:.3f} "
+            f"(min {m['val_masked_token_ratio_min']:.3f}, max {m['val_masked_token_ratio_max']:.3f})"
+        )
         p("Per-stage validation losses:")
         for i, stage in enumerate(self.cfg.stages_for_validation):
-            p(f"  Stage {i} ({stage.type}): {m[f'val_stage_{i}_loss']:.4f} "
-              f"({m[f'val_stage_{i}_samples']} samples) - {stage.ratio_label()}")
+            p(
+                f"  Stage {i} ({stage.type}): {m[f'val_stage_{i}_loss']:.4f} "
+                f"({m[f'val_stage_{i}_samples']} samples) - {stage.ratio_label()}"
+            )
         p(decision)
         self.log.record("eval", m)
 
@@ -200,11 +256,18 @@ class Trainer:
             return
         rng = self.gather_rng_states()  # collective: every rank takes part
         if self.rt.is_master:
-            sidecar = {"iter": self.iter_num, "val_loss": m["val_loss"], "best_val_loss": self.best_val_loss,
-                       "curriculum": self.curriculum.state.to_dict(), "model_config": self.model_config.__dict__,
-                       "vocab": list(self.vocab.itos), "config": self.cfg.to_dict()}
-            path = ckpt_io.save_checkpoint(self.out_dir, self.iter_num, self.state_dict(rng), sidecar,
-                                           self.cfg.keep_last)
+            sidecar = {
+                "iter": self.iter_num,
+                "val_loss": m["val_loss"],
+                "best_val_loss": self.best_val_loss,
+                "curriculum": self.curriculum.state.to_dict(),
+                "model_config": self.model_config.__dict__,
+                "vocab": list(self.vocab.itos),
+                "config": self.cfg.to_dict(),
+            }
+            path = ckpt_io.save_checkpoint(
+                self.out_dir, self.iter_num, self.state_dict(rng), sidecar, self.cfg.keep_last
+            )
             self.log.print(f"saved checkpoint {path}")
         self.rt.barrier()
 
@@ -221,8 +284,14 @@ class Trainer:
         total = torch.zeros((), device=rt.device)
         for micro in range(accum):
             tb = time.perf_counter()
-            batch = self.train_source.batch(counts, cfg.unmasking_stages, self.vocab.mask_id, self.vocab.n_chars,
-                                            self.data_gen, self.mask_gen)
+            batch = self.train_source.batch(
+                counts,
+                cfg.unmasking_stages,
+                self.vocab.mask_id,
+                self.vocab.n_chars,
+                self.data_gen,
+                self.mask_gen,
+            )
             batch_time += time.perf_counter() - tb
             # Under DDP, all-reduce gradients only on the last micro-step.
             sync = isinstance(self.model, DDP) and micro < accum - 1
@@ -249,13 +318,16 @@ class Trainer:
     def skip_nonfinite_step(self) -> None:
         """A non-finite loss skips the update; several in a row stop the run with advice (work is checkpointed)."""
         self.nonfinite_steps += 1
-        self.log.print(f"iter {self.iter_num}: non-finite loss, update skipped "
-                       f"({self.nonfinite_steps}/{_MAX_NONFINITE_STEPS})")
+        self.log.print(
+            f"iter {self.iter_num}: non-finite loss, update skipped ({self.nonfinite_steps}/{_MAX_NONFINITE_STEPS})"
+        )
         if self.scaler.is_enabled():
             self.scaler.update()  # let the float16 loss scale back off, as GradScaler does for inf gradients
         if self.nonfinite_steps >= _MAX_NONFINITE_STEPS:
-            raise UserError(f"training diverged at iteration {self.iter_num}: {_MAX_NONFINITE_STEPS} non-finite "
-                            f"losses in a row; lower --learning_rate and resume with --init_from=resume")
+            raise UserError(
+                f"training diverged at iteration {self.iter_num}: {_MAX_NONFINITE_STEPS} non-finite "
+                f"losses in a row; lower --learning_rate and resume with --init_from=resume"
+            )
 
     def log_step(self, loss: float) -> None:
         if self.iter_num % self.cfg.log_interval and self.iter_num != self.cfg.max_iters:
@@ -265,12 +337,23 @@ class Trainer:
         batch_share = sum(self.batch_times) / sum(self.step_times)
         tokens = self.cfg.batch_size * self.cfg.block_size * self.cfg.gradient_accumulation_steps * self.rt.world_size
         lr = lr_at(self.iter_num - 1, self.cfg)
-        self.log.print(f"iter {self.iter_num}: loss {loss:.4f}, time {1000 * step_s:.2f}ms, "
-                       f"{tokens / step_s:,.0f} tok/s, batch+mask {100 * batch_share:.1f}%, lr {lr:.6f}, "
-                       f"stage {self.curriculum.state.stage}")
-        self.log.record("train", {"iter": self.iter_num, "train_loss_step": loss, "lr": lr,
-                                  "ms_per_iter": 1000 * step_s, "tokens_per_s": tokens / step_s,
-                                  "batch_share": batch_share, "stage": self.curriculum.state.stage})
+        self.log.print(
+            f"iter {self.iter_num}: loss {loss:.4f}, time {1000 * step_s:.2f}ms, "
+            f"{tokens / step_s:,.0f} tok/s, batch+mask {100 * batch_share:.1f}%, lr {lr:.6f}, "
+            f"stage {self.curriculum.state.stage}"
+        )
+        self.log.record(
+            "train",
+            {
+                "iter": self.iter_num,
+                "train_loss_step": loss,
+                "lr": lr,
+                "ms_per_iter": 1000 * step_s,
+                "tokens_per_s": tokens / step_s,
+                "batch_share": batch_share,
+                "stage": self.curriculum.state.stage,
+            },
+        )
         self.step_times.clear()
         self.batch_times.clear()
 
@@ -278,7 +361,11 @@ class Trainer:
 
     def gather_rng_states(self) -> list[dict[str, torch.Tensor]]:
         """Every rank's RNG states (index = rank): each rank draws its own data and masks."""
-        rng = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state(), "mask": self.mask_gen.get_state()}
+        rng = {
+            "torch": torch.get_rng_state(),
+            "data": self.data_gen.get_state(),
+            "mask": self.mask_gen.get_state(),
+        }
         if self.rt.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
         if not self.rt.ddp:
@@ -314,11 +401,15 @@ class Trainer:
         self.best_val_loss = float(ckpt["best_val_loss"])
         self.curriculum.state = CurriculumState.from_dict(ckpt["curriculum"])
         if self.curriculum.state.stage >= len(self.cfg.unmasking_stages):
-            raise UserError(f"{path}: checkpoint is at stage {self.curriculum.state.stage} but only "
-                            f"{len(self.cfg.unmasking_stages)} --unmasking_stages are configured")
+            raise UserError(
+                f"{path}: checkpoint is at stage {self.curriculum.state.stage} but only "
+                f"{len(self.cfg.unmasking_stages)} --unmasking_stages are configured"
+            )
         if len(ckpt["rng"]) != self.rt.world_size:
-            raise UserError(f"{path}: saved by {len(ckpt['rng'])} process(es), resumed with {self.rt.world_size}; "
-                            f"resume with the same number of processes to continue the same data streams")
+            raise UserError(
+                f"{path}: saved by {len(ckpt['rng'])} process(es), resumed with {self.rt.world_size}; "
+                f"resume with the same number of processes to continue the same data streams"
+            )
         rng = ckpt["rng"][self.rt.rank]
         torch.set_rng_state(rng["torch"])
         self.data_gen.set_state(rng["data"])

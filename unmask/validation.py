@@ -11,7 +11,6 @@ Losses are token-weighted: the mean cross-entropy over all masked positions (ove
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,9 +25,16 @@ from unmask.stages import Stage
 VALIDATION_SEED = 42
 
 
-def build_validation_set(tokens: np.ndarray, paragraphs: np.ndarray | None, stages: tuple[Stage, ...],
-                         n_samples: int, block_size: int, mask_id: int, n_chars: int,
-                         device: torch.device) -> Batch:
+def build_validation_set(
+    tokens: np.ndarray,
+    paragraphs: np.ndarray | None,
+    stages: tuple[Stage, ...],
+    n_samples: int,
+    block_size: int,
+    mask_id: int,
+    n_chars: int,
+    device: torch.device,
+) -> Batch:
     """`n_samples` windows of val.bin, masked stage by stage; identical across runs, ranks and resumes."""
     data_gen = torch.Generator().manual_seed(VALIDATION_SEED)
     mask_gen = torch.Generator(device=device).manual_seed(VALIDATION_SEED)
@@ -43,8 +49,9 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def evaluate_batches(model: torch.nn.Module, data: Batch, batch_size: int, n_stages: int, n_chars: int,
-                     runtime: Runtime) -> dict[str, Any]:
+def evaluate_batches(
+    model: torch.nn.Module, data: Batch, batch_size: int, n_stages: int, n_chars: int, runtime: Runtime
+) -> dict[str, Any]:
     """Per-stage and overall metrics of `model` on every row of `data` (sharded over DDP ranks)."""
     dev = runtime.device
     # Per stage: [ce sum, masked tokens, samples, correct-prob sum, top-1 correct]
@@ -59,8 +66,16 @@ def evaluate_batches(model: torch.nn.Module, data: Batch, batch_size: int, n_sta
         tok_logp = logp.gather(1, target[:, None]).squeeze(1)  # (N,)
         tok_stage = sid[:, None].expand_as(sel)[sel]  # (N,)
         correct = (logp.argmax(dim=-1) == target).double()
-        per_token = torch.stack([-tok_logp.double(), torch.ones_like(correct), torch.zeros_like(correct),
-                                 tok_logp.double().exp(), correct], dim=1)  # (N, 5)
+        per_token = torch.stack(
+            [
+                -tok_logp.double(),
+                torch.ones_like(correct),
+                torch.zeros_like(correct),
+                tok_logp.double().exp(),
+                correct,
+            ],
+            dim=1,
+        )  # (N, 5)
         sums.index_add_(0, tok_stage, per_token)
         sums[:, 2] += torch.bincount(sid, minlength=n_stages).double()
     runtime.all_reduce_sum(sums)
