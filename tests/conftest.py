@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from unmask.prepare import prepare
 
@@ -49,6 +50,12 @@ def tiny_corpus(n_lines: int = 1200, seed: int = 0) -> str:
         if i % 7 == 6:
             lines.append("")  # blank lines make paragraphs
     return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> None:
+    """Tiny models run fastest on one thread; two spinning threads on a loaded 2-core machine crawl."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
