@@ -147,3 +147,27 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for f in fields(TrainConfig):
         if not f.name.startswith("_"):
             assert f"--{f.name}=" in text, f.name
+
+
+def test_nonfinite_losses_skip_updates_then_stop_cleanly(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import unmask.train as train_mod
+
+    real = train_mod.masked_cross_entropy
+    calls = {"n": 0}
+
+    def flaky(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(logits, targets)
+        # Step 6 is poisoned once; from step 10 on every step is (a diverged run).
+        return loss * float("nan") if calls["n"] == 6 or calls["n"] >= 10 else loss
+
+    monkeypatch.setattr(train_mod, "masked_cross_entropy", flaky)
+    out = tmp_path / "run"
+    assert main(["train", *tiny_flags(tiny_data, out, max_iters=40)]) == 2
+    captured = capsys.readouterr()
+    assert "iter 5: non-finite loss, update skipped (1/5)" in captured.out
+    assert captured.err.count("\n") == 1 and "training diverged at iteration" in captured.err
+    ckpt = torch.load(out / "ckpt_unmasking_8.pt", weights_only=True)  # work before the divergence is kept
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())

@@ -79,7 +79,7 @@ class TrainConfig:
     batch_size: int = 16
     """Sequences per micro-batch (per process)."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step (divided among DDP processes)."""
+    """Micro-batches per optimizer step, per process (tokens per step = batch x block x this x world size)."""
     max_iters: int = 50000
     """Total optimizer steps."""
     learning_rate: float = 1e-3
