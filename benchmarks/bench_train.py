@@ -51,9 +51,19 @@ def mask_only_ms(device: torch.device, batch: int, T: int, repeats: int = 200) -
 
 
 def bench(name: str, shape: dict, args: argparse.Namespace) -> dict:
-    cfg = TrainConfig(data_dir=args.data_dir, dataset=args.dataset, out_dir="/tmp/unmask-bench", device=args.device,
-                      dtype=args.dtype, compile=args.compile, dropout=0.0, use_all_stages_for_training=True,
-                      eval_iters=1, max_iters=10**6, **shape)
+    cfg = TrainConfig(
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        out_dir="/tmp/unmask-bench",
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        dropout=0.0,
+        use_all_stages_for_training=True,
+        eval_iters=1,
+        max_iters=10**6,
+        **shape,
+    )
     runtime = init_runtime(cfg.device, cfg.dtype, cfg.backend)
     trainer = Trainer(cfg, runtime)
     for _ in range(args.warmup):
@@ -68,13 +78,23 @@ def bench(name: str, shape: dict, args: argparse.Namespace) -> dict:
     share = sum(trainer.batch_times) / sum(trainer.step_times)
     tokens = cfg.batch_size * cfg.block_size
     result = {
-        "config": name, **shape, "device": str(runtime.device), "dtype": str(runtime.dtype), "iters": args.iters,
-        "params": trainer.raw_model.num_params(), "ms_per_iter": 1000 * step, "tokens_per_s": tokens / step,
-        "batch_mask_share": share, "mask_only_ms": mask_only_ms(runtime.device, cfg.batch_size, cfg.block_size),
+        "config": name,
+        **shape,
+        "device": str(runtime.device),
+        "dtype": str(runtime.dtype),
+        "iters": args.iters,
+        "params": trainer.raw_model.num_params(),
+        "ms_per_iter": 1000 * step,
+        "tokens_per_s": tokens / step,
+        "batch_mask_share": share,
+        "mask_only_ms": mask_only_ms(runtime.device, cfg.batch_size, cfg.block_size),
     }
-    print(f"{name}: {1000 * step:.1f} ms/iter, {tokens / step:,.0f} tokens/s, batches+masks "
-          f"{100 * share:.2f}% of step time; masking alone per stage (ms): "
-          + ", ".join(f"{v:.3f}" for v in result["mask_only_ms"].values()), flush=True)
+    print(
+        f"{name}: {1000 * step:.1f} ms/iter, {tokens / step:,.0f} tokens/s, batches+masks "
+        f"{100 * share:.2f}% of step time; masking alone per stage (ms): "
+        + ", ".join(f"{v:.3f}" for v in result["mask_only_ms"].values()),
+        flush=True,
+    )
     return result
 
 
@@ -93,8 +113,10 @@ def main() -> None:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, commit {commit}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, commit {commit}"
+    )
     results = [bench(name, shape, args) for name, shape in CONFIGS.items()]
     if args.json:
         args.json.write_text(json.dumps({"commit": commit, "results": results}, indent=2))

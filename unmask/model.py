@@ -44,9 +44,7 @@ class ModelConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.head_dim % 2 != 0:
             # RoPE rotates pairs of channels, so each head needs an even number of them.
-            raise ValueError(
-                f"n_embd={self.n_embd} / n_head={self.n_head} = {self.head_dim} must be even for RoPE"
-            )
+            raise ValueError(f"n_embd={self.n_embd} / n_head={self.n_head} = {self.head_dim} must be even for RoPE")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.rope_base <= 1.0:
