@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unmask import checkpoint as ckpt_io
-from unmask.batches import BatchSource
+from unmask.batches import BatchSource, SelectionPool
 from unmask.config import TrainConfig
 from unmask.curriculum import Curriculum, CurriculumState
 from unmask.data import check_split_length, load_dataset
@@ -120,6 +120,8 @@ class Trainer:
             runtime.device,
             self.data.paragraphs["train"] if cfg.use_paragraph_boundaries else None,
         )
+        rows = max(256, 4 * cfg.batch_size)
+        self.pool = SelectionPool(cfg.unmasking_stages, cfg.block_size, self.mask_gen, rows)
         val_stages = cfg.stages_for_validation
         self.val_set = build_validation_set(
             self.data.val,
@@ -192,6 +194,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         cfg = self.cfg
         self.raw_model.eval()
+        self.pool.flush()  # so that the checkpoint written after this evaluation resumes the same selections
         gen_seed = cfg.seed + _EVAL_SEED_OFFSET + 7919 * self.iter_num + self.rt.rank
         data_gen = torch.Generator().manual_seed(gen_seed)
         mask_gen = torch.Generator(device=self.rt.device).manual_seed(gen_seed)
@@ -291,6 +294,7 @@ class Trainer:
                 self.vocab.n_chars,
                 self.data_gen,
                 self.mask_gen,
+                self.pool,
             )
             batch_time += time.perf_counter() - tb
             # Under DDP, all-reduce gradients only on the last micro-step.
