@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 python -m pip install --disable-pip-version-check -q -e .
 unmask prepare shakespeare_char
-unmask train cpu --max_iters="${MAX_ITERS:-600}" --warmup_iters=50 --learning_rate=1e-3 --eval_interval=200 \
+unmask train cpu --max_iters="${MAX_ITERS:-1000}" --warmup_iters=50 --learning_rate=1e-3 --eval_interval=200 \
     --out_dir=out/quickstart

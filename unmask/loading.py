@@ -1,0 +1,52 @@
+"""Load a trained model for inference (`sample`, `eval`, `classify`): checkpoint -> model + vocabulary + config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unmask import checkpoint as ckpt_io
+from unmask.data import Vocab
+from unmask.errors import UserError
+from unmask.model import ModelConfig, Transformer
+
+
+@dataclass
+class Trained:
+    model: Transformer  # in eval mode, on the requested device
+    vocab: Vocab
+    model_config: ModelConfig
+    config: dict[str, Any]  # the training run's resolved config (JSON values)
+    iter_num: int
+    path: Path
+
+
+def resolve_checkpoint(ckpt: str | None, out_dir: str | None, flag_prefix: str = "") -> Path:
+    """`--ckpt=PATH` wins; else the newest checkpoint in `--out_dir`; one of them is required."""
+    if ckpt is not None:
+        path = Path(ckpt)
+        if not path.is_file():
+            raise UserError(f"--{flag_prefix}ckpt={ckpt}: no such checkpoint file")
+        return path
+    if out_dir is None:
+        raise UserError(f"give --{flag_prefix}ckpt=PATH or --out_dir=DIR")
+    found = ckpt_io.list_checkpoints(Path(out_dir))
+    if not found:
+        raise UserError(f"--out_dir={out_dir}: no {ckpt_io.PREFIX}<iter>.pt checkpoint there")
+    return found[-1][1]
+
+
+def load_trained(path: Path, device: torch.device | str = "cpu") -> Trained:
+    ckpt = ckpt_io.load_checkpoint(path)
+    try:
+        model_config = ModelConfig(**ckpt["model_config"])
+        vocab = Vocab(tuple(ckpt["vocab"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: checkpoint metadata is incomplete ({exc})") from None
+    model = Transformer(model_config)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return Trained(model, vocab, model_config, dict(ckpt.get("config", {})), int(ckpt["iter_num"]), path)
