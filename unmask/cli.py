@@ -16,6 +16,8 @@ USAGE = """usage: unmask <command> [flags]
 commands:
   prepare   turn a text corpus into train.bin / val.bin / meta.json
   train     train a model with the unmasking curriculum
+  sample    generate text by iterative unmasking (prompts, infilling, strategies, metrics)
+  eval      likelihood of a checkpoint: ELBO / exact NLL in bits per character
 
 `unmask <command> --help` lists a command's flags."""
 
@@ -96,7 +98,19 @@ def run_train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"prepare": run_prepare, "train": run_train}
+def run_sample(argv: list[str]) -> int:
+    from unmask.sample import main as sample_main
+
+    return sample_main(argv)
+
+
+def run_eval(argv: list[str]) -> int:
+    from unmask.evaluate import main as eval_main
+
+    return eval_main(argv)
+
+
+COMMANDS = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
