@@ -18,6 +18,7 @@ commands:
   train     train a model with the unmasking curriculum
   sample    generate text by iterative unmasking (prompts, infilling, strategies, metrics)
   eval      likelihood of a checkpoint: ELBO / exact NLL in bits per character
+  compare   train an autoregressive baseline and a diffusion model on the same budget, compare val_bpc
 
 `unmask <command> --help` lists a command's flags."""
 
@@ -110,7 +111,19 @@ def run_eval(argv: list[str]) -> int:
     return eval_main(argv)
 
 
-COMMANDS = {"prepare": run_prepare, "train": run_train, "sample": run_sample, "eval": run_eval}
+def run_compare(argv: list[str]) -> int:
+    from unmask.compare import main as compare_main
+
+    return compare_main(argv)
+
+
+COMMANDS = {
+    "prepare": run_prepare,
+    "train": run_train,
+    "sample": run_sample,
+    "eval": run_eval,
+    "compare": run_compare,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,14 @@ class TrainConfig:
 
     # --- training type and curriculum -----------------------------------------------------------------------
     training_type: Literal["unmasking"] = "unmasking"
-    """Training objective. 'unmasking': fill masked characters through the stage curriculum."""
+    """The original framework's training type; 'unmasking' is the only one (see --objective)."""
+    objective: Literal["unmasking", "mdlm", "autoregressive"] = "unmasking"
+    """'unmasking': masked CE through the stage curriculum; 'mdlm': the continuous-time masked-diffusion ELBO
+    (t ~ U(eps, 1), linear schedule); 'autoregressive': causal attention and next-character targets (a nanoGPT
+    baseline). Every objective logs val_bpc (ELBO for diffusion, exact NLL for autoregressive)."""
+    elbo_draws: int = 2
+    """Monte-Carlo draws per validation window for val_bpc of diffusion objectives (fixed seed: comparable across
+    evaluations)."""
     unmasking_stages: tuple[Stage, ...] = DEFAULT_STAGES
     """Curriculum: a list of stage dicts (type sticky/random/span, their parameters, val_loss_stale_count).
     As a flag, a JSON or Python list literal. Default: the README's three sticky stages (0.2, 0.4, 0.6)."""
@@ -121,6 +128,7 @@ class TrainConfig:
         if self.validation_stages is not None:
             self.validation_stages = parse_stages(self.validation_stages, "--validation_stages")
         positive = (
+            "elbo_draws",
             "eval_interval",
             "log_interval",
             "eval_iters",

@@ -18,6 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unmask import checkpoint as ckpt_io
+from unmask import objectives
 from unmask.batches import BatchSource, SelectionPool
 from unmask.config import TrainConfig
 from unmask.curriculum import Curriculum, CurriculumState
@@ -26,7 +27,7 @@ from unmask.errors import UserError
 from unmask.metrics import RunLogger
 from unmask.model import ModelConfig, Transformer
 from unmask.runtime import Runtime
-from unmask.validation import build_validation_set, evaluate_batches, masked_cross_entropy, mean_train_loss
+from unmask.validation import build_validation_set, evaluate_batches
 
 ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 # Fixed offsets keep the generators of one run independent of each other (and of the validation seed 42).
@@ -85,6 +86,7 @@ class Trainer:
             n_embd=cfg.n_embd,
             dropout=cfg.dropout,
             bias=cfg.bias,
+            causal=objectives.is_causal(cfg.objective),
         )
         self.raw_model = Transformer(self.model_config).to(runtime.device)
         fused = runtime.device.type == "cuda"
@@ -114,25 +116,27 @@ class Trainer:
             idx = [runtime.local_rank] if runtime.device.type == "cuda" else None
             self.model = DDP(self.model, device_ids=idx)
 
-        self.train_source = BatchSource(
-            self.data.train,
-            cfg.block_size,
-            runtime.device,
-            self.data.paragraphs["train"] if cfg.use_paragraph_boundaries else None,
-        )
+        paragraphs = self.data.paragraphs if cfg.use_paragraph_boundaries else {"train": None, "val": None}
+        window = objectives.window_length(cfg.objective, cfg.block_size)
+        self.train_source = BatchSource(self.data.train, window, runtime.device, paragraphs["train"])
         rows = max(256, 4 * cfg.batch_size)
         self.pool = SelectionPool(cfg.unmasking_stages, cfg.block_size, self.mask_gen, rows)
-        val_stages = cfg.stages_for_validation
-        self.val_set = build_validation_set(
-            self.data.val,
-            self.data.paragraphs["val"] if cfg.use_paragraph_boundaries else None,
-            val_stages,
-            cfg.eval_iters * cfg.batch_size,
-            cfg.block_size,
-            self.vocab.mask_id,
-            self.vocab.n_chars,
-            runtime.device,
-        )
+        n_val = cfg.eval_iters * cfg.batch_size
+        if self.model_config.causal:
+            # Fixed validation windows of block_size + 1 characters (seed 42), scored by exact NLL.
+            val_source = BatchSource(self.data.val, window, runtime.device, paragraphs["val"])
+            self.val_windows = val_source.clean(n_val, torch.Generator().manual_seed(42))
+        else:
+            self.val_set = build_validation_set(
+                self.data.val,
+                paragraphs["val"],
+                cfg.stages_for_validation,
+                n_val,
+                cfg.block_size,
+                self.vocab.mask_id,
+                self.vocab.n_chars,
+                runtime.device,
+            )
         self.step_times: list[float] = []
         self.batch_times: list[float] = []
 
@@ -146,6 +150,7 @@ class Trainer:
             if self.due_for_eval():
                 metrics = self.evaluate()
                 self.advance_curriculum(metrics)
+                self.report(metrics)
                 self.save_checkpoint(metrics)
                 if self.cfg.eval_only:
                     break
@@ -175,10 +180,20 @@ class Trainer:
             f"dataset {cfg.dataset}: {len(self.data.train):,} train / {len(self.data.val):,} val characters; "
             f"{tokens * self.rt.world_size:,} tokens per iteration"
         )
+        self.log.print(
+            f"objective {cfg.objective}: {self.model_config.causal and 'causal' or 'bidirectional'} attention"
+        )
+        if self.model_config.causal:
+            self.log.print(
+                f"Validation set: {len(self.val_windows)} windows of {cfg.block_size + 1} characters (seed 42)"
+            )
+            return
         stages = self.cfg.stages_for_validation
         self.log.print(
             f"Validation set: {len(self.val_set)} samples from all {len(stages)} validation stages (seed 42)"
         )
+        if cfg.objective != "unmasking":
+            return
         for i, stage in enumerate(self.cfg.unmasking_stages):
             self.log.print(
                 f"  Stage {i} ({stage.type}): {stage.params()}, val_loss_stale_count={stage.val_loss_stale_count}"
@@ -198,22 +213,24 @@ class Trainer:
         gen_seed = cfg.seed + _EVAL_SEED_OFFSET + 7919 * self.iter_num + self.rt.rank
         data_gen = torch.Generator().manual_seed(gen_seed)
         mask_gen = torch.Generator(device=self.rt.device).manual_seed(gen_seed)
-        counts = self.curriculum.training_mix(cfg.batch_size)
-        fresh = [
-            self.train_source.batch(
-                counts, cfg.unmasking_stages, self.vocab.mask_id, self.vocab.n_chars, data_gen, mask_gen
-            )
-            for _ in range(cfg.eval_iters)
-        ]
-        metrics = {"iter": self.iter_num, "train_loss": mean_train_loss(self.raw_model, fresh, self.rt)}
-        metrics |= evaluate_batches(
-            self.raw_model,
-            self.val_set,
-            cfg.batch_size,
-            len(cfg.stages_for_validation),
-            self.vocab.n_chars,
-            self.rt,
-        )
+        with torch.no_grad():
+            fresh = [self.micro_batch_loss(self.raw_model, data_gen, mask_gen, None)[0] for _ in range(cfg.eval_iters)]
+        train_loss = self.rt.all_reduce_sum(torch.stack(fresh).mean().double()) / self.rt.world_size
+        tokens_seen = self.iter_num * cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+        metrics: dict[str, Any] = {
+            "iter": self.iter_num,
+            "epochs": tokens_seen * self.rt.world_size / len(self.data.train),
+            "train_loss": float(train_loss),
+        }
+        model, mask_id = self.raw_model, self.vocab.mask_id
+        if self.model_config.causal:
+            metrics |= objectives.autoregressive_val(model, self.val_windows, cfg.batch_size, self.rt)
+        else:
+            n_stages = len(cfg.stages_for_validation)
+            metrics |= evaluate_batches(model, self.val_set, cfg.batch_size, n_stages, self.vocab.n_chars, self.rt)
+            clean = self.val_set.y
+            metrics |= objectives.diffusion_val_bpc(model, clean, mask_id, cfg.elbo_draws, cfg.batch_size, self.rt)
+            metrics |= objectives.mask_rate_ce(model, clean, mask_id, cfg.batch_size, self.rt)
         self.raw_model.train()
         self.last_eval_iter = self.iter_num
         if not (math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["train_loss"])):
@@ -225,31 +242,47 @@ class Trainer:
         return metrics
 
     def advance_curriculum(self, m: dict[str, Any]) -> None:
-        decision = self.curriculum.update(m["val_loss"])
-        cur, state = self.curriculum.current, self.curriculum.state
-        m |= {
-            "lr": lr_at(self.iter_num, self.cfg),
-            "stage": state.stage,
-            "stale_count": state.stale_count,
-            "best_stage_val_loss": state.best_stage_val_loss,
-        }
+        """The stage curriculum (unmasking objective only) reacts to the overall validation loss."""
+        m["lr"] = lr_at(self.iter_num, self.cfg)
+        if self.cfg.objective != "unmasking":
+            return
+        m["decision"] = self.curriculum.update(m["val_loss"])
+        state = self.curriculum.state
+        m |= {"stage": state.stage, "stale_count": state.stale_count, "best_stage_val_loss": state.best_stage_val_loss}
+
+    def report(self, m: dict[str, Any]) -> None:
+        """The README's "Training Logs Example" block, then one metrics.jsonl record."""
         p = self.log.print
         p(f"step {m['iter']}: train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}, lr {m['lr']:.6f}")
-        p(f"Stage {state.stage} ({cur.type}): {cur.params()}, stale_count={state.stale_count}")
-        p(f"  val model vs random: {m['val_model_vs_random']:.2f}x better")
-        p(f"  val accuracy: {m['val_avg_correct_prob']:.4f} (random baseline: {1 / self.vocab.n_chars:.4f})")
-        p(f"  Most likely guess correct P %: {m['val_most_likely_accuracy']:.1f}%")
+        if self.cfg.objective == "unmasking":
+            cur, state = self.curriculum.current, self.curriculum.state
+            p(f"Stage {state.stage} ({cur.type}): {cur.params()}, stale_count={state.stale_count}")
         p(
-            f"  val masked token ratio: {m['val_masked_token_ratio']:.3f} "
-            f"(min {m['val_masked_token_ratio_min']:.3f}, max {m['val_masked_token_ratio_max']:.3f})"
+            f"  val bpc: {m['val_bpc']:.4f} ({'exact NLL' if self.model_config.causal else 'ELBO'}), "
+            f"epochs {m['epochs']:.3f}"
         )
-        p("Per-stage validation losses:")
-        for i, stage in enumerate(self.cfg.stages_for_validation):
+        if not self.model_config.causal:
+            p(f"  val model vs random: {m['val_model_vs_random']:.2f}x better")
+            p(f"  val accuracy: {m['val_avg_correct_prob']:.4f} (random baseline: {1 / self.vocab.n_chars:.4f})")
+            p(f"  Most likely guess correct P %: {m['val_most_likely_accuracy']:.1f}%")
             p(
-                f"  Stage {i} ({stage.type}): {m[f'val_stage_{i}_loss']:.4f} "
-                f"({m[f'val_stage_{i}_samples']} samples) - {stage.ratio_label()}"
+                f"  val masked token ratio: {m['val_masked_token_ratio']:.3f} "
+                f"(min {m['val_masked_token_ratio_min']:.3f}, max {m['val_masked_token_ratio_max']:.3f})"
             )
-        p(decision)
+            p(
+                "  masked CE by mask rate: "
+                + ", ".join(
+                    f"{k.removeprefix('val_ce_mask_')}% {v:.3f}" for k, v in m.items() if k.startswith("val_ce_mask_")
+                )
+            )
+            p("Per-stage validation losses:")
+            for i, stage in enumerate(self.cfg.stages_for_validation):
+                p(
+                    f"  Stage {i} ({stage.type}): {m[f'val_stage_{i}_loss']:.4f} "
+                    f"({m[f'val_stage_{i}_samples']} samples) - {stage.ratio_label()}"
+                )
+        if "decision" in m:
+            p(m.pop("decision"))
         self.log.record("eval", m)
 
     def save_checkpoint(self, m: dict[str, Any]) -> None:
@@ -282,27 +315,16 @@ class Trainer:
         lr = lr_at(self.iter_num, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        counts = self.curriculum.training_mix(cfg.batch_size)
         accum = cfg.gradient_accumulation_steps
         total = torch.zeros((), device=rt.device)
         for micro in range(accum):
-            tb = time.perf_counter()
-            batch = self.train_source.batch(
-                counts,
-                cfg.unmasking_stages,
-                self.vocab.mask_id,
-                self.vocab.n_chars,
-                self.data_gen,
-                self.mask_gen,
-                self.pool,
-            )
-            batch_time += time.perf_counter() - tb
             # Under DDP, all-reduce gradients only on the last micro-step.
             sync = isinstance(self.model, DDP) and micro < accum - 1
-            with self.model.no_sync() if sync else nullcontext(), rt.autocast():  # type: ignore[operator]
-                logits = self.model(batch.x, positions=batch.selected)  # (N, V)
-                loss = masked_cross_entropy(logits, batch.y[batch.selected]) / accum
-            self.scaler.scale(loss).backward()
+            with self.model.no_sync() if sync else nullcontext():  # type: ignore[operator]
+                loss, seconds = self.micro_batch_loss(self.model, self.data_gen, self.mask_gen, self.pool)
+                loss = loss / accum
+                self.scaler.scale(loss).backward()
+            batch_time += seconds
             total += loss.detach()
         if not torch.isfinite(total):
             self.skip_nonfinite_step()
@@ -318,6 +340,31 @@ class Trainer:
         self.batch_times.append(batch_time)
         self.step_times.append(time.perf_counter() - t0)
         return float(total)
+
+    def micro_batch_loss(
+        self,
+        model: torch.nn.Module,
+        data_gen: torch.Generator,
+        mask_gen: torch.Generator,
+        pool: SelectionPool | None,
+    ) -> tuple[torch.Tensor, float]:
+        """One micro-batch of the objective: (loss, seconds spent making the batch and its masks)."""
+        cfg, vocab = self.cfg, self.vocab
+        t0 = time.perf_counter()
+        if cfg.objective == "unmasking":
+            counts = self.curriculum.training_mix(cfg.batch_size)
+            batch = self.train_source.batch(
+                counts, cfg.unmasking_stages, vocab.mask_id, vocab.n_chars, data_gen, mask_gen, pool
+            )
+            seconds = time.perf_counter() - t0
+            with self.rt.autocast():
+                return objectives.unmasking_loss(model, batch), seconds
+        windows = self.train_source.clean(cfg.batch_size, data_gen)
+        seconds = time.perf_counter() - t0
+        with self.rt.autocast():
+            if cfg.objective == "mdlm":
+                return objectives.mdlm_loss(model, windows, vocab.mask_id, mask_gen), seconds
+            return objectives.autoregressive_loss(model, windows), seconds
 
     def skip_nonfinite_step(self) -> None:
         """A non-finite loss skips the update; several in a row stop the run with advice (work is checkpointed)."""

@@ -43,11 +43,6 @@ def build_validation_set(
     return source.batch(counts, stages, mask_id, n_chars, data_gen, mask_gen)
 
 
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the masked positions: logits (N, V), targets (N,); the seed's unmasking loss."""
-    return F.cross_entropy(logits.float(), targets)
-
-
 @torch.no_grad()
 def evaluate_batches(
     model: torch.nn.Module, data: Batch, batch_size: int, n_stages: int, n_chars: int, runtime: Runtime
@@ -99,16 +94,3 @@ def evaluate_batches(
         out[f"val_stage_{i}_loss"] = float(s[i, 0]) / max(float(s[i, 1]), 1.0)
         out[f"val_stage_{i}_samples"] = int(s[i, 2])
     return out
-
-
-@torch.no_grad()
-def mean_train_loss(model: torch.nn.Module, batches: list[Batch], runtime: Runtime) -> float:
-    """Token-weighted masked cross-entropy on fresh training batches (all-reduced)."""
-    sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-    for b in batches:
-        with runtime.autocast():
-            logits = model(b.x, positions=b.selected)
-        sums[0] += F.cross_entropy(logits.float(), b.y[b.selected], reduction="sum").double()
-        sums[1] += b.selected.sum()
-    runtime.all_reduce_sum(sums)
-    return float(sums[0] / sums[1].clamp(min=1))

@@ -1,0 +1,91 @@
+"""The three training objectives end to end, val_bpc, and `unmask compare`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_flags
+from unmask.cli import main
+from unmask.objectives import autoregressive_loss, window_length
+
+
+def _evals(out: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+
+
+@pytest.mark.parametrize("objective", ["unmasking", "mdlm", "autoregressive"])
+def test_each_objective_trains_with_finite_decreasing_loss(tiny_data: Path, tmp_path: Path, objective: str) -> None:
+    out = tmp_path / objective
+    assert (
+        main(["train", *tiny_flags(tiny_data, out, max_iters=12, learning_rate=1e-2), f"--objective={objective}"]) == 0
+    )
+    evals = _evals(out)
+    for r in evals:
+        assert math.isfinite(r["val_bpc"]) and math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"])
+    assert evals[-1]["val_bpc"] < evals[0]["val_bpc"]
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"]
+    ckpt = torch.load(out / "ckpt_unmasking_12.pt", weights_only=True)
+    assert ckpt["model_config"]["causal"] is (objective == "autoregressive")
+    assert ckpt["config"]["objective"] == objective
+    if objective == "autoregressive":
+        assert evals[-1]["val_bpc"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))
+        assert "stage" not in evals[-1]
+    else:
+        # Diffusion objectives also report the masked CE per stage and per mask rate.
+        assert {"val_stage_0_loss", "val_ce_mask_10", "val_ce_mask_90"} <= set(evals[-1])
+        assert evals[-1]["val_ce_mask_10"] < evals[-1]["val_ce_mask_90"]
+    # A model that has learned something beats the uniform code length log2(27 characters) by a margin.
+    assert evals[-1]["val_bpc"] < math.log2(27)
+    assert evals[-1]["epochs"] == pytest.approx(12 * 4 * 32 / 31340, rel=1e-6)
+
+
+def test_autoregressive_loss_is_next_character_cross_entropy() -> None:
+    torch.manual_seed(0)
+    vocab, T = 7, 5
+    windows = torch.randint(0, vocab, (3, T + 1))
+    table = torch.randn(vocab, vocab)
+
+    def bigram(idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return table[idx]  # (B, T, V): logits depend on the current character only
+
+    direct = torch.stack(
+        [-torch.log_softmax(table[windows[b, i]], -1)[windows[b, i + 1]] for b in range(3) for i in range(T)]
+    ).mean()
+    assert autoregressive_loss(bigram, windows) == pytest.approx(float(direct), rel=1e-6)  # type: ignore[arg-type]
+    assert window_length("autoregressive", 64) == 65 and window_length("mdlm", 64) == 64
+
+
+@pytest.mark.parametrize("objective", ["mdlm", "autoregressive"])
+def test_resume_is_exact_for_every_objective(tiny_data: Path, tmp_path: Path, objective: str) -> None:
+    flags = [f"--objective={objective}"]
+    assert main(["train", *tiny_flags(tiny_data, tmp_path / "a", max_iters=16), *flags]) == 0
+    assert main(["train", *tiny_flags(tiny_data, tmp_path / "b", max_iters=8), *flags]) == 0
+    assert main(["train", "--init_from=resume", f"--out_dir={tmp_path / 'b'}", "--max_iters=16"]) == 0
+    a = torch.load(tmp_path / "a" / "ckpt_unmasking_16.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt_unmasking_16.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compare_writes_table_json_and_csv(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", *tiny_flags(tiny_data, out, max_iters=8), "--diffusion_objective=mdlm"]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["diffusion_objective"] == "mdlm"
+    assert [r["iter"] for r in summary["rows"]] == [0, 4, 8]
+    with (out / "compare.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["autoregressive_val_bpc"]) == pytest.approx(summary["rows"][-1]["autoregressive_val_bpc"])
+    assert (out / "autoregressive" / "ckpt_unmasking_8.pt").exists() and (out / "mdlm" / "ckpt_unmasking_8.pt").exists()
+    assert "AR val_bpc" in capsys.readouterr().out
+
+
+def test_compare_refuses_objective_flag(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", *tiny_flags(tiny_data, tmp_path / "c"), "--objective=mdlm"]) == 2
+    assert main(["compare", "--diffusion_objective=gpt"]) == 2
+    assert "--diffusion_objective=gpt: expected one of mdlm, unmasking" in capsys.readouterr().err
