@@ -179,3 +179,18 @@ def test_config_round_trips_through_dict() -> None:
     cfg, _, _ = build_train_config(["cpu", "--use_all_stages_for_training=True"])
     again = TrainConfig.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_recipe_stage_keys_as_python_literal_flag() -> None:
+    cfg, _, _ = build_train_config(
+        [
+            "--unmasking_stages=[{'type': 'random', 'masking_rate_range': (0.05, 0.2), 'epochs': 7.5,"
+            " 'lr_factor': 0.5}, {'type': 'span', 'spans_count': 4, 'iters': 100, 'val_loss_stale_count': 3}]",
+            "--stage_duration_scale=0.1",
+            "--min_lr_ratio=0.05",
+        ]
+    )
+    first, second = cfg.unmasking_stages
+    assert first == RandomStage(masking_rate_range=(0.05, 0.2), epochs=7.5, lr_factor=0.5, val_loss_stale_count=None)
+    assert second == SpanStage(spans_count=4, iters=100, val_loss_stale_count=3)
+    assert cfg.stage_duration_scale == 0.1 and cfg.final_lr == pytest.approx(cfg.learning_rate * 0.05)

@@ -59,14 +59,19 @@ class TrainConfig:
     """Monte-Carlo draws per validation window for val_bpc of diffusion objectives (fixed seed: comparable across
     evaluations)."""
     unmasking_stages: tuple[Stage, ...] = DEFAULT_STAGES
-    """Curriculum: a list of stage dicts (type sticky/random/span, their parameters, val_loss_stale_count).
-    As a flag, a JSON or Python list literal. Default: the README's three sticky stages (0.2, 0.4, 0.6)."""
+    """Curriculum: a list of stage dicts (type sticky/random/span and their masking parameters; random takes
+    max_masked_ratio or masking_rate_range=[lo, hi]). Every stage may give val_loss_stale_count, epochs, iters
+    (it ends at whichever comes first; with a duration and no stale count it is duration-only) and lr_factor
+    (multiplies the learning rate while it is current). As a flag, a JSON or Python list literal. Default: the
+    README's three sticky stages (0.2, 0.4, 0.6)."""
     validation_stages: tuple[Stage, ...] | None = None
     """Stages the fixed validation set is built from (default: unmasking_stages)."""
     use_all_stages_for_training: bool = False
     """Mix all stages into every training batch instead of stages 0..current."""
     use_paragraph_boundaries: bool = True
     """Start training and validation windows right after blank lines (paragraph starts)."""
+    stage_duration_scale: float = 1.0
+    """Multiplies every stage's epochs and iters (e.g. 0.01 runs a recipe's curriculum at CPU scale)."""
 
     # --- model ---------------------------------------------------------------------------------------------
     n_layer: int = 6
@@ -92,19 +97,33 @@ class TrainConfig:
     learning_rate: float = 1e-3
     """Peak learning rate."""
     decay_lr: bool = True
-    """Cosine-decay the learning rate after warmup (else constant)."""
+    """Cosine-decay the learning rate after warmup (else constant). The current stage's lr_factor multiplies the
+    learning rate either way."""
+    lr_schedule: Literal["cosine", "cosine_with_restarts"] = "cosine"
+    """'cosine': one cosine from warmup_iters to lr_decay_iters. 'cosine_with_restarts': back to learning_rate
+    every lr_restart_period iterations (SGDR without cycle growth), or with lr_restart_period=0 at every stage
+    change, each cycle then reaching min_lr where the stage's epochs/iters end (else at lr_decay_iters)."""
+    lr_restart_period: int = 0
+    """Iterations of one cosine cycle for --lr_schedule=cosine_with_restarts (0: restart at every stage change)."""
     warmup_iters: int = 2000
-    """Linear warmup steps."""
+    """Linear warmup steps (once, at the start of training)."""
     lr_decay_iters: int | None = None
     """Step at which the cosine reaches min_lr (default: max_iters)."""
     min_lr: float | None = None
-    """Final learning rate (default: learning_rate / 10)."""
+    """Final learning rate (default: learning_rate / 10, or learning_rate * min_lr_ratio)."""
+    min_lr_ratio: float | None = None
+    """Final learning rate as a fraction of learning_rate (the guide's eta_min = lr * 0.1); excludes --min_lr."""
     weight_decay: float = 2e-2
     """AdamW weight decay, applied to >= 2-D weights only."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.99
     """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the unmasking training loss (validation losses stay plain cross-entropy): the target
+    keeps 1 - eps, and eps is spread evenly over the real characters, never over [MASK]."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
 
@@ -147,6 +166,13 @@ class TrainConfig:
                 raise UserError(f"--{name}={getattr(self, name)} must be >= 0")
         if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
             raise UserError(f"--lr_decay_iters={self.lr_decay_iters} must be >= 1")
+        if self.lr_restart_period < 0:
+            raise UserError(f"--lr_restart_period={self.lr_restart_period} must be >= 0")
+        if self.lr_restart_period and self.lr_schedule != "cosine_with_restarts":
+            raise UserError(
+                f"--lr_restart_period={self.lr_restart_period} needs --lr_schedule=cosine_with_restarts "
+                f"(got {self.lr_schedule})"
+            )
         if self.n_embd % self.n_head:
             raise UserError(f"--n_embd={self.n_embd} must be divisible by --n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2:
@@ -159,9 +185,27 @@ class TrainConfig:
                 raise UserError(f"--{name}={value} must be a finite number >= 0")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
             raise UserError(f"--min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
+        if self.min_lr_ratio is not None:
+            if self.min_lr is not None:
+                raise UserError(
+                    f"--min_lr={self.min_lr} and --min_lr_ratio={self.min_lr_ratio}: give only one of them "
+                    f"(set the other to None)"
+                )
+            if not 0.0 <= self.min_lr_ratio <= 1.0:
+                raise UserError(f"--min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"--{name}={getattr(self, name)} must be in [0, 1)")
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise UserError(f"--adam_eps={self.adam_eps} must be a finite number > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"--label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.label_smoothing and self.objective != "unmasking":
+            raise UserError(
+                f"--label_smoothing={self.label_smoothing} applies to --objective=unmasking only (got {self.objective})"
+            )
+        if not (math.isfinite(self.stage_duration_scale) and self.stage_duration_scale > 0):
+            raise UserError(f"--stage_duration_scale={self.stage_duration_scale} must be a finite number > 0")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise UserError(f"--device={self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
 
@@ -171,7 +215,11 @@ class TrainConfig:
 
     @property
     def final_lr(self) -> float:
-        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+        if self.min_lr is not None:
+            return self.min_lr
+        if self.min_lr_ratio is not None:
+            return self.learning_rate * self.min_lr_ratio
+        return self.learning_rate / 10
 
     @property
     def decay_iters(self) -> int:

@@ -179,7 +179,7 @@ def random_selection(
     batch_size: int, T: int, min_ratio: float, max_ratio: float, generator: torch.Generator
 ) -> torch.Tensor:
     """Per row draw a ratio `r ~ U(min_ratio, max_ratio)`, then select each position independently with
-    probability `r` (the `random` stage uses `min_ratio = 0`, `max_ratio = max_masked_ratio`).
+    probability `r` (the `random` stage: `(0, max_masked_ratio)` or its `masking_rate_range`).
 
     Returns a bool tensor of shape `(batch_size, T)` on `generator.device`.
     """

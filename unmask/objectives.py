@@ -44,6 +44,28 @@ def unmasking_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch.y[batch.selected])
 
 
+def label_smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, eps: float, n_chars: int) -> torch.Tensor:
+    """Mean cross-entropy against label-smoothed targets (Szegedy et al. 2016, "Rethinking the Inception
+    Architecture", §7; Müller et al. 2019, "When Does Label Smoothing Help?").
+
+    logits (N, V) over the full vocabulary, targets (N,) real-character ids. The target distribution is
+    q = (1 - eps) * onehot(target) + eps / n_chars on every real character (ids < n_chars) and 0 on the special
+    tokens (ids >= n_chars, i.e. [MASK]); loss = -sum_v q_v log p_v with p the softmax over all V entries.
+    `F.cross_entropy(label_smoothing=eps)` would spread eps over [MASK] too, teaching the model to predict a token
+    that never is an answer, hence this function.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+    nll = -logp.gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
+    uniform = -logp[:, :n_chars].mean(dim=1)  # (N,): cross-entropy against the uniform distribution on characters
+    return ((1.0 - eps) * nll + eps * uniform).mean()
+
+
+def smoothed_unmasking_loss(model: torch.nn.Module, batch: Batch, eps: float, n_chars: int) -> torch.Tensor:
+    """`unmasking_loss` with label smoothing `eps` over the `n_chars` real characters (training only)."""
+    logits = model(batch.x, positions=batch.selected)  # (N, V)
+    return label_smoothed_cross_entropy(logits, batch.y[batch.selected], eps, n_chars)
+
+
 def autoregressive_loss(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """Mean next-character cross-entropy: windows (B, T + 1) -> inputs [:, :-1], targets [:, 1:]."""
     logits = model(windows[:, :-1])  # (B, T, V)

@@ -8,6 +8,12 @@ A stage is written as in the original framework's README, a dict such as
 Corruption choices (the seed left them open, see research/seed_system.md §10 "open questions"):
 sticky and span stages replace the selected positions with ``[MASK]`` (the README-era code); random stages
 use BERT 80/10/10 corruption (the seed's random stage).
+
+How long a stage lasts (every type): until its validation loss has not improved for `val_loss_stale_count`
+evaluations, or until it has trained for `epochs` epochs or `iters` iterations, whichever comes first (the
+parameter guide's epoch-based stages). A stage that gives a duration but no `val_loss_stale_count` is
+duration-only. `lr_factor` multiplies the learning-rate schedule while the stage is current (the guide's
+`learning_rate_decay_factors`). `unmask.curriculum` applies these rules.
 """
 
 from __future__ import annotations
@@ -28,7 +34,12 @@ class Stage:
     """Fields every stage has. Subclasses add the masking parameters of their `type`."""
 
     type: ClassVar[str] = ""
-    val_loss_stale_count: int = 5
+    # Keys a stage dict of this type must give (the masking parameters).
+    required: ClassVar[tuple[str, ...]] = ()
+    val_loss_stale_count: int | None = 5
+    epochs: float | None = None
+    iters: int | None = None
+    lr_factor: float = 1.0
 
     def select(self, batch_size: int, T: int, generator: torch.Generator) -> torch.Tensor:
         """Which positions to corrupt: bool (B, T) on the generator's device."""
@@ -55,8 +66,18 @@ class Stage:
         """Short label for per-stage validation lines, e.g. ``ratio=0.4``."""
         raise NotImplementedError
 
+    def duration(self) -> str:
+        """How the stage ends and its lr factor, e.g. ``val_loss_stale_count=5`` or ``epochs=75, lr_factor=0.8``."""
+        parts = [] if self.val_loss_stale_count is None else [f"val_loss_stale_count={self.val_loss_stale_count}"]
+        parts += [f"{name}={value:g}" for name, value in (("epochs", self.epochs), ("iters", self.iters)) if value]
+        if self.lr_factor != 1.0:
+            parts.append(f"lr_factor={self.lr_factor:g}")
+        return ", ".join(parts)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **dataclasses.asdict(self)}
+        """The stage as a dict `parse_stage` reads back; keys left unset (None) are omitted."""
+        values = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {"type": self.type, **values}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +85,7 @@ class StickyStage(Stage):
     """Masked regions that grow from seeds: exactly round(target_masked_ratio * T) masks per row."""
 
     type: ClassVar[str] = "sticky"
+    required: ClassVar[tuple[str, ...]] = ("target_masked_ratio", "p1_probability", "p2_probability")
     target_masked_ratio: float = 0.2
     p1_probability: float = 0.3
     p2_probability: float = 0.0
@@ -82,13 +104,31 @@ class StickyStage(Stage):
 
 @dataclass(frozen=True, kw_only=True)
 class RandomStage(Stage):
-    """Independent positions at a per-sample ratio ~ U(0, max_masked_ratio), BERT 80/10/10 corruption."""
+    """Independent positions at a per-sample ratio ~ U(lo, hi), BERT 80/10/10 corruption.
+
+    The range is either ``(0, max_masked_ratio)`` (the original README's key) or ``masking_rate_range = (lo, hi)``
+    (the parameter guide's key); exactly one of the two is given.
+    """
 
     type: ClassVar[str] = "random"
-    max_masked_ratio: float = 0.3
+    max_masked_ratio: float | None = None
+    masking_rate_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.max_masked_ratio is None) == (self.masking_rate_range is None):
+            raise ValueError("a random stage takes exactly one of max_masked_ratio and masking_rate_range")
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(lo, hi) of the per-sample masking ratio."""
+        if self.masking_rate_range is not None:
+            return self.masking_rate_range
+        assert self.max_masked_ratio is not None  # __post_init__ guarantees one of the two
+        return 0.0, self.max_masked_ratio
 
     def select(self, batch_size: int, T: int, generator: torch.Generator) -> torch.Tensor:
-        return masking.random_selection(batch_size, T, 0.0, self.max_masked_ratio, generator)
+        lo, hi = self.bounds
+        return masking.random_selection(batch_size, T, lo, hi, generator)
 
     def corrupt(
         self, x: torch.Tensor, selected: torch.Tensor, mask_id: int, n_chars: int, generator: torch.Generator
@@ -96,10 +136,12 @@ class RandomStage(Stage):
         return masking.bert_corruption(x, selected, mask_id, n_chars, generator)
 
     def params(self) -> str:
-        return f"max_ratio={self.max_masked_ratio}"
+        if self.masking_rate_range is None:
+            return f"max_ratio={self.max_masked_ratio}"
+        return "ratio~U({}, {})".format(*self.masking_rate_range)
 
     def ratio_label(self) -> str:
-        return f"max_ratio={self.max_masked_ratio}"
+        return self.params()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +149,7 @@ class SpanStage(Stage):
     """`spans_count` random inclusive spans per row (seed_system.md §1.5); covers about k/(2k+1) of a row."""
 
     type: ClassVar[str] = "span"
+    required: ClassVar[tuple[str, ...]] = ("spans_count",)
     spans_count: int = 20
 
     def select(self, batch_size: int, T: int, generator: torch.Generator) -> torch.Tensor:
@@ -129,46 +172,78 @@ DEFAULT_STAGES: tuple[Stage, ...] = (
 )
 
 _PROBABILITIES = ("target_masked_ratio", "p1_probability", "p2_probability", "max_masked_ratio")
+_COUNTS = ("val_loss_stale_count", "iters", "spans_count")
+_POSITIVE = ("epochs", "lr_factor")
+
+
+def _number(value: Any, where: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where}: {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _check_value(name: str, value: Any, where: str) -> Any:
+    """One validated, typed stage value; errors name the stage and the key."""
+    if name in _PROBABILITIES:
+        number = _number(value, where, name)
+        if not 0.0 <= number <= 1.0:
+            raise UserError(f"{where}: {name}={value} is outside [0, 1]")
+        return number
+    if name in _COUNTS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: {name} must be an integer, got {value!r}")
+        if value < 1:
+            raise UserError(f"{where}: {name}={value} must be >= 1")
+        return value
+    if name in _POSITIVE:
+        number = _number(value, where, name)
+        if number <= 0:
+            raise UserError(f"{where}: {name}={value} must be > 0")
+        return number
+    if name == "masking_rate_range":
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise UserError(f"{where}: masking_rate_range must be a pair [lo, hi], got {value!r}")
+        lo, hi = (_number(v, where, name) for v in value)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise UserError(f"{where}: masking_rate_range={list(value)} needs 0 <= lo <= hi <= 1")
+        return (lo, hi)
+    raise AssertionError(f"no validator for stage key {name}")
 
 
 def parse_stage(raw: Any, where: str) -> Stage:
-    """Validate one stage dict (or an existing Stage) and build it; errors name `where`, e.g. `unmasking_stages[2]`."""
+    """Validate one stage dict (or an existing Stage) and build it; errors name `where`, e.g. `unmasking_stages[2]`.
+
+    A key given as None counts as not given (so `Stage.to_dict` output and hand-written dicts read the same).
+    """
     if isinstance(raw, Stage):
         raw = raw.to_dict()
     if not isinstance(raw, dict):
         raise UserError(f"{where}: a stage must be a dict with a 'type' key, got {raw!r}")
+    raw = {k: v for k, v in raw.items() if v is not None}
     kind = raw.get("type")
     if kind is None:
         raise UserError(f"{where}: missing key 'type' (one of {', '.join(STAGE_TYPES)})")
-    cls = STAGE_TYPES.get(kind)
+    cls = STAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise UserError(f"{where}: unknown stage type {kind!r} (expected one of {', '.join(STAGE_TYPES)})")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(fields) - {"type"})
     if unknown:
         raise UserError(
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for a {kind} stage (allowed: {', '.join(fields)})"
         )
-    required = [name for name in fields if name != "val_loss_stale_count"]
-    missing = [name for name in required if name not in raw]
+    missing = [name for name in cls.required if name not in raw]
     if missing:
         raise UserError(f"{where}: missing key(s) {', '.join(map(repr, missing))} for a {kind} stage")
-    values: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name == "type":
-            continue
-        if name in _PROBABILITIES:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise UserError(f"{where}: {name} must be a number, got {value!r}")
-            if not 0.0 <= value <= 1.0:
-                raise UserError(f"{where}: {name}={value} is outside [0, 1]")
-            values[name] = float(value)
-        else:  # integer counts
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UserError(f"{where}: {name} must be an integer, got {value!r}")
-            if value < 1:
-                raise UserError(f"{where}: {name}={value} must be >= 1")
-            values[name] = value
+    if cls is RandomStage:
+        given = [name for name in ("max_masked_ratio", "masking_rate_range") if name in raw]
+        if not given:
+            raise UserError(f"{where}: missing key(s) 'max_masked_ratio' (or 'masking_rate_range') for a random stage")
+        if len(given) == 2:
+            raise UserError(f"{where}: give either 'max_masked_ratio' or 'masking_rate_range', not both")
+    values = {name: _check_value(name, value, where) for name, value in raw.items() if name != "type"}
+    if "val_loss_stale_count" not in raw and ("epochs" in raw or "iters" in raw):
+        values["val_loss_stale_count"] = None  # duration-only: the stale count never ends this stage
     return cls(**values)
 
 

@@ -2,8 +2,11 @@
 
 `Trainer.run` reads as the list of what happens: evaluate (and advance the curriculum), checkpoint, train step,
 log. Everything a resumed run needs to continue bit for bit is in `Trainer.state_dict`: model, optimizer,
-scaler, iteration, best validation loss, curriculum state, the data and masking generators, the global RNG
-(dropout) and the config.
+scaler, iteration, training characters seen, best validation loss, curriculum state, the data and masking
+generators, the global RNG (dropout) and the config.
+
+The learning rate is a pure function of the iteration and the curriculum state (`lr_at`), so it needs no state
+of its own: a resumed run recomputes it exactly.
 """
 
 from __future__ import annotations
@@ -36,16 +39,39 @@ _EVAL_SEED_OFFSET = 2_000_003
 _MAX_NONFINITE_STEPS = 5
 
 
-def lr_at(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `learning_rate`, then cosine to `min_lr` at `lr_decay_iters`, then `min_lr`."""
+def lr_at(it: int, cfg: TrainConfig, stage_start: int = 0, stage_end: int | None = None, factor: float = 1.0) -> float:
+    """Learning rate of the optimizer step taken at iteration `it`: `factor` (the current stage's lr_factor) times
+    the schedule.
+
+    The schedule is a linear warmup to `learning_rate` over the first `warmup_iters` steps of training, then:
+    - `cosine`: one cosine to `min_lr` at `lr_decay_iters`, then `min_lr`;
+    - `cosine_with_restarts`, `lr_restart_period` P > 0: cosine cycles of P steps counted from the end of warmup,
+      each starting again at `learning_rate` (SGDR, Loshchilov & Hutter 2017, without cycle growth);
+    - `cosine_with_restarts`, P = 0: a cycle per stage, from the current stage's start (`stage_start`, or the end
+      of warmup if later) to `min_lr` where its duration runs out (`stage_end`), or at `lr_decay_iters` for a
+      stage without a duration; then `min_lr` until the next stage.
+    """
+    return factor * _schedule(it, cfg, stage_start, stage_end)
+
+
+def _schedule(it: int, cfg: TrainConfig, stage_start: int, stage_end: int | None) -> float:
+    top, low = cfg.learning_rate, cfg.final_lr
     if not cfg.decay_lr:
-        return cfg.learning_rate
+        return top
     if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.decay_iters:
-        return cfg.final_lr
-    progress = (it - cfg.warmup_iters) / max(1, cfg.decay_iters - cfg.warmup_iters)
-    return cfg.final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.final_lr)
+        return top * (it + 1) / (cfg.warmup_iters + 1)
+    start, end = cfg.warmup_iters, cfg.decay_iters
+    if cfg.lr_schedule == "cosine_with_restarts":
+        if cfg.lr_restart_period:
+            period = cfg.lr_restart_period
+            return low + 0.5 * (1.0 + math.cos(math.pi * ((it - start) % period) / period)) * (top - low)
+        start = max(stage_start, cfg.warmup_iters)
+        if stage_end is not None:
+            end = stage_end
+    if it >= end:
+        return low
+    progress = (it - start) / max(1, end - start)
+    return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (top - low)
 
 
 def check_architecture(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
@@ -94,15 +120,24 @@ class Trainer:
             self.raw_model.optimizer_groups(cfg.weight_decay),
             lr=cfg.learning_rate,
             betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.adam_eps,
             fused=fused,
         )
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-        self.curriculum = Curriculum(cfg.unmasking_stages, cfg.use_all_stages_for_training)
+        # Characters of training text one optimizer step consumes, over all ranks: epochs = seen / available.
+        self.chars_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * runtime.world_size
+        self.curriculum = Curriculum(
+            cfg.unmasking_stages,
+            cfg.use_all_stages_for_training,
+            duration_scale=cfg.stage_duration_scale,
+            iters_per_epoch=len(self.data.train) / self.chars_per_iter,
+        )
 
         # Per-rank streams: different data on every rank, reproducible for a seed.
         self.data_gen = torch.Generator().manual_seed(cfg.seed + runtime.rank)
         self.mask_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + _MASK_SEED_OFFSET + runtime.rank)
         self.iter_num = 0
+        self.train_chars_seen = 0
         self.best_val_loss = math.inf
         self.last_eval_iter = -1
         self.nonfinite_steps = 0
@@ -139,14 +174,16 @@ class Trainer:
             )
         self.step_times: list[float] = []
         self.batch_times: list[float] = []
+        self.step_lr = 0.0  # the learning rate of the last step, for its log line
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Train to `max_iters`; returns the last evaluation's metrics."""
+        """Train to `max_iters` (or the end of the final stage's duration); returns the last evaluation's metrics."""
         self.start()
         metrics: dict[str, Any] = {}
         while True:
+            self.advance_by_duration()
             if self.due_for_eval():
                 metrics = self.evaluate()
                 self.advance_curriculum(metrics)
@@ -154,12 +191,48 @@ class Trainer:
                 self.save_checkpoint(metrics)
                 if self.cfg.eval_only:
                     break
-            if self.iter_num >= self.cfg.max_iters:
+            if self.done():
                 break
             loss = self.train_step()
             self.log_step(loss)
+        if self.iter_num < self.cfg.max_iters and self.curriculum_active and not self.cfg.eval_only:
+            stage = self.curriculum.state.stage
+            self.log.print(
+                f"Final stage {stage} ({self.curriculum.current.type}) has lasted its duration: training ends at "
+                f"iteration {self.iter_num} ({self.epochs:.3f} epochs)"
+            )
         self.log.close()
         return metrics
+
+    @property
+    def curriculum_active(self) -> bool:
+        """Only the unmasking objective trains through the stage curriculum."""
+        return self.cfg.objective == "unmasking"
+
+    @property
+    def epochs(self) -> float:
+        """Training characters seen / training characters available."""
+        return self.train_chars_seen / len(self.data.train)
+
+    def done(self) -> bool:
+        """Training ends at max_iters, or when the final stage has lasted its epochs/iters."""
+        if self.iter_num >= self.cfg.max_iters:
+            return True
+        return self.curriculum_active and self.curriculum.finished(self.iter_num, self.epochs)
+
+    def advance_by_duration(self) -> None:
+        """Before every iteration: a stage that has lasted its epochs/iters hands over to the next one."""
+        if self.curriculum_active:
+            line = self.curriculum.advance_by_duration(self.iter_num, self.epochs)
+            if line is not None:
+                self.log.print(line)
+
+    def current_lr(self) -> float:
+        """The learning rate of the step taken at the current iteration (schedule x the stage's lr_factor)."""
+        if not self.curriculum_active:
+            return lr_at(self.iter_num, self.cfg)
+        c = self.curriculum
+        return lr_at(self.iter_num, self.cfg, c.state.stage_start_iter, c.stage_end_iter(), c.current.lr_factor)
 
     def start(self) -> None:
         cfg = self.cfg
@@ -195,15 +268,13 @@ class Trainer:
         if cfg.objective != "unmasking":
             return
         for i, stage in enumerate(self.cfg.unmasking_stages):
-            self.log.print(
-                f"  Stage {i} ({stage.type}): {stage.params()}, val_loss_stale_count={stage.val_loss_stale_count}"
-            )
+            self.log.print(f"  Stage {i} ({stage.type}): {stage.params()}, {self.curriculum.describe_duration(i)}")
         if self.iter_num:
             self.log.print(f"Resumed at iteration {self.iter_num}, stage {self.curriculum.state.stage}")
 
     def due_for_eval(self) -> bool:
         it = self.iter_num
-        due = it % self.cfg.eval_interval == 0 or it >= self.cfg.max_iters or self.cfg.eval_only
+        due = it % self.cfg.eval_interval == 0 or self.done() or self.cfg.eval_only
         return due and it != self.last_eval_iter
 
     def evaluate(self) -> dict[str, Any]:
@@ -216,10 +287,9 @@ class Trainer:
         with torch.no_grad():
             fresh = [self.micro_batch_loss(self.raw_model, data_gen, mask_gen, None)[0] for _ in range(cfg.eval_iters)]
         train_loss = self.rt.all_reduce_sum(torch.stack(fresh).mean().double()) / self.rt.world_size
-        tokens_seen = self.iter_num * cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
         metrics: dict[str, Any] = {
             "iter": self.iter_num,
-            "epochs": tokens_seen * self.rt.world_size / len(self.data.train),
+            "epochs": self.epochs,
             "train_loss": float(train_loss),
         }
         model, mask_id = self.raw_model, self.vocab.mask_id
@@ -243,12 +313,15 @@ class Trainer:
 
     def advance_curriculum(self, m: dict[str, Any]) -> None:
         """The stage curriculum (unmasking objective only) reacts to the overall validation loss."""
-        m["lr"] = lr_at(self.iter_num, self.cfg)
-        if self.cfg.objective != "unmasking":
-            return
-        m["decision"] = self.curriculum.update(m["val_loss"])
-        state = self.curriculum.state
-        m |= {"stage": state.stage, "stale_count": state.stale_count, "best_stage_val_loss": state.best_stage_val_loss}
+        if self.curriculum_active:
+            m["decision"] = self.curriculum.update(m["val_loss"], self.iter_num, self.epochs)
+            state = self.curriculum.state
+            m |= {
+                "stage": state.stage,
+                "stale_count": state.stale_count,
+                "best_stage_val_loss": state.best_stage_val_loss,
+            }
+        m["lr"] = self.current_lr()  # after the decision: a stage change restarts the schedule
 
     def report(self, m: dict[str, Any]) -> None:
         """The README's "Training Logs Example" block, then one metrics.jsonl record."""
@@ -256,7 +329,11 @@ class Trainer:
         p(f"step {m['iter']}: train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}, lr {m['lr']:.6f}")
         if self.cfg.objective == "unmasking":
             cur, state = self.curriculum.current, self.curriculum.state
-            p(f"Stage {state.stage} ({cur.type}): {cur.params()}, stale_count={state.stale_count}")
+            progress = self.curriculum.progress(self.iter_num, self.epochs)
+            p(
+                f"Stage {state.stage} ({cur.type}): {cur.params()}, stale_count={state.stale_count}"
+                + (f", {progress}" if progress else "")
+            )
         p(
             f"  val bpc: {m['val_bpc']:.4f} ({'exact NLL' if self.model_config.causal else 'ELBO'}), "
             f"epochs {m['epochs']:.3f}"
@@ -312,16 +389,17 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         t0 = time.perf_counter()
         batch_time = 0.0
-        lr = lr_at(self.iter_num, cfg)
+        lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        smoothing = cfg.label_smoothing
         accum = cfg.gradient_accumulation_steps
         total = torch.zeros((), device=rt.device)
         for micro in range(accum):
             # Under DDP, all-reduce gradients only on the last micro-step.
             sync = isinstance(self.model, DDP) and micro < accum - 1
             with self.model.no_sync() if sync else nullcontext():  # type: ignore[operator]
-                loss, seconds = self.micro_batch_loss(self.model, self.data_gen, self.mask_gen, self.pool)
+                loss, seconds = self.micro_batch_loss(self.model, self.data_gen, self.mask_gen, self.pool, smoothing)
                 loss = loss / accum
                 self.scaler.scale(loss).backward()
             batch_time += seconds
@@ -337,6 +415,8 @@ class Trainer:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.iter_num += 1
+        self.train_chars_seen += self.chars_per_iter
+        self.step_lr = lr
         self.batch_times.append(batch_time)
         self.step_times.append(time.perf_counter() - t0)
         return float(total)
@@ -347,8 +427,11 @@ class Trainer:
         data_gen: torch.Generator,
         mask_gen: torch.Generator,
         pool: SelectionPool | None,
+        label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, float]:
-        """One micro-batch of the objective: (loss, seconds spent making the batch and its masks)."""
+        """One micro-batch of the objective: (loss, seconds spent making the batch and its masks).
+
+        `label_smoothing` is given for training steps only: evaluation losses stay plain cross-entropy."""
         cfg, vocab = self.cfg, self.vocab
         t0 = time.perf_counter()
         if cfg.objective == "unmasking":
@@ -358,6 +441,8 @@ class Trainer:
             )
             seconds = time.perf_counter() - t0
             with self.rt.autocast():
+                if label_smoothing:
+                    return objectives.smoothed_unmasking_loss(model, batch, label_smoothing, vocab.n_chars), seconds
                 return objectives.unmasking_loss(model, batch), seconds
         windows = self.train_source.clean(cfg.batch_size, data_gen)
         seconds = time.perf_counter() - t0
@@ -386,17 +471,18 @@ class Trainer:
         n = len(self.step_times)
         step_s = sum(self.step_times) / n
         batch_share = sum(self.batch_times) / sum(self.step_times)
-        tokens = self.cfg.batch_size * self.cfg.block_size * self.cfg.gradient_accumulation_steps * self.rt.world_size
-        lr = lr_at(self.iter_num - 1, self.cfg)
+        tokens = self.chars_per_iter
+        lr = self.step_lr  # the effective learning rate of the step just taken (schedule x stage lr_factor)
         self.log.print(
             f"iter {self.iter_num}: loss {loss:.4f}, time {1000 * step_s:.2f}ms, "
             f"{tokens / step_s:,.0f} tok/s, batch+mask {100 * batch_share:.1f}%, lr {lr:.6f}, "
-            f"stage {self.curriculum.state.stage}"
+            f"stage {self.curriculum.state.stage}, epochs {self.epochs:.3f}"
         )
         self.log.record(
             "train",
             {
                 "iter": self.iter_num,
+                "epochs": self.epochs,
                 "train_loss_step": loss,
                 "lr": lr,
                 "ms_per_iter": 1000 * step_s,
@@ -431,6 +517,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "iter_num": self.iter_num,
+            "train_chars_seen": self.train_chars_seen,
             "best_val_loss": self.best_val_loss,
             "curriculum": self.curriculum.state.to_dict(),
             "rng": rng,
@@ -449,8 +536,10 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num = int(ckpt["iter_num"])
         self.last_eval_iter = self.iter_num  # the checkpoint was written right after this iteration's evaluation
+        # Checkpoints from before epochs were tracked: every step so far had this run's batch shape.
+        self.train_chars_seen = int(ckpt.get("train_chars_seen", self.iter_num * self.chars_per_iter))
         self.best_val_loss = float(ckpt["best_val_loss"])
-        self.curriculum.state = CurriculumState.from_dict(ckpt["curriculum"])
+        self.curriculum.state = CurriculumState.from_dict(ckpt["curriculum"], self.iter_num, self.epochs)
         if self.curriculum.state.stage >= len(self.cfg.unmasking_stages):
             raise UserError(
                 f"{path}: checkpoint is at stage {self.curriculum.state.stage} but only "

@@ -1,0 +1,163 @@
+"""Tests for `unmask eval`: JSON schema, agreement with the trainer and a direct computation, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, tiny_flags
+from unmask.cli import main
+from unmask.data import gather_windows, load_dataset
+from unmask.elbo import ar_nll, split_window_offsets
+from unmask.loading import load_trained
+
+BLOCK = 32  # tiny_flags' block_size
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One trained tiny checkpoint (8 iterations) per model family."""
+    root = tmp_path_factory.mktemp("eval_runs")
+    out: dict[str, Path] = {}
+    for objective in ("unmasking", "autoregressive"):
+        out[objective] = root / objective
+        assert main(["train", *tiny_flags(tiny_data, out[objective], max_iters=8, objective=objective)]) == 0
+    return out
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *flags: str) -> dict:
+    capsys.readouterr()
+    assert main(["eval", "--json", "--device=cpu", *flags]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, "--json prints exactly one line"
+    return json.loads(lines[0])
+
+
+def test_json_schema_and_agreement_with_the_trainer(runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    run = runs["unmasking"]
+    r = run_json(capsys, f"--out_dir={run}", "--draws=2")
+    n_val = len(load_dataset(Path(r["dataset"])).val)
+    types = {
+        "bpc": float,
+        "bpc_stderr": float,
+        "bpc_mc_stderr": float,
+        "nats_per_char": float,
+        "estimator": str,
+        "windows": int,
+        "objective": str,
+        "checkpoint": str,
+        "iter": int,
+        "split": str,
+        "masked_ce": dict,
+    }
+    for key, kind in types.items():
+        assert isinstance(r[key], kind), key
+    assert r["checkpoint"].endswith("ckpt_unmasking_8.pt") and r["iter"] == 8
+    assert r["objective"] == "unmasking" and r["split"] == "val" and r["estimator"] == "exact_k" and r["bound"]
+    assert r["windows"] == r["windows_total"] == n_val // BLOCK and r["chars"] == r["windows"] * BLOCK
+    assert r["bpc"] == pytest.approx(r["nats_per_char"] / math.log(2))
+    assert 0 < r["bpc_stderr"] < 0.5 and 0 < r["bpc_mc_stderr"] < 0.5
+    assert math.log2(2) < r["bpc"] < math.log2(40) + 1  # better than nothing, not absurd for 39 characters
+    # The per-stage metrics rebuild the trainer's validation set (seed 42): the same numbers it logged.
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [rec for rec in logged if rec["kind"] == "eval"][-1]
+    assert r["masked_ce"]["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    for i in range(3):
+        assert r["masked_ce"][f"val_stage_{i}_loss"] == pytest.approx(last[f"val_stage_{i}_loss"], rel=1e-5)
+    assert len(r["stages"]) == 3
+
+
+def test_deterministic_for_a_seed(runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    flags = (f"--out_dir={runs['unmasking']}", "--draws=2", "--max_windows=20")
+    a = run_json(capsys, *flags, "--seed=3")
+    b = run_json(capsys, *flags, "--seed=3")
+    c = run_json(capsys, *flags, "--seed=4")
+    assert a["bpc"] == b["bpc"] and a["bpc_stderr"] == b["bpc_stderr"] and a["bpc"] != c["bpc"]
+
+
+def test_autoregressive_checkpoint_is_exact(
+    runs: dict[str, Path], tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = runs["autoregressive"]
+    r = run_json(capsys, f"--out_dir={run}", "--split=train", "--max_windows=50")
+    assert r["objective"] == "autoregressive" and r["estimator"] == "exact" and not r["bound"]
+    assert r["masked_ce"] is None and r["split"] == "train" and r["windows"] == 50
+    trained = load_trained(run / "ckpt_unmasking_8.pt")
+    tokens = load_dataset(tiny_data / "tiny").train
+    offsets = split_window_offsets(len(tokens), BLOCK, causal=True)
+    assert r["windows_total"] == len(offsets) == (len(tokens) - BLOCK - 1) // BLOCK + 1
+    picked = torch.linspace(0, len(offsets) - 1, 50).round().long().numpy()
+    with torch.no_grad():
+        nll = ar_nll(trained.model, gather_windows(tokens, torch.from_numpy(offsets[picked]), BLOCK + 1))
+    assert r["nats_per_char"] == pytest.approx(float(nll.mean()), rel=1e-6)
+
+
+def test_readable_report(runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", f"--out_dir={runs['unmasking']}", "--device=cpu", "--draws=2", "--max_windows=5"]) == 0
+    out = capsys.readouterr().out
+    for text in ("bits/char", "nats/char", "negative ELBO", "exact_k", "2 draws per window", "iter 8"):
+        assert text in out, text
+    assert "--max_windows=5: 5 evenly spaced of" in out
+    assert "Per-stage masked CE" in out and "Stage 2 (sticky): ratio=0.6" in out
+    assert main(["eval", f"--out_dir={runs['autoregressive']}", "--device=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "exact NLL" in out and "Per-stage" not in out
+
+
+def test_other_estimators_run(runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    for estimator in ("stratified_t", "antithetic_t"):
+        r = run_json(capsys, f"--out_dir={runs['unmasking']}", f"--estimator={estimator}", "--max_windows=8")
+        assert r["estimator"] == estimator and math.isfinite(r["bpc"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([], "give --ckpt=PATH or --out_dir=DIR"),
+        (["--out_dir={empty}"], "no ckpt_unmasking_<iter>.pt checkpoint there"),
+        (["--ckpt={empty}/missing.pt"], "no such checkpoint file"),
+        (["--out_dir={run}", "--split=test"], "--split=test: expected one of val, train"),
+        (["--out_dir={run}", "--draws=0"], "--draws=0: must be >= 1"),
+        (["--out_dir={run}", "--draws=many"], "--draws=many: expected an integer"),
+        (["--out_dir={run}", "--estimator=antithetic_t", "--draws=3"], "even number of draws"),
+        (["--out_dir={run}", "--max_windows=0"], "--max_windows=0: must be >= 1"),
+        (["--out_dir={run}", "--device=tpu"], "--device=tpu: expected"),
+        (["--out_dir={run}", "--data_dir={empty}"], "no such dataset directory"),
+        (["--out_dir={run}", "extra"], "extra: unexpected positional argument"),
+    ],
+)
+def test_errors_are_one_line(
+    runs: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    message: str,
+) -> None:
+    argv = [f.format(run=runs["unmasking"], empty=tmp_path) for f in flags]
+    capsys.readouterr()
+    assert main(["eval", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unmask eval: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--out_dir", "--ckpt", "--split", "--draws", "--seed", "--json", "--estimator", "--max_windows"):
+        assert flag in out, flag
+
+
+@pytest.mark.slow
+def test_cli_subprocess_json(runs: dict[str, Path]) -> None:
+    cmd = [sys.executable, "-m", "unmask", "eval", f"--out_dir={runs['unmasking']}", "--json", "--device=cpu"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout)
+    assert {"bpc", "bpc_stderr", "nats_per_char", "estimator", "windows", "objective"} <= set(r)
+    assert r["draws"] == 4 and r["windows"] == r["windows_total"]

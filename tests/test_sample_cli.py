@@ -1,0 +1,271 @@
+"""`unmask sample` end to end on a tiny trained checkpoint: output, conditioning, metrics, sweep, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import REPO, tiny_flags
+from unmask.cli import main
+from unmask.data import MASK_GLYPH, load_dataset
+from unmask.model import ModelConfig, Transformer
+from unmask.sample import SampleArgs
+
+
+@pytest.fixture(scope="session")
+def run_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """out_dir of a tiny unmasking run (block_size 32) on the `tiny` dataset."""
+    out = tmp_path_factory.mktemp("sample_run")
+    assert main(["train", *tiny_flags(tiny_data, out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def causal_ckpt(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A (random) autoregressive checkpoint over the same vocabulary, written in the checkpoint format."""
+    vocab = load_dataset(tiny_data / "tiny").vocab
+    config = ModelConfig(vocab_size=vocab.size, block_size=16, n_layer=1, n_head=2, n_embd=16, causal=True)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("causal") / "ckpt_unmasking_0.pt"
+    state = {
+        "format_version": 1,
+        "model": Transformer(config).state_dict(),
+        "model_config": dataclasses.asdict(config),
+        "vocab": list(vocab.itos),
+        "config": {},
+        "iter_num": 0,
+    }
+    torch.save(state, path)
+    return path
+
+
+def sample(capsys: pytest.CaptureFixture[str], *flags: str) -> dict[str, Any]:
+    assert main(["sample", *flags, "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def error(capsys: pytest.CaptureFixture[str], *flags: str) -> str:
+    assert main(["sample", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("unmask sample: error: "), err
+    return err
+
+
+def test_unconditional_json_has_texts_settings_metrics_and_reference(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = sample(capsys, f"--out_dir={run_dir}", "--num_samples=3", "--length=24", "--steps=6")
+    assert doc["checkpoint"].endswith("ckpt_unmasking_16.pt")
+    assert [len(s["text"]) for s in doc["samples"]] == [24, 24, 24]
+    assert not any(MASK_GLYPH in s["text"] for s in doc["samples"])
+    assert doc["settings"]["steps"] == 6 and doc["settings"]["remasking"] == "random"
+    samples, reference = doc["metrics"]["samples"], doc["metrics"]["reference"]
+    for key in ("repeated_4gram_rate", "distinct_2", "distinct_starts", "char_entropy_bits", "word_hit_rate"):
+        assert 0.0 <= samples[key] <= 5.0 and key in reference
+    assert samples["mean_self_logprob"] < 0
+    assert reference["word_hit_rate"] > 0.5  # real text of the same corpus (words cut at the edges miss)
+    assert doc["metrics"]["train_char_entropy_bits"] > 3
+    assert doc["speed"]["forward_passes"] == 6 and doc["speed"]["chars_per_second"] > 0
+
+
+def test_same_seed_same_text_and_batches_cover_all_samples(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = (f"--out_dir={run_dir}", "--num_samples=5", "--batch_size=2", "--length=20", "--steps=4", "--metrics=False")
+    a, b = sample(capsys, *flags), sample(capsys, *flags)
+    c = sample(capsys, *flags, "--seed=99")
+    assert [s["text"] for s in a["samples"]] == [s["text"] for s in b["samples"]]
+    assert [s["text"] for s in a["samples"]] != [s["text"] for s in c["samples"]]
+    assert len(a["samples"]) == 5 and a["speed"]["forward_passes"] == 3 * 4  # 3 batches
+    assert a["metrics"] is None
+
+
+def test_prompt_and_infill_characters_are_kept(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = sample(capsys, f"--out_dir={run_dir}", "--prompt=The king", "--length=30", "--steps=5")
+    for s in doc["samples"]:
+        assert s["text"].startswith("The king") and len(s["text"]) == 30 and s["generated"] == s["text"][8:]
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("And the queen\n")
+    doc = sample(capsys, f"--out_dir={run_dir}", f"--prompt_file={prompt_file}", "--length=30", "--steps=5")
+    assert all(s["text"].startswith("And the queen\n") for s in doc["samples"])
+
+    template = "The ____ and the ___ of rome."
+    doc = sample(capsys, f"--out_dir={run_dir}", f"--infill={template}", "--steps=7", "--num_samples=3")
+    for s in doc["samples"]:
+        text = s["text"]
+        assert len(text) == len(template)
+        assert all(t == c for t, c in zip(text, template, strict=True) if c != "_")
+        assert "_" not in text[4:8] + text[17:20] and MASK_GLYPH not in text
+    doc = sample(capsys, f"--out_dir={run_dir}", "--infill=The ##### hall", "--placeholder=#", "--steps=5")
+    assert all(s["text"].startswith("The ") and s["text"].endswith(" hall") for s in doc["samples"])
+
+
+def test_longer_than_block_size_generates_in_blocks(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = sample(capsys, f"--out_dir={run_dir}", "--length=80", "--steps=10", "--num_samples=2", "--prompt=The")
+    assert all(len(s["text"]) == 80 and MASK_GLYPH not in s["text"] for s in doc["samples"])
+    assert doc["speed"]["forward_passes"] <= 2 * 10
+
+
+@pytest.mark.parametrize("remasking", ["random", "margin", "entropy", "remask"])
+def test_every_strategy_and_schedule_runs(run_dir: Path, capsys: pytest.CaptureFixture[str], remasking: str) -> None:
+    doc = sample(
+        capsys, f"--out_dir={run_dir}", f"--remasking={remasking}", "--schedule=cosine", "--length=20", "--steps=5",
+        "--block_length=10", "--top_k=5", "--top_p=0.9", "--temperature=0.8", "--metrics=False",
+    )  # fmt: skip
+    assert all(len(s["text"]) == 20 and MASK_GLYPH not in s["text"] for s in doc["samples"])
+
+
+def test_guide_preset_and_explicit_flags_win(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = sample(capsys, f"--out_dir={run_dir}", "--preset=guide", "--length=30", "--metrics=False")
+    settings = doc["settings"]
+    assert (settings["temperature"], settings["top_k"], settings["top_p"], settings["steps"]) == (0.6, 20, 0.85, 25)
+    doc = sample(capsys, f"--out_dir={run_dir}", "--preset=guide", "--steps=8", "--length=30", "--metrics=False")
+    assert doc["settings"]["steps"] == 8 and doc["settings"]["temperature"] == 0.6
+
+
+def test_show_steps_and_trace(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "trace.jsonl"
+    flags = ("--length=12", "--steps=12", "--num_samples=2", "--metrics=False", "--show_steps", f"--trace={trace}")
+    assert main(["sample", f"--out_dir={run_dir}", *flags]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert out.count("--- step ") == 12 and lines[0] == "--- step 1/12 (block 1) ---"
+    assert lines[1].startswith("[1] ") and lines[1].count(MASK_GLYPH) == 11  # after step 1, 11 of 12 masked
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(12))
+    assert all(len(r["changed"]) == 2 and all(len(c) == 1 for c in r["changed"]) for r in records)
+    assert records[-1]["canvas"][0].count(MASK_GLYPH) == 0 and records[0]["canvas"][0].count(MASK_GLYPH) == 11
+
+
+def test_text_report(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sample", f"--out_dir={run_dir}", "--length=16", "--steps=4", "--num_samples=2"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("=== sample 1 ===", "=== sample 2 ===", "repeated 4-gram rate", "real text", "chars/s"):
+        assert expected in out
+
+
+def test_missing_dataset_skips_corpus_metrics_with_a_note(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = sample(capsys, f"--out_dir={run_dir}", "--length=16", "--steps=4", f"--data_dir={tmp_path / 'none'}")
+    assert "word_hit_rate" not in doc["metrics"]["samples"] and doc["metrics"]["reference"] is None
+    assert any("skipped" in note for note in doc["notes"])
+
+
+def test_causal_judge_scores_samples_and_real_text(
+    run_dir: Path, causal_ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = (f"--out_dir={run_dir}", "--length=40", "--steps=8", "--prompt=The", f"--judge_ckpt={causal_ckpt}")
+    doc = sample(capsys, *flags)
+    # A random causal model over ~27 characters: about log(27) = 3.3 nats per character for any text.
+    assert 2.5 < doc["metrics"]["samples"]["judge_nll"] < 4.5
+    assert 2.5 < doc["metrics"]["reference"]["judge_nll"] < 4.5
+
+
+def test_diffusion_judge_gives_the_negative_elbo(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("unmask.elbo")
+    flags = (f"--out_dir={run_dir}", "--length=24", "--steps=4", f"--judge_ckpt={run_dir / 'ckpt_unmasking_16.pt'}")
+    a, b = sample(capsys, *flags, "--judge_draws=2"), sample(capsys, *flags, "--judge_draws=2")
+    assert 1.0 < a["metrics"]["samples"]["judge_nll"] < 8.0 and 1.0 < a["metrics"]["reference"]["judge_nll"] < 8.0
+    assert a["metrics"] == b["metrics"] | {"speed": a["metrics"]["speed"]}  # the same ELBO draws every run
+
+
+def test_sweep_prints_a_table_and_writes_json(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "sweep.json"
+    argv = [f"--out_dir={run_dir}", "--sweep_steps=2,4", "--remasking=low_confidence,random", "--length=16"]
+    assert main(["sample", *argv, f"--sweep_out={out_file}"]) == 0
+    table = capsys.readouterr().out
+    assert "chars/s" in table and "real text" in table and table.count("low_confidence") == 2
+    doc = json.loads(out_file.read_text())
+    assert [(r["remasking"], r["steps"]) for r in doc["rows"]] == [
+        ("low_confidence", 2), ("low_confidence", 4), ("random", 2), ("random", 4),
+    ]  # fmt: skip
+    assert all(r["speed"]["forward_passes"] == r["steps"] * 1 for r in doc["rows"])
+    assert all(len(r["texts"]) == 4 for r in doc["rows"])
+
+
+def test_out_of_vocabulary_characters_are_listed(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = error(capsys, f"--out_dir={run_dir}", "--prompt=The jazz§ king")
+    assert err.endswith("--prompt: 3 character(s) not in the dataset's vocabulary of 39: 'j' 'z' '§'")
+    err = error(capsys, f"--out_dir={run_dir}", "--infill=Zebra ___")
+    assert "--infill:" in err and "'Z'" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--remasking=best",), "--remasking=best: expected distinct names"),
+        (("--remasking=random,margin",), "several strategies need --sweep_steps"),
+        (("--top_p=0",), "--top_p=0.0: must be in (0, 1]"),
+        (("--temperature=-1",), "--temperature=-1.0"),
+        (("--steps=0",), "--steps=0: must be at least 1"),
+        (("--sweep_steps=4,x",), "--sweep_steps=4,x: expected a comma list"),
+        (("--prompt=The", "--infill=a_"), "--prompt and --infill: give only one"),
+        (("--infill=a_", "--length=9"), "--length=9: not with --infill"),
+        (("--placeholder=ab",), "--placeholder=ab"),
+        (("--preset=fast",), "--preset=fast"),
+        (("--bogus=1",), "--bogus: unknown flag"),
+        (("--threads=-1",), "--threads=-1: must be >= 0"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], flags: tuple[str, ...], message: str
+) -> None:
+    assert message in error(capsys, f"--out_dir={run_dir}", *flags)
+
+
+def test_errors_that_need_the_checkpoint(
+    run_dir: Path, causal_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "--prompt: 12 characters leave nothing" in error(
+        capsys, f"--out_dir={run_dir}", "--prompt=The king and", "--length=12"
+    )
+    assert "--block_length=64: longer than the model's block_size=32" in error(
+        capsys, f"--out_dir={run_dir}", "--block_length=64"
+    )
+    assert "--steps=2: fewer steps than the 5 blocks" in error(
+        capsys, f"--out_dir={run_dir}", "--length=80", "--steps=2"
+    )
+    assert "--infill: the template has no '_'" in error(capsys, f"--out_dir={run_dir}", "--infill=The king")
+    assert "autoregressive (causal) checkpoint" in error(capsys, f"--ckpt={causal_ckpt}")
+    assert "--ckpt=nope.pt: no such checkpoint file" in error(capsys, "--ckpt=nope.pt")
+    assert f"--out_dir={tmp_path}: no ckpt_unmasking_" in error(capsys, f"--out_dir={tmp_path}")
+    assert "give --ckpt=PATH or --out_dir=DIR" in error(capsys)
+    assert "--judge_ckpt=nope.pt: no such checkpoint" in error(capsys, f"--out_dir={run_dir}", "--judge_ckpt=nope.pt")
+    assert "--prompt_file=" in error(capsys, f"--out_dir={run_dir}", f"--prompt_file={tmp_path / 'missing.txt'}")
+
+
+def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sample", "--help"]) == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(SampleArgs):
+        if f.init:
+            assert f"--{f.name}=" in text, f.name
+    assert "low_confidence" in text and "(default: 64)" in text and "--remasking=STR  (default: random)" in text
+
+
+@pytest.mark.slow
+def test_real_cli_in_a_subprocess(run_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "unmask", "sample", *args]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    done = cli(f"--out_dir={run_dir}", "--length=20", "--steps=4", "--num_samples=2", "--prompt=The")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("=== sample") == 2 and "\nThe" in done.stdout and "chars/s" in done.stdout
+    done = cli(f"--out_dir={run_dir}", "--prompt=jazz")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line == "unmask sample: error: --prompt: 2 character(s) not in the dataset's vocabulary of 39: 'j' 'z'"

@@ -1,0 +1,237 @@
+"""`unmask eval`: the likelihood of a checkpoint on a whole split, in bits per character.
+
+Diffusion checkpoints get the negative ELBO (an upper bound on the NLL; `unmask.elbo` has the derivation and the
+estimators), autoregressive ones the exact NLL, both over every non-overlapping block_size window of the split, so
+the two families are compared on the same characters. Diffusion checkpoints also get the original framework's
+per-stage masked cross-entropy on its fixed validation set (seed 42), i.e. the numbers the trainer logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from unmask.data import load_dataset
+from unmask.elbo import DEFAULT_ESTIMATOR, ESTIMATOR_DESCRIPTIONS, Estimator, split_likelihood, split_window_offsets
+from unmask.errors import UserError
+from unmask.flags import format_help, parse_flags
+from unmask.loading import Trained, load_trained, resolve_checkpoint
+from unmask.runtime import Runtime, resolve_device
+from unmask.stages import parse_stages
+from unmask.validation import build_validation_set, evaluate_batches
+
+USAGE = "unmask eval --out_dir=DIR|--ckpt=PATH [--split=val] [--draws=N] [--seed=S] [--json]"
+DESCRIPTION = (
+    "Bits per character of a checkpoint over every non-overlapping block_size window of a split: the negative\n"
+    "ELBO (an upper bound on the NLL) for diffusion checkpoints, the exact NLL for autoregressive ones, with a\n"
+    "standard error across windows. Diffusion checkpoints also get the per-stage masked cross-entropy."
+)
+# The trainer's validation-set size when a checkpoint's config predates these keys (TrainConfig defaults).
+_DEFAULT_EVAL_ITERS, _DEFAULT_BATCH_SIZE = 20, 16
+
+
+@dataclass
+class EvalArgs:
+    out_dir: str | None = None
+    """Training run directory: its newest checkpoint is evaluated."""
+    ckpt: str | None = None
+    """Checkpoint file to evaluate (wins over --out_dir)."""
+    split: Literal["val", "train"] = "val"
+    """Which split of the checkpoint's dataset to score."""
+    draws: int = 4
+    """Monte-Carlo draws (forward passes) per window for diffusion checkpoints."""
+    estimator: Estimator = DEFAULT_ESTIMATOR
+    """ELBO estimator: exact_k (k masks stratified over the draws, L/k weights; lowest variance), stratified_t or
+    antithetic_t (continuous t with 1/t weights)."""
+    seed: int = 0
+    """Seed of the mask draws: the same seed, batch size and device give the same numbers."""
+    json: bool = False
+    """Print one JSON object instead of the readable report."""
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    batch_size: int = 64
+    """Sequences per forward pass (a diffusion window takes --draws of them)."""
+    data_dir: str | None = None
+    """Directory holding the prepared dataset (default: the checkpoint's training data_dir)."""
+    max_windows: int | None = None
+    """Score only this many evenly spaced windows (a quick look; the report says so)."""
+
+
+def _validate(args: EvalArgs) -> None:
+    for name in ("draws", "batch_size", "max_windows"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name}={value}: must be >= 1")
+    if args.estimator == "antithetic_t" and args.draws % 2:
+        raise UserError(f"--draws={args.draws}: --estimator=antithetic_t needs an even number of draws (pairs)")
+
+
+def _device(name: str) -> torch.device:
+    if not (name in ("auto", "cpu", "cuda", "mps") or name.startswith("cuda:")):
+        raise UserError(f"--device={name}: expected auto, cpu, cuda, cuda:N or mps")
+    return resolve_device(name)
+
+
+def objective_of(trained: Trained) -> str:
+    if trained.model_config.causal:
+        return "autoregressive"
+    return str(trained.config.get("objective", "unmasking"))
+
+
+def stage_metrics(
+    trained: Trained, tokens: np.ndarray, paragraphs: np.ndarray, batch_size: int, device: torch.device
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The trainer's per-stage masked-CE metrics on the fixed validation set (seed 42) built from `tokens`."""
+    cfg = trained.config
+    raw = cfg.get("validation_stages") or cfg.get("unmasking_stages")
+    if not raw:
+        return None, []
+    stages = parse_stages(raw, "validation_stages")
+    n_samples = int(cfg.get("eval_iters", _DEFAULT_EVAL_ITERS)) * int(cfg.get("batch_size", _DEFAULT_BATCH_SIZE))
+    vocab, block = trained.vocab, trained.model_config.block_size
+    use_paragraphs = bool(cfg.get("use_paragraph_boundaries", True))
+    data = build_validation_set(
+        tokens, paragraphs if use_paragraphs else None, stages, n_samples, block, vocab.mask_id, vocab.n_chars, device
+    )
+    runtime = Runtime(device, torch.float32)
+    metrics = evaluate_batches(trained.model, data, batch_size, len(stages), vocab.n_chars, runtime)
+    labels = [f"Stage {i} ({s.type}): {s.ratio_label()}" for i, s in enumerate(stages)]
+    return metrics, labels
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: undefined numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def evaluate(args: EvalArgs) -> dict[str, Any]:
+    """Run the evaluation described by `args`; returns the report as a JSON-able dict."""
+    _validate(args)
+    path = resolve_checkpoint(args.ckpt, args.out_dir)
+    device = _device(args.device)
+    trained = load_trained(path, device)
+    cfg = trained.config
+    if args.data_dir is None and "data_dir" not in cfg:
+        raise UserError(f"{path}: the checkpoint does not record its data_dir; give --data_dir=DIR")
+    if "dataset" not in cfg:
+        raise UserError(f"{path}: the checkpoint does not record its dataset name")
+    dataset_dir = Path(args.data_dir if args.data_dir is not None else cfg["data_dir"]) / str(cfg["dataset"])
+    dataset = load_dataset(dataset_dir)
+    if dataset.vocab != trained.vocab:
+        raise UserError(
+            f"--data_dir={dataset_dir.parent}: {dataset_dir} has a different vocabulary "
+            f"({dataset.vocab.n_chars} characters) than {path} ({trained.vocab.n_chars}); wrong dataset"
+        )
+    tokens = dataset.split(args.split)
+    causal = trained.model_config.causal
+    block = trained.model_config.block_size
+    if len(split_window_offsets(len(tokens), block, causal)) == 0:
+        raise UserError(
+            f"--split={args.split}: {dataset_dir} has {len(tokens):,} {args.split} characters, "
+            f"fewer than one window of {block + int(causal)}"
+        )
+
+    start = time.perf_counter()
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    result = split_likelihood(
+        trained.model,
+        tokens,
+        block,
+        causal,
+        trained.vocab.mask_id,
+        args.draws,
+        generator,
+        args.batch_size,
+        device,
+        progress=True,
+        estimator=args.estimator,
+        max_windows=args.max_windows,
+    )
+    seconds = time.perf_counter() - start
+    masked_ce: dict[str, Any] | None = None
+    labels: list[str] = []
+    if not causal:
+        masked_ce, labels = stage_metrics(trained, tokens, dataset.paragraphs[args.split], args.batch_size, device)
+    return _finite(
+        {
+            "checkpoint": str(path),
+            "iter": trained.iter_num,
+            "objective": objective_of(trained),
+            "split": args.split,
+            "dataset": str(dataset_dir),
+            "bound": not causal,
+            **result,
+            "estimator_description": ESTIMATOR_DESCRIPTIONS[result["estimator"]],
+            "max_windows": args.max_windows,
+            "seed": args.seed,
+            "device": str(device),
+            "seconds": round(seconds, 3),
+            "model": asdict(trained.model_config),
+            "stages": labels,
+            "masked_ce": masked_ce,
+        }
+    )
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def report_lines(r: dict[str, Any]) -> list[str]:
+    m = r["model"]
+    what = "negative ELBO (upper bound on the NLL)" if r["bound"] else "exact NLL"
+    lines = [
+        f"checkpoint  {r['checkpoint']} (iter {r['iter']}, objective {r['objective']}, "
+        f"{m['n_layer']} layers x {m['n_embd']}, block {r['block_size']})",
+        f"data        {r['dataset']} {r['split']} split: {r['windows']:,} windows of {r['block_size']} "
+        f"({r['chars']:,} characters scored)",
+    ]
+    if r["windows"] < r["windows_total"]:
+        lines.append(
+            f"            --max_windows={r['max_windows']}: {r['windows']:,} evenly spaced of "
+            f"{r['windows_total']:,} windows, a quick look, not the whole split"
+        )
+    lines += [
+        f"bpc         {_fmt(r['bpc'])} ± {_fmt(r['bpc_stderr'])} bits/char ({_fmt(r['nats_per_char'])} nats/char): "
+        f"{what}",
+        f"estimator   {r['estimator']}: {r['estimator_description']}"
+        + ("" if not r["bound"] else f"; {r['draws']} draws per window"),
+        "stderr      across windows (data and estimator noise)"
+        + ("" if not r["bound"] else f"; estimator noise alone {_fmt(r['bpc_mc_stderr'])} bits/char"),
+        f"time        {r['seconds']:.1f} s on {r['device']}",
+    ]
+    ce = r["masked_ce"]
+    if ce is not None:
+        lines.append(f"Per-stage masked CE (the trainer's fixed validation set, seed 42, {r['split']} split):")
+        for i, label in enumerate(r["stages"]):
+            lines.append(f"  {label}: {_fmt(ce[f'val_stage_{i}_loss'])} ({ce[f'val_stage_{i}_samples']} samples)")
+        lines.append(
+            f"  overall: loss {_fmt(ce['val_loss'])}, most likely guess correct "
+            f"{_fmt(ce['val_most_likely_accuracy'], 1)}%, model vs random {_fmt(ce['val_model_vs_random'], 2)}x"
+        )
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        print(format_help(EvalArgs, USAGE, DESCRIPTION))
+        return 0
+    _, flags = parse_flags(EvalArgs, argv, max_positional=0)
+    args = EvalArgs(**flags)
+    result = evaluate(args)
+    if args.json:
+        print(json.dumps(result, allow_nan=False))
+    else:
+        print("\n".join(report_lines(result)))
+    return 0
