@@ -137,6 +137,20 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path: Path, args: tuple[str, .
     assert not (tmp_path / "out").exists()
 
 
+def test_help_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """`unmask train --help | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the child writes: its first write fails with EPIPE, deterministically
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "unmask", "train", "--help"], cwd=tmp_path, env=env, stdout=write_end,
+        stderr=subprocess.PIPE, text=True, timeout=60,
+    )  # fmt: skip
+    os.close(write_end)
+    assert done.returncode == 141
+    assert done.stderr == ""
+
+
 def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     from dataclasses import fields
 

@@ -32,7 +32,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 def _fields(cls: type) -> dict[str, Any]:
     """Public field name -> resolved type hint."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
 
 
 def field_docs(cls: type) -> dict[str, str]:
