@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import tiny_flags
 from unmask.cli import main
-from unmask.objectives import autoregressive_loss, window_length
+from unmask.objectives import autoregressive_loss, autoregressive_val, window_length
 
 
 def _evals(out: Path) -> list[dict]:
@@ -34,7 +34,8 @@ def test_each_objective_trains_with_finite_decreasing_loss(tiny_data: Path, tmp_
     assert ckpt["model_config"]["causal"] is (objective == "autoregressive")
     assert ckpt["config"]["objective"] == objective
     if objective == "autoregressive":
-        assert evals[-1]["val_bpc"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))
+        # The same NLL without [MASK] in the softmax: a little lower than the training CE, never higher.
+        assert 0.98 * evals[-1]["val_loss"] < evals[-1]["val_nats_per_char"] <= evals[-1]["val_loss"]
         assert "stage" not in evals[-1]
     else:
         # Diffusion objectives also report the masked CE per stage and per mask rate.
@@ -59,6 +60,25 @@ def test_autoregressive_loss_is_next_character_cross_entropy() -> None:
     ).mean()
     assert autoregressive_loss(bigram, windows) == pytest.approx(float(direct), rel=1e-6)  # type: ignore[arg-type]
     assert window_length("autoregressive", 64) == 65 and window_length("mdlm", 64) == 64
+
+
+def test_autoregressive_val_bpc_excludes_mask_like_unmask_eval() -> None:
+    """The logged val_bpc is `elbo.ar_nll` (no [MASK] in the softmax); val_loss is the plain training CE."""
+    from unmask.elbo import ar_nll
+    from unmask.model import ModelConfig, Transformer
+    from unmask.runtime import init_runtime
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=8, block_size=6, n_layer=1, n_head=2, n_embd=8, causal=True)).eval()
+    windows = torch.randint(0, 7, (5, 7))  # real ids 0..6, [MASK] = 7
+    m = autoregressive_val(model, windows, 7, 2, init_runtime("cpu", "float32", "gloo"))
+    with torch.no_grad():
+        expected_nats = float(ar_nll(model, windows, 7).mean())
+        plain_ce = float(autoregressive_loss(model, windows))
+    assert m["val_nats_per_char"] == pytest.approx(expected_nats, rel=1e-6)
+    assert m["val_bpc"] == pytest.approx(expected_nats / math.log(2), rel=1e-6)
+    assert m["val_loss"] == pytest.approx(plain_ce, rel=1e-6)
+    assert m["val_nats_per_char"] < m["val_loss"]  # renormalising over real characters can only lower the NLL
 
 
 @pytest.mark.parametrize("objective", ["mdlm", "autoregressive"])

@@ -128,17 +128,26 @@ def mask_rate_ce(
 
 @torch.no_grad()
 def autoregressive_val(
-    model: torch.nn.Module, windows: torch.Tensor, batch_size: int, runtime: Runtime
+    model: torch.nn.Module, windows: torch.Tensor, mask_id: int, batch_size: int, runtime: Runtime
 ) -> dict[str, Any]:
-    """Exact NLL per character over fixed validation windows (N, T + 1)."""
-    sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    """Exact NLL per character over fixed validation windows (N, T + 1).
+
+    `val_loss` is the training cross-entropy (softmax over the whole vocabulary); `val_bpc` drops the [MASK]
+    logit first, as `unmask eval` and every diffusion likelihood do (`unmask.elbo.real_char_log_probs`), so the
+    logged number and `unmask eval` agree on the same windows.
+    """
+    from unmask.elbo import real_char_log_probs
+
+    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # CE nats, NLL nats, characters
     rows = torch.arange(runtime.rank, windows.shape[0], runtime.world_size, device=runtime.device)
     for chunk in rows.split(batch_size):
         w = windows[chunk]
         with runtime.autocast():
             logits = model(w[:, :-1])  # (b, T, V)
-        sums[0] += F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum").double()
-        sums[1] += w[:, 1:].numel()
+        targets = w[:, 1:]  # (b, T)
+        sums[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").double()
+        sums[1] -= real_char_log_probs(logits, mask_id).gather(2, targets[..., None]).sum().double()
+        sums[2] += targets.numel()
     runtime.all_reduce_sum(sums)
-    nats = float(sums[0] / sums[1])
-    return {"val_loss": nats, "val_nats_per_char": nats, "val_bpc": nats / math.log(2)}
+    nats = float(sums[1] / sums[2])
+    return {"val_loss": float(sums[0] / sums[2]), "val_nats_per_char": nats, "val_bpc": nats / math.log(2)}

@@ -294,7 +294,9 @@ class Trainer:
         }
         model, mask_id = self.raw_model, self.vocab.mask_id
         if self.model_config.causal:
-            metrics |= objectives.autoregressive_val(model, self.val_windows, cfg.batch_size, self.rt)
+            metrics |= objectives.autoregressive_val(
+                model, self.val_windows, self.vocab.mask_id, cfg.batch_size, self.rt
+            )
         else:
             n_stages = len(cfg.stages_for_validation)
             metrics |= evaluate_batches(model, self.val_set, cfg.batch_size, n_stages, self.vocab.n_chars, self.rt)
