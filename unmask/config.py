@@ -73,6 +73,31 @@ class TrainConfig:
     stage_duration_scale: float = 1.0
     """Multiplies every stage's epochs and iters (e.g. 0.01 runs a recipe's curriculum at CPU scale)."""
 
+    # --- transfer learning and binary heads (docs/transfer.md) -----------------------------------------------
+    pretrained_checkpoint_path: str | None = None
+    """With --init_from=resume: start a NEW run in out_dir from this checkpoint (a file, or a run directory for
+    its newest) instead of resuming out_dir: architecture and vocabulary come from it, iteration and optimizer
+    start fresh. Without this flag, --init_from=resume continues out_dir (transfer runs included)."""
+    switch_to_binary: bool = False
+    """Replace the language-model head with a 2-class head and train it on --binary_task."""
+    transfer_learning_mode: Literal["feature_extraction", "fine_tuning", "from_scratch"] = "fine_tuning"
+    """With --pretrained_checkpoint_path: 'feature_extraction' trains only the new head (backbone frozen),
+    'fine_tuning' trains everything from the pretrained weights, 'from_scratch' the same architecture and
+    vocabulary from a random init (the baseline)."""
+    binary_task: Literal["replaced_token", "sequence"] = "replaced_token"
+    """'replaced_token': per-character head; characters of --dataset windows are replaced by a different random
+    character at a rate drawn per window from --replace_ratio_range, label 1 = replaced. 'sequence': one label
+    per text of --classification_data, from the mean hidden state."""
+    replace_ratio_range: tuple[float, float] = (0.1, 0.4)
+    """[lo, hi]: each replaced_token window replaces round(r * block_size) characters, r ~ U(lo, hi) per window
+    (the original's critic schedule kept 90% to 60% of the characters)."""
+    classification_data: str | None = None
+    """--binary_task=sequence: a JSONL file of {"text": ..., "label": 0|1} lines, or a CSV file with a header
+    row holding the columns text and label. Texts longer than block_size are cut to their first block_size
+    characters."""
+    val_fraction: float = 0.1
+    """--binary_task=sequence: share of each class held out for validation (fixed split, seed 42)."""
+
     # --- model ---------------------------------------------------------------------------------------------
     n_layer: int = 6
     """Transformer layers."""
@@ -204,10 +229,53 @@ class TrainConfig:
             raise UserError(
                 f"--label_smoothing={self.label_smoothing} applies to --objective=unmasking only (got {self.objective})"
             )
+        self._check_transfer()
         if not (math.isfinite(self.stage_duration_scale) and self.stage_duration_scale > 0):
             raise UserError(f"--stage_duration_scale={self.stage_duration_scale} must be a finite number > 0")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise UserError(f"--device={self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+    def _check_transfer(self) -> None:
+        try:
+            lo, hi = (float(v) for v in self.replace_ratio_range)
+        except (TypeError, ValueError):
+            raise UserError(f"--replace_ratio_range={self.replace_ratio_range}: expected [lo, hi]") from None
+        if not (0.0 <= lo <= hi <= 1.0 and hi > 0.0):
+            raise UserError(f"--replace_ratio_range=[{lo}, {hi}]: need 0 <= lo <= hi <= 1 and hi > 0")
+        self.replace_ratio_range = (lo, hi)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"--val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.pretrained_checkpoint_path is not None and self.init_from != "resume":
+            raise UserError(
+                f"--pretrained_checkpoint_path={self.pretrained_checkpoint_path}: transfer learning starts with "
+                "--init_from=resume (--init_from=scratch loads no checkpoint)"
+            )
+        if self.transfer_learning_mode == "feature_extraction":
+            if self.pretrained_checkpoint_path is None:
+                raise UserError("--transfer_learning_mode=feature_extraction needs --pretrained_checkpoint_path")
+            if not self.switch_to_binary:
+                # The language-model head is the embedding matrix (tied): freezing the backbone freezes it too.
+                raise UserError(
+                    "--transfer_learning_mode=feature_extraction needs --switch_to_binary=True (the language-model "
+                    "head is tied to the embedding, so nothing would be left to train)"
+                )
+        if not self.switch_to_binary:
+            return
+        if self.objective != "unmasking":
+            raise UserError(f"--objective={self.objective}: does not apply with --switch_to_binary=True")
+        if self.label_smoothing:
+            raise UserError(f"--label_smoothing={self.label_smoothing}: not with --switch_to_binary=True")
+        if self.binary_task == "sequence" and self.classification_data is None:
+            raise UserError("--binary_task=sequence needs --classification_data=FILE (JSONL or CSV)")
+        if self.binary_task != "sequence" and self.classification_data is not None:
+            raise UserError(f"--classification_data={self.classification_data}: needs --binary_task=sequence")
+
+    @property
+    def head(self) -> str:
+        """The model head this config trains (`unmask.model.HEADS`)."""
+        if not self.switch_to_binary:
+            return "lm"
+        return "sequence_binary" if self.binary_task == "sequence" else "token_binary"
 
     @property
     def stages_for_validation(self) -> tuple[Stage, ...]:
@@ -234,6 +302,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if f.name in ("unmasking_stages", "validation_stages") and value is not None:
                 value = [stage.to_dict() for stage in value]
+            elif isinstance(value, tuple):
+                value = list(value)
             out[f.name] = value
         return out
 

@@ -8,17 +8,29 @@ attention scores depend on relative offsets and there is no learned absolute pos
 `Transformer.forward` can compute logits only at selected positions, since a masked-diffusion loss only needs
 them where tokens are masked. This saves the output head's matmul (n_embd x vocab) and the (B, T, V) logits
 tensor at the other positions: little for a character vocabulary, a lot for a subword one.
+
+Besides the language-model head (tied to the embedding), a model can carry a 2-class head for transfer learning
+(`ModelConfig.head`): `token_binary` scores every position (e.g. "was this character replaced?"), and
+`sequence_binary` scores a whole text from the mean of its final hidden states. Texts of different lengths are
+batched with a padding mask that removes padded positions from attention and from the mean, so a text's score
+does not depend on what it was batched with.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+# "lm": logits over the vocabulary, tied to the embedding; "token_binary": 2 logits per position;
+# "sequence_binary": 2 logits per sequence from the mean-pooled final hidden states.
+HEADS = ("lm", "token_binary", "sequence_binary")
+BINARY_HEAD_INIT_STD = 0.002  # the original framework's switch_to_binary_classification (seed_system.md §4.1)
 
 
 @dataclass
@@ -34,6 +46,8 @@ class ModelConfig:
     bias: bool = False  # bias in every Linear and LayerNorm
     causal: bool = False  # False: bidirectional (unmasking); True: autoregressive baseline
     rope_base: float = 10000.0
+    head: Literal["lm", "token_binary", "sequence_binary"] = "lm"  # see HEADS
+
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -49,6 +63,10 @@ class ModelConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.rope_base <= 1.0:
             raise ValueError(f"rope_base={self.rope_base} must be greater than 1")
+        if self.head not in HEADS:
+            raise ValueError(f"head={self.head!r}: expected one of {', '.join(HEADS)}")
+        if self.head != "lm" and self.causal:
+            raise ValueError("binary heads are for bidirectional models (causal=False)")
 
     @property
     def head_dim(self) -> int:
@@ -94,7 +112,8 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """`attn_mask` (B, 1, 1, T) bool, True where a key may be attended to (None: every key)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
@@ -102,7 +121,7 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y))
@@ -132,13 +151,13 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x), cos, sin)  # (B, T, C)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), cos, sin, attn_mask)  # (B, T, C)
         return x + self.mlp(self.ln2(x))  # (B, T, C)
 
 
 class Transformer(nn.Module):
-    """Token embedding -> n_layer pre-LN blocks -> LayerNorm -> tied output head."""
+    """Token embedding -> n_layer pre-LN blocks -> LayerNorm -> output head (tied LM head, or a binary head)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -147,9 +166,14 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017): the head scores a hidden state against every token embedding.
-        self.head.weight = self.tok_emb.weight
+        if config.head == "lm":
+            self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            # Weight tying (Press & Wolf 2017): the head scores a hidden state against every token embedding.
+            self.head.weight = self.tok_emb.weight
+        else:
+            # Untied 2-class head. A bias (unlike the original's) lets a linear probe on frozen features shift
+            # its decision threshold; it costs 2 parameters.
+            self.head = nn.Linear(config.n_embd, 2, bias=True)
 
         # Non-persistent: derived from the config, so they stay out of checkpoints.
         cos, sin = rope_cache(config.head_dim, torch.arange(config.block_size), config.rope_base)
@@ -166,6 +190,9 @@ class Transformer(nn.Module):
             assert isinstance(block, Block)
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=resid_std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=resid_std)
+        if config.head != "lm":
+            # Small logits at the start: both classes near 50%, as the original's binary head.
+            nn.init.normal_(self.head.weight, mean=0.0, std=BINARY_HEAD_INIT_STD)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -175,26 +202,43 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden_states(self, idx: Tensor) -> Tensor:
-        """Token ids (B, T) -> final hidden states (B, T, C), after the last LayerNorm."""
+    def hidden_states(self, idx: Tensor, pad: Tensor | None = None) -> Tensor:
+        """Token ids (B, T) -> final hidden states (B, T, C), after the last LayerNorm.
+
+        `pad` (B, T) bool marks padding: no position attends to it (a key-padding mask). Every row needs at least
+        one real position. Hidden states at padded positions are meaningless.
+        """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
         seq_len = idx.shape[1]
         if seq_len > self.config.block_size:
             raise ValueError(f"sequence length {seq_len} exceeds block_size={self.config.block_size}")
+        attn_mask = None
+        if pad is not None:
+            if pad.dtype != torch.bool or pad.shape != idx.shape:
+                raise ValueError(f"pad must be a bool tensor of shape {tuple(idx.shape)}")
+            if self.config.causal:
+                raise ValueError("a padding mask is for bidirectional models")
+            attn_mask = ~pad[:, None, None, :]  # (B, 1, 1, T): True = may be attended to
         cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]  # (T, D)
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
         for block in self.blocks:
-            x = block(x, cos, sin)  # (B, T, C)
+            x = block(x, cos, sin, attn_mask)  # (B, T, C)
         return self.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, positions: Tensor | None = None, pad: Tensor | None = None) -> Tensor:
         """Logits (B, T, V), or with a bool mask `positions` (B, T) only the selected rows (N, V).
 
         The selected rows come in row-major order, i.e. the result equals `forward(idx)[positions]`, but the
-        head is applied only to the N selected hidden states.
+        head is applied only to the N selected hidden states. V is 2 for a `token_binary` head. A
+        `sequence_binary` head returns (B, 2): the head applied to the mean hidden state over the positions that
+        are not `pad`.
         """
-        h = self.hidden_states(idx)  # (B, T, C)
+        h = self.hidden_states(idx, pad)  # (B, T, C)
+        if self.config.head == "sequence_binary":
+            keep = torch.ones_like(idx, dtype=h.dtype) if pad is None else (~pad).to(h.dtype)  # (B, T)
+            pooled = (h * keep.unsqueeze(-1)).sum(dim=1) / keep.sum(dim=1, keepdim=True)  # (B, C)
+            return self.head(pooled)  # (B, 2)
         if positions is None:
             return self.head(h)  # (B, T, V)
         if positions.dtype != torch.bool or positions.shape != idx.shape:

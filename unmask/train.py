@@ -96,6 +96,7 @@ class Trainer:
         self.cfg, self.rt = cfg, runtime
         self.out_dir = Path(cfg.out_dir)
         self.log = RunLogger(self.out_dir, runtime.is_master, cfg.to_dict() if cfg.wandb_log else None)
+        self.resumed = checkpoint is not None  # a transfer run starts anew despite --init_from=resume
 
         self.data = load_dataset(Path(cfg.data_dir) / cfg.dataset)
         for split in ("train", "val"):
@@ -155,7 +156,7 @@ class Trainer:
         window = objectives.window_length(cfg.objective, cfg.block_size)
         self.train_source = BatchSource(self.data.train, window, runtime.device, paragraphs["train"])
         rows = max(256, 4 * cfg.batch_size)
-        self.pool = SelectionPool(cfg.unmasking_stages, cfg.block_size, self.mask_gen, rows)
+        self.pool: SelectionPool | None = SelectionPool(cfg.unmasking_stages, cfg.block_size, self.mask_gen, rows)
         n_val = cfg.eval_iters * cfg.batch_size
         if self.model_config.causal:
             # Fixed validation windows of block_size + 1 characters (seed 42), scored by exact NLL.
@@ -234,15 +235,20 @@ class Trainer:
         c = self.curriculum
         return lr_at(self.iter_num, self.cfg, c.state.stage_start_iter, c.stage_end_iter(), c.current.lr_factor)
 
-    def start(self) -> None:
-        cfg = self.cfg
+    def open_run(self) -> None:
+        """Create out_dir and config.json; a resumed run keeps its metrics.jsonl up to the checkpoint, a new one
+        starts it afresh."""
         if self.rt.is_master:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_io.atomic_write_json(self.out_dir / "config.json", cfg.to_dict())
-            if cfg.init_from == "resume":
+            ckpt_io.atomic_write_json(self.out_dir / "config.json", self.cfg.to_dict())
+            if self.resumed:
                 self.log.truncate_after(self.iter_num)
-            elif cfg.init_from == "scratch" and self.log.path.exists():
+            elif self.log.path.exists():
                 self.log.path.unlink()
+
+    def start(self) -> None:
+        cfg = self.cfg
+        self.open_run()
         n = self.raw_model.num_params()
         tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
         self.log.print(
@@ -280,7 +286,8 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         cfg = self.cfg
         self.raw_model.eval()
-        self.pool.flush()  # so that the checkpoint written after this evaluation resumes the same selections
+        if self.pool is not None:
+            self.pool.flush()  # so that the checkpoint written after this evaluation resumes the same selections
         gen_seed = cfg.seed + _EVAL_SEED_OFFSET + 7919 * self.iter_num + self.rt.rank
         data_gen = torch.Generator().manual_seed(gen_seed)
         mask_gen = torch.Generator(device=self.rt.device).manual_seed(gen_seed)
@@ -292,17 +299,7 @@ class Trainer:
             "epochs": self.epochs,
             "train_loss": float(train_loss),
         }
-        model, mask_id = self.raw_model, self.vocab.mask_id
-        if self.model_config.causal:
-            metrics |= objectives.autoregressive_val(
-                model, self.val_windows, self.vocab.mask_id, cfg.batch_size, self.rt
-            )
-        else:
-            n_stages = len(cfg.stages_for_validation)
-            metrics |= evaluate_batches(model, self.val_set, cfg.batch_size, n_stages, self.vocab.n_chars, self.rt)
-            clean = self.val_set.y
-            metrics |= objectives.diffusion_val_bpc(model, clean, mask_id, cfg.elbo_draws, cfg.batch_size, self.rt)
-            metrics |= objectives.mask_rate_ce(model, clean, mask_id, cfg.batch_size, self.rt)
+        metrics |= self.validation_metrics()
         self.raw_model.train()
         self.last_eval_iter = self.iter_num
         if not (math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["train_loss"])):
@@ -312,6 +309,17 @@ class Trainer:
                 f"or raise --warmup_iters, and resume from the last checkpoint"
             )
         return metrics
+
+    def validation_metrics(self) -> dict[str, Any]:
+        """Metrics on the fixed validation data (the model is in eval mode, gradients off)."""
+        cfg, model, mask_id = self.cfg, self.raw_model, self.vocab.mask_id
+        if self.model_config.causal:
+            return objectives.autoregressive_val(model, self.val_windows, mask_id, cfg.batch_size, self.rt)
+        n_stages = len(cfg.stages_for_validation)
+        metrics = evaluate_batches(model, self.val_set, cfg.batch_size, n_stages, self.vocab.n_chars, self.rt)
+        clean = self.val_set.y
+        metrics |= objectives.diffusion_val_bpc(model, clean, mask_id, cfg.elbo_draws, cfg.batch_size, self.rt)
+        return metrics | objectives.mask_rate_ce(model, clean, mask_id, cfg.batch_size, self.rt)
 
     def advance_curriculum(self, m: dict[str, Any]) -> None:
         """The stage curriculum (unmasking objective only) reacts to the overall validation loss."""
@@ -378,6 +386,7 @@ class Trainer:
                 "curriculum": self.curriculum.state.to_dict(),
                 "model_config": self.model_config.__dict__,
                 "vocab": list(self.vocab.itos),
+                "task": self.task_record(),
                 "config": self.cfg.to_dict(),
             }
             path = ckpt_io.save_checkpoint(
@@ -513,6 +522,10 @@ class Trainer:
         torch.distributed.all_gather_object(gathered, rng)
         return gathered
 
+    def task_record(self) -> dict[str, Any]:
+        """What the model was trained for, recorded in checkpoints and sidecars (read by `unmask.loading`)."""
+        return {"head": self.model_config.head, "objective": self.cfg.objective}
+
     def state_dict(self, rng: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         return {
             "model": self.raw_model.state_dict(),
@@ -525,6 +538,7 @@ class Trainer:
             "rng": rng,
             "model_config": dict(self.model_config.__dict__),
             "vocab": list(self.vocab.itos),
+            "task": self.task_record(),
             "config": self.cfg.to_dict(),
         }
 
