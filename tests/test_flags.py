@@ -128,6 +128,14 @@ def test_named_presets_load_and_flags_override() -> None:
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_iters) == (4, 128, 256, 8, 12)
     gpu, _, _ = build_train_config(["gpu"])
     assert (gpu.device, gpu.dtype, gpu.compile, gpu.block_size) == ("cuda", "float16", True, 1024)
+    quick, _, _ = build_train_config(["quickstart"])
+    cpu, _, _ = build_train_config(["cpu"])
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "device", "dtype"):
+        assert getattr(quick, name) == getattr(cpu, name), name
+    # Durations 150 + 150 + 200 fit the quickstart's 1,000 iterations; the final stage reaches full masking.
+    assert [s.iters for s in quick.unmasking_stages[:3]] == [150, 150, 200]
+    assert sum(s.iters for s in quick.unmasking_stages[:3]) < quick.max_iters == 1000
+    assert quick.unmasking_stages[-1].masking_rate_range == (0.0, 1.0)
 
 
 def test_preset_file_with_readme_stages(tmp_path: Path) -> None:
