@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-
 def replace_characters(
     clean: Tensor, n_chars: int, ratio_range: tuple[float, float], generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unmask import transfer
-from unmask.batches import BatchSource
+from unmask.batches import BatchSource, SelectionPool
 from unmask.binary import binary_metrics, class_balanced_cross_entropy, replace_characters
 from unmask.config import TrainConfig
 from unmask.curriculum import Curriculum
@@ -36,7 +36,7 @@ from unmask.labeled_text import EncodedTexts, encode_texts, read_labeled, strati
 from unmask.metrics import RunLogger
 from unmask.model import ModelConfig, Transformer
 from unmask.runtime import Runtime
-from unmask.train import _MASK_SEED_OFFSET, Trainer
+from unmask.train import MASK_SEED_OFFSET, Trainer
 from unmask.validation import VALIDATION_SEED
 
 CLASS_NAMES = {"replaced_token": ("kept", "replaced"), "sequence": ("label 0", "label 1")}
@@ -94,7 +94,7 @@ class BinaryTrainer(Trainer):
         self.curriculum = Curriculum(cfg.unmasking_stages, cfg.use_all_stages_for_training)
         self.pool = None
         self.data_gen = torch.Generator().manual_seed(cfg.seed + runtime.rank)
-        self.mask_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + _MASK_SEED_OFFSET + runtime.rank)
+        self.mask_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + MASK_SEED_OFFSET + runtime.rank)
         self.iter_num = 0
         self.train_chars_seen = 0
         self.best_val_loss = math.inf
@@ -185,7 +185,7 @@ class BinaryTrainer(Trainer):
         model: torch.nn.Module,
         data_gen: torch.Generator,
         mask_gen: torch.Generator,
-        pool: Any,
+        pool: SelectionPool | None,
         label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
@@ -284,4 +284,3 @@ class BinaryTrainer(Trainer):
             f"AUROC {m['val_auroc']:.4f}, epochs {m['epochs']:.3f}"
         )
         self.log.record("eval", m)
-

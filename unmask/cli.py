@@ -20,6 +20,7 @@ commands:
   sample    generate text by iterative unmasking (prompts, infilling, strategies, metrics)
   eval      likelihood of a checkpoint: ELBO / exact NLL in bits per character
   compare   train an autoregressive baseline and a diffusion model on the same budget, compare val_bpc
+  classify  score texts with a binary classifier checkpoint (--switch_to_binary=True runs)
 
 `unmask <command> --help` lists a command's flags."""
 
@@ -57,21 +58,44 @@ def run_prepare(argv: list[str]) -> int:
     return 0
 
 
-def build_train_config(argv: list[str]) -> tuple[Any, dict[str, Any] | None, Path | None]:
-    """Defaults < preset (positional, by name or path) < flags; on resume the checkpoint's config is the base."""
+@dataclass
+class TrainRun:
+    """What `unmask train` starts from: the config, a checkpoint to resume, or pretrained weights to transfer."""
+
+    cfg: Any  # TrainConfig
+    checkpoint: dict[str, Any] | None = None
+    path: Path | None = None
+    pretrained: Any = None  # unmask.transfer.Pretrained: a new run from these weights
+
+
+def build_train_run(argv: list[str]) -> TrainRun:
+    """Defaults < preset (positional, by name or path) < flags. On resume the checkpoint's config is the base; with
+    --pretrained_checkpoint_path (a transfer start) the checkpoint gives the architecture (see unmask.transfer)."""
     from unmask import checkpoint as ckpt_io
+    from unmask import transfer
     from unmask.config import TrainConfig
 
     positional, flags = parse_flags(TrainConfig, argv, max_positional=1)
     values = {**(load_preset(positional[0], TrainConfig) if positional else {}), **flags}
     explicit = frozenset(values)
-    checkpoint = path = None
-    if values.get("init_from") == "resume":
-        out_dir = Path(values.get("out_dir", TrainConfig.out_dir))
-        path = ckpt_io.find_checkpoint(out_dir, values.get("ckpt_filename"))
-        checkpoint = ckpt_io.load_checkpoint(path)
-        values = {**checkpoint["config"], **values}
-    return TrainConfig.from_dict(values, explicit), checkpoint, path
+    if transfer.is_transfer_start(values, explicit):
+        pretrained = transfer.load_pretrained(values["pretrained_checkpoint_path"])
+        values = transfer.transfer_values(values, explicit, pretrained)
+        return TrainRun(TrainConfig.from_dict(values, explicit), pretrained=pretrained)
+    if values.get("init_from") != "resume":
+        return TrainRun(TrainConfig.from_dict(values, explicit))
+    out_dir = Path(values.get("out_dir", TrainConfig.out_dir))
+    path = ckpt_io.find_checkpoint(out_dir, values.get("ckpt_filename"))
+    checkpoint = ckpt_io.load_checkpoint(path)
+    cfg = TrainConfig.from_dict({**checkpoint["config"], **values}, explicit)
+    transfer.check_resume_task(cfg, checkpoint, path)
+    return TrainRun(cfg, checkpoint, path)
+
+
+def build_train_config(argv: list[str]) -> tuple[Any, dict[str, Any] | None, Path | None]:
+    """(config, checkpoint to resume, its path): `build_train_run` without the transfer source."""
+    run = build_train_run(argv)
+    return run.cfg, run.checkpoint, run.path
 
 
 def run_train(argv: list[str]) -> int:
@@ -87,14 +111,25 @@ def run_train(argv: list[str]) -> int:
             )
         )
         return 0
-    cfg, checkpoint, path = build_train_config(argv)
+    run = build_train_run(argv)
+    cfg = run.cfg
 
     from unmask.runtime import init_runtime
     from unmask.train import Trainer
 
     runtime = init_runtime(cfg.device, cfg.dtype, cfg.backend)
     try:
-        Trainer(cfg, runtime, checkpoint, path).run()
+        if cfg.switch_to_binary:
+            from unmask.binary_train import BinaryTrainer
+
+            BinaryTrainer(cfg, runtime, run.checkpoint, run.path, run.pretrained).run()
+        else:
+            trainer = Trainer(cfg, runtime, run.checkpoint, run.path)
+            if run.pretrained is not None:
+                from unmask.transfer import start_language_model
+
+                start_language_model(trainer, run.pretrained)
+            trainer.run()
     finally:
         runtime.shutdown()
     return 0
@@ -112,6 +147,12 @@ def run_eval(argv: list[str]) -> int:
     return eval_main(argv)
 
 
+def run_classify(argv: list[str]) -> int:
+    from unmask.classify import main as classify_main
+
+    return classify_main(argv)
+
+
 def run_compare(argv: list[str]) -> int:
     from unmask.compare import main as compare_main
 
@@ -124,6 +165,7 @@ COMMANDS = {
     "sample": run_sample,
     "eval": run_eval,
     "compare": run_compare,
+    "classify": run_classify,
 }
 
 

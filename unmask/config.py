@@ -26,7 +26,8 @@ class TrainConfig:
     dataset: str = "shakespeare_char"
     """Dataset name: the data is read from DATA_DIR/DATASET/{train.bin,val.bin,meta.json}."""
     init_from: Literal["scratch", "resume"] = "scratch"
-    """'scratch' starts a new run; 'resume' continues from the newest complete checkpoint in out_dir."""
+    """'scratch' starts a new run; 'resume' continues from the newest complete checkpoint in out_dir (with
+    --pretrained_checkpoint_path: starts a new run from that checkpoint's weights instead)."""
     ckpt_filename: str | None = None
     """With --init_from=resume: a checkpoint file name in out_dir instead of the newest."""
     eval_interval: int = 200

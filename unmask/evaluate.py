@@ -121,6 +121,7 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
     path = resolve_checkpoint(args.ckpt, args.out_dir)
     device = _device(args.device)
     trained = load_trained(path, device)
+    trained.require_head(("lm",), "unmask eval (a likelihood in bits per character)")
     cfg = trained.config
     if args.data_dir is None and "data_dir" not in cfg:
         raise UserError(f"{path}: the checkpoint does not record its data_dir; give --data_dir=DIR")

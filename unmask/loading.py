@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,12 @@ from unmask.data import Vocab
 from unmask.errors import UserError
 from unmask.model import ModelConfig, Transformer
 
+_HEAD_NAMES = {
+    "lm": "a language model",
+    "token_binary": "a per-character binary classifier (--binary_task=replaced_token)",
+    "sequence_binary": "a sequence binary classifier (--binary_task=sequence)",
+}
+
 
 @dataclass
 class Trained:
@@ -22,6 +28,18 @@ class Trained:
     config: dict[str, Any]  # the training run's resolved config (JSON values)
     iter_num: int
     path: Path
+    task: dict[str, Any] = field(default_factory=dict)  # head and task (checkpoints before binary heads: {})
+
+    @property
+    def head(self) -> str:
+        return self.model_config.head
+
+    def require_head(self, heads: tuple[str, ...], use: str) -> None:
+        """Refuse, in one line, a checkpoint whose head `use` (a command or flag) cannot work with."""
+        if self.head in heads:
+            return
+        needed = " or ".join(_HEAD_NAMES[h] for h in heads)
+        raise UserError(f"{self.path}: {_HEAD_NAMES[self.head]}; {use} needs {needed}")
 
 
 def resolve_checkpoint(ckpt: str | None, out_dir: str | None, flag_prefix: str = "") -> Path:
@@ -49,4 +67,5 @@ def load_trained(path: Path, device: torch.device | str = "cpu") -> Trained:
     model = Transformer(model_config)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
-    return Trained(model, vocab, model_config, dict(ckpt.get("config", {})), int(ckpt["iter_num"]), path)
+    config, task = dict(ckpt.get("config", {})), dict(ckpt.get("task", {}))
+    return Trained(model, vocab, model_config, config, int(ckpt["iter_num"]), path, task)

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 # "lm": logits over the vocabulary, tied to the embedding; "token_binary": 2 logits per position;
 # "sequence_binary": 2 logits per sequence from the mean-pooled final hidden states.
 HEADS = ("lm", "token_binary", "sequence_binary")
@@ -47,7 +46,6 @@ class ModelConfig:
     causal: bool = False  # False: bidirectional (unmasking); True: autoregressive baseline
     rope_base: float = 10000.0
     head: Literal["lm", "token_binary", "sequence_binary"] = "lm"  # see HEADS
-
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):

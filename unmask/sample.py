@@ -20,6 +20,7 @@ from typing import IO, Any, Literal
 import torch
 
 from unmask import sample_metrics as sm
+from unmask.critic import CriticRemask, load_critic
 from unmask.data import Dataset, load_dataset, sample_windows
 from unmask.errors import UserError
 from unmask.flags import format_help, parse_flags
@@ -66,10 +67,13 @@ class SampleArgs:
     remasking: str = "random"
     """Which positions are committed: random (MDLM ancestral order: with temperature 1, samples of the model's own
     distribution), low_confidence (most probable first, LLaDA), margin (top-1 minus top-2), entropy (lowest
-    entropy first) or remask (the original sampler: fill everything, re-mask down the schedule by entropy mixed
-    with chance). A comma list with --sweep_steps."""
+    entropy first), remask (the original sampler: fill everything, re-mask down the schedule by entropy mixed
+    with chance) or critic (remask scored by --critic_ckpt's P(wrong)). A comma list with --sweep_steps."""
     randomness_strength: float = 0.4
-    """remask only: share of chance in choosing positions to re-mask (1: random, 0: by entropy)."""
+    """remask and critic: share of chance in choosing positions to re-mask (1: random, 0: by entropy / critic)."""
+    critic_ckpt: str | None = None
+    """--remasking=critic: a per-character classifier checkpoint (--binary_task=replaced_token) whose P(wrong)
+    chooses the characters to re-mask."""
     block_length: int | None = None
     """Semi-autoregressive blocks of this many positions, left to right, steps split across them (default: one
     block, or block_size / 2 when --length exceeds the model's block_size)."""
@@ -138,9 +142,12 @@ class SampleArgs:
         if len(self.placeholder) != 1:
             raise UserError(f"--placeholder={self.placeholder}: must be a single character")
         self.strategies = tuple(s.strip() for s in self.remasking.split(","))
-        unknown = [s for s in self.strategies if s not in REMASKING]
+        unknown = [s for s in self.strategies if s not in (*REMASKING, "critic")]
         if unknown or len(set(self.strategies)) != len(self.strategies):
-            raise UserError(f"--remasking={self.remasking}: expected distinct names from {', '.join(REMASKING)}")
+            names = ", ".join((*REMASKING, "critic"))
+            raise UserError(f"--remasking={self.remasking}: expected distinct names from {names}")
+        if ("critic" in self.strategies) != (self.critic_ckpt is not None):
+            raise UserError(f"--remasking={self.remasking}: critic and --critic_ckpt=PATH go together")
         if self.sweep_steps is not None:
             try:
                 self.step_counts = tuple(int(s) for s in self.sweep_steps.split(","))
@@ -203,6 +210,7 @@ class Setup:
     corpus: sm.CorpusStats | None = None
     reference_ids: torch.Tensor | None = None  # (N, L) real validation windows
     judge: Judge | None = None
+    critic: Trained | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -288,6 +296,7 @@ def build(args: SampleArgs) -> Setup:
     path = resolve_checkpoint(args.ckpt, args.out_dir)
     device = resolve_device(args.device)
     trained = load_trained(path, device)
+    trained.require_head(("lm",), "unmask sample")
     if trained.model_config.causal:
         raise UserError(
             f"{path}: an autoregressive (causal) checkpoint; unmask sample generates from unmasking checkpoints "
@@ -300,7 +309,11 @@ def build(args: SampleArgs) -> Setup:
         _load_corpus(setup)
     if args.judge_ckpt is not None:
         judge = load_trained(resolve_checkpoint(args.judge_ckpt, None, flag_prefix="judge_"), device)
+        judge.require_head(("lm",), "--judge_ckpt")
         setup.judge = Judge(judge, args.judge_draws)
+    if args.critic_ckpt is not None:
+        window = min(setup.length, trained.model_config.block_size)
+        setup.critic = load_critic(args.critic_ckpt, trained, window, device)
     return setup
 
 
@@ -351,7 +364,10 @@ def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None =
         hook = partial(on_step, first) if on_step else None
         t0 = time.perf_counter()
         mask_id, block_size = trained.vocab.mask_id, trained.model_config.block_size
-        result = generate(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook)
+        critic = None
+        if config.remasking == "critic" and setup.critic is not None:
+            critic = CriticRemask(setup.critic.model, config.randomness_strength)
+        result = generate(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook, critic)
         if setup.device.type == "cuda":
             torch.cuda.synchronize(setup.device)
         seconds += time.perf_counter() - t0

@@ -34,7 +34,7 @@ from unmask.validation import build_validation_set, evaluate_batches
 
 ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 # Fixed offsets keep the generators of one run independent of each other (and of the validation seed 42).
-_MASK_SEED_OFFSET = 1_000_003
+MASK_SEED_OFFSET = 1_000_003
 _EVAL_SEED_OFFSET = 2_000_003
 _MAX_NONFINITE_STEPS = 5
 
@@ -136,7 +136,7 @@ class Trainer:
 
         # Per-rank streams: different data on every rank, reproducible for a seed.
         self.data_gen = torch.Generator().manual_seed(cfg.seed + runtime.rank)
-        self.mask_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + _MASK_SEED_OFFSET + runtime.rank)
+        self.mask_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + MASK_SEED_OFFSET + runtime.rank)
         self.iter_num = 0
         self.train_chars_seen = 0
         self.best_val_loss = math.inf

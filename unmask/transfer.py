@@ -22,14 +22,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from unmask import checkpoint as ckpt_io
+from unmask.config import TrainConfig
 from unmask.data import Vocab
 from unmask.errors import UserError
 from unmask.model import Transformer
+
+if TYPE_CHECKING:
+    from unmask.train import Trainer
 
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 DATA_FIELDS = ("data_dir", "dataset")  # default to the pretraining data
@@ -113,7 +117,7 @@ def transfer_values(values: dict[str, Any], explicit: frozenset[str], pretrained
     return out
 
 
-def check_resume_task(cfg: Any, ckpt: dict[str, Any], path: Path) -> None:
+def check_resume_task(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> None:
     """A resumed run keeps the checkpoint's head and task (the optimizer state matches only those parameters)."""
     saved = ckpt.get("config", {})
     head = ckpt.get("model_config", {}).get("head", "lm")
@@ -205,7 +209,7 @@ def parameter_summary(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     ]
 
 
-def banner(cfg: Any, pretrained: Pretrained) -> list[str]:
+def banner(cfg: TrainConfig, pretrained: Pretrained) -> list[str]:
     """The seed README's "*** TRANSFER LEARNING MODE ***" lines, saying what actually happened."""
     mode = cfg.transfer_learning_mode
     lines = [
@@ -223,3 +227,19 @@ def banner(cfg: Any, pretrained: Pretrained) -> list[str]:
     if mode == "feature_extraction":
         lines.append("✓ Backbone frozen for feature extraction")
     return lines
+
+
+def start_language_model(trainer: Trainer, pretrained: Pretrained) -> None:
+    """A language-model run (no --switch_to_binary) from pretrained weights: same vocabulary, all weights copied
+    (fine_tuning) or none (from_scratch); every parameter trains.
+
+    Called on a constructed Trainer: its optimizer holds the parameters themselves, so copying weights in place
+    keeps it valid, and every DDP rank copies the same file.
+    """
+    cfg = trainer.cfg
+    check_same_vocab(trainer.vocab, pretrained, cfg.dataset)
+    if cfg.transfer_learning_mode != "from_scratch":
+        with torch.no_grad():
+            load_backbone(trainer.raw_model, pretrained.state)
+    for line in banner(cfg, pretrained) + parameter_summary(trainer.raw_model, trainer.optimizer):
+        trainer.log.print(line)
