@@ -17,14 +17,12 @@ objectives) but keeps its place in checkpoints, so one checkpoint layout serves 
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unmask import transfer
 from unmask.batches import BatchSource, SelectionPool
@@ -33,10 +31,8 @@ from unmask.config import TrainConfig
 from unmask.curriculum import Curriculum
 from unmask.data import Vocab, check_split_length, load_dataset
 from unmask.labeled_text import EncodedTexts, encode_texts, read_labeled, stratified_split
-from unmask.metrics import RunLogger
-from unmask.model import ModelConfig, Transformer
 from unmask.runtime import Runtime
-from unmask.train import MASK_SEED_OFFSET, Trainer
+from unmask.train import Trainer
 from unmask.validation import VALIDATION_SEED
 
 CLASS_NAMES = {"replaced_token": ("kept", "replaced"), "sequence": ("label 0", "label 1")}
@@ -51,10 +47,7 @@ class BinaryTrainer(Trainer):
         checkpoint_path: Path | None = None,
         pretrained: transfer.Pretrained | None = None,
     ) -> None:
-        self.cfg, self.rt = cfg, runtime
-        self.out_dir = Path(cfg.out_dir)
-        self.log = RunLogger(self.out_dir, runtime.is_master, cfg.to_dict() if cfg.wandb_log else None)
-        self.resumed = checkpoint is not None
+        self.bind(cfg, runtime, checkpoint)
         self.pretrained = None if checkpoint is not None else pretrained
         self.notes: list[str] = []
         self.task = cfg.binary_task
@@ -63,56 +56,19 @@ class BinaryTrainer(Trainer):
         else:
             self._open_corpus(checkpoint)
 
-        torch.manual_seed(cfg.seed)  # model init (and dropout) draw from the global RNG, as in Trainer
-        self.model_config = ModelConfig(
-            vocab_size=self.vocab.size,
-            block_size=cfg.block_size,
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            n_embd=cfg.n_embd,
-            dropout=cfg.dropout,
-            bias=cfg.bias,
-            head=cfg.head,  # type: ignore[arg-type]
-        )
-        self.raw_model = Transformer(self.model_config).to(runtime.device)
+        self.raw_model = self.build_model(head=cfg.head)
         if self.pretrained is not None and cfg.transfer_learning_mode != "from_scratch":
             transfer.load_backbone(self.raw_model, self.pretrained.state)
         # Before the optimizer is built: it must hold exactly the trainable parameters (also on resume).
         transfer.set_trainable(self.raw_model, cfg.transfer_learning_mode)
-        self.optimizer = torch.optim.AdamW(
-            self.raw_model.optimizer_groups(cfg.weight_decay),
-            lr=cfg.learning_rate,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.adam_eps,
-            fused=runtime.device.type == "cuda",
-        )
+        self.optimizer = self.build_optimizer()
         self.summary = transfer.parameter_summary(self.raw_model, self.optimizer)
-        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
         # Positions per optimizer step over all ranks (sequence texts are padded to at most block_size).
         self.chars_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * runtime.world_size
         self.examples_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * runtime.world_size
         self.curriculum = Curriculum(cfg.unmasking_stages, cfg.use_all_stages_for_training)
         self.pool = None
-        self.data_gen = torch.Generator().manual_seed(cfg.seed + runtime.rank)
-        self.mask_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + MASK_SEED_OFFSET + runtime.rank)
-        self.iter_num = 0
-        self.train_chars_seen = 0
-        self.best_val_loss = math.inf
-        self.last_eval_iter = -1
-        self.nonfinite_steps = 0
-        if checkpoint is not None:
-            self.load_state_dict(checkpoint, checkpoint_path or Path("checkpoint"))
-
-        self.model: torch.nn.Module = self.raw_model
-        if cfg.compile:
-            self.model = torch.compile(self.raw_model)  # type: ignore[assignment]
-        if runtime.ddp:
-            idx = [runtime.local_rank] if runtime.device.type == "cuda" else None
-            # Frozen parameters take no part in the gradient all-reduce.
-            self.model = DDP(self.model, device_ids=idx)
-        self.step_times: list[float] = []
-        self.batch_times: list[float] = []
-        self.step_lr = 0.0
+        self.init_state(checkpoint, checkpoint_path)
 
     # --- data -----------------------------------------------------------------------------------------------------
 

@@ -93,38 +93,13 @@ class Trainer:
         checkpoint: dict[str, Any] | None = None,
         checkpoint_path: Path | None = None,
     ) -> None:
-        self.cfg, self.rt = cfg, runtime
-        self.out_dir = Path(cfg.out_dir)
-        self.log = RunLogger(self.out_dir, runtime.is_master, cfg.to_dict() if cfg.wandb_log else None)
-        self.resumed = checkpoint is not None  # a transfer run starts anew despite --init_from=resume
-
+        self.bind(cfg, runtime, checkpoint)
         self.data = load_dataset(Path(cfg.data_dir) / cfg.dataset)
         for split in ("train", "val"):
             check_split_length(self.data, split, cfg.block_size)
         self.vocab = self.data.vocab
-
-        # Model init draws from the global RNG; seed it identically on every rank (DDP also broadcasts).
-        torch.manual_seed(cfg.seed)
-        self.model_config = ModelConfig(
-            vocab_size=self.vocab.size,
-            block_size=cfg.block_size,
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            n_embd=cfg.n_embd,
-            dropout=cfg.dropout,
-            bias=cfg.bias,
-            causal=objectives.is_causal(cfg.objective),
-        )
-        self.raw_model = Transformer(self.model_config).to(runtime.device)
-        fused = runtime.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            self.raw_model.optimizer_groups(cfg.weight_decay),
-            lr=cfg.learning_rate,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.adam_eps,
-            fused=fused,
-        )
-        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+        self.raw_model = self.build_model(causal=objectives.is_causal(cfg.objective))
+        self.optimizer = self.build_optimizer()
         # Characters of training text one optimizer step consumes, over all ranks: epochs = seen / available.
         self.chars_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * runtime.world_size
         self.curriculum = Curriculum(
@@ -133,24 +108,7 @@ class Trainer:
             duration_scale=cfg.stage_duration_scale,
             iters_per_epoch=len(self.data.train) / self.chars_per_iter,
         )
-
-        # Per-rank streams: different data on every rank, reproducible for a seed.
-        self.data_gen = torch.Generator().manual_seed(cfg.seed + runtime.rank)
-        self.mask_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + MASK_SEED_OFFSET + runtime.rank)
-        self.iter_num = 0
-        self.train_chars_seen = 0
-        self.best_val_loss = math.inf
-        self.last_eval_iter = -1
-        self.nonfinite_steps = 0
-        if checkpoint is not None:
-            self.load_state_dict(checkpoint, checkpoint_path or Path("checkpoint"))
-
-        self.model: torch.nn.Module = self.raw_model
-        if cfg.compile:
-            self.model = torch.compile(self.raw_model)  # type: ignore[assignment]
-        if runtime.ddp:
-            idx = [runtime.local_rank] if runtime.device.type == "cuda" else None
-            self.model = DDP(self.model, device_ids=idx)
+        self.init_state(checkpoint, checkpoint_path)
 
         paragraphs = self.data.paragraphs if cfg.use_paragraph_boundaries else {"train": None, "val": None}
         window = objectives.window_length(cfg.objective, cfg.block_size)
@@ -173,6 +131,64 @@ class Trainer:
                 self.vocab.n_chars,
                 runtime.device,
             )
+
+    # --- construction (shared with BinaryTrainer) -------------------------------------------------------------
+
+    def bind(self, cfg: TrainConfig, runtime: Runtime, checkpoint: dict[str, Any] | None) -> None:
+        """Config, runtime, out_dir and the logger."""
+        self.cfg, self.rt = cfg, runtime
+        self.out_dir = Path(cfg.out_dir)
+        self.log = RunLogger(self.out_dir, runtime.is_master, cfg.to_dict() if cfg.wandb_log else None)
+        self.resumed = checkpoint is not None  # a transfer run starts anew despite --init_from=resume
+
+    def build_model(self, **config: Any) -> Transformer:
+        """The model for `self.vocab` and the config's architecture (`config`: extra `ModelConfig` fields)."""
+        cfg = self.cfg
+        # Model init draws from the global RNG; seed it identically on every rank (DDP also broadcasts).
+        torch.manual_seed(cfg.seed)
+        self.model_config = ModelConfig(
+            vocab_size=self.vocab.size,
+            block_size=cfg.block_size,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            dropout=cfg.dropout,
+            bias=cfg.bias,
+            **config,
+        )
+        return Transformer(self.model_config).to(self.rt.device)
+
+    def build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over the trainable parameters; also creates the GradScaler (float16 only)."""
+        cfg, device = self.cfg, self.rt.device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.rt.dtype == torch.float16)
+        return torch.optim.AdamW(
+            self.raw_model.optimizer_groups(cfg.weight_decay),
+            lr=cfg.learning_rate,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.adam_eps,
+            fused=device.type == "cuda",
+        )
+
+    def init_state(self, checkpoint: dict[str, Any] | None, checkpoint_path: Path | None) -> None:
+        """Generators and counters, restored from `checkpoint` on resume; then compile and DDP wrapping."""
+        cfg, runtime = self.cfg, self.rt
+        # Per-rank streams: different data on every rank, reproducible for a seed.
+        self.data_gen = torch.Generator().manual_seed(cfg.seed + runtime.rank)
+        self.mask_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + MASK_SEED_OFFSET + runtime.rank)
+        self.iter_num = 0
+        self.train_chars_seen = 0
+        self.best_val_loss = math.inf
+        self.last_eval_iter = -1
+        self.nonfinite_steps = 0
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint, checkpoint_path or Path("checkpoint"))
+        self.model: torch.nn.Module = self.raw_model
+        if cfg.compile:
+            self.model = torch.compile(self.raw_model)  # type: ignore[assignment]
+        if runtime.ddp:
+            idx = [runtime.local_rank] if runtime.device.type == "cuda" else None
+            self.model = DDP(self.model, device_ids=idx)  # frozen parameters take no part in the all-reduce
         self.step_times: list[float] = []
         self.batch_times: list[float] = []
         self.step_lr = 0.0  # the learning rate of the last step, for its log line
