@@ -161,3 +161,23 @@ def test_cli_subprocess_json(runs: dict[str, Path]) -> None:
     r = json.loads(done.stdout)
     assert {"bpc", "bpc_stderr", "nats_per_char", "estimator", "windows", "objective"} <= set(r)
     assert r["draws"] == 4 and r["windows"] == r["windows_total"]
+
+
+def test_ckpt_flags_accept_a_run_directory(tmp_path: Path) -> None:
+    """--ckpt / --judge_ckpt / --critic_ckpt given a run directory mean its newest checkpoint."""
+    from unmask.errors import UserError
+    from unmask.loading import resolve_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for it in (5, 40, 200):
+        (run / f"ckpt_unmasking_{it}.pt").write_bytes(b"x")
+    assert resolve_checkpoint(str(run), None, flag_prefix="judge_") == run / "ckpt_unmasking_200.pt"
+    assert resolve_checkpoint(str(run / "ckpt_unmasking_40.pt"), None) == run / "ckpt_unmasking_40.pt"
+    assert resolve_checkpoint(None, str(run)) == run / "ckpt_unmasking_200.pt"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"--critic_ckpt=.*empty: no ckpt_unmasking_<iter>.pt checkpoint there"):
+        resolve_checkpoint(str(empty), None, flag_prefix="critic_")
+    with pytest.raises(UserError, match="--ckpt=.*nope.pt: no such checkpoint file or run directory"):
+        resolve_checkpoint(str(tmp_path / "nope.pt"), None)

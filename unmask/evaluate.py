@@ -42,7 +42,7 @@ class EvalArgs:
     out_dir: str | None = None
     """Training run directory: its newest checkpoint is evaluated."""
     ckpt: str | None = None
-    """Checkpoint file to evaluate (wins over --out_dir)."""
+    """Checkpoint file to evaluate, or a run directory for its newest (wins over --out_dir)."""
     split: Literal["val", "train"] = "val"
     """Which split of the checkpoint's dataset to score."""
     draws: int = 4

@@ -43,17 +43,24 @@ class Trained:
 
 
 def resolve_checkpoint(ckpt: str | None, out_dir: str | None, flag_prefix: str = "") -> Path:
-    """`--ckpt=PATH` wins; else the newest checkpoint in `--out_dir`; one of them is required."""
+    """`--ckpt=PATH` wins (a run directory there means its newest checkpoint); else the newest checkpoint in
+    `--out_dir`; one of them is required."""
     if ckpt is not None:
         path = Path(ckpt)
+        if path.is_dir():
+            return _newest(path, f"--{flag_prefix}ckpt={ckpt}")
         if not path.is_file():
-            raise UserError(f"--{flag_prefix}ckpt={ckpt}: no such checkpoint file")
+            raise UserError(f"--{flag_prefix}ckpt={ckpt}: no such checkpoint file or run directory")
         return path
     if out_dir is None:
         raise UserError(f"give --{flag_prefix}ckpt=PATH or --out_dir=DIR")
-    found = ckpt_io.list_checkpoints(Path(out_dir))
+    return _newest(Path(out_dir), f"--out_dir={out_dir}")
+
+
+def _newest(run_dir: Path, flag: str) -> Path:
+    found = ckpt_io.list_checkpoints(run_dir)
     if not found:
-        raise UserError(f"--out_dir={out_dir}: no {ckpt_io.PREFIX}<iter>.pt checkpoint there")
+        raise UserError(f"{flag}: no {ckpt_io.PREFIX}<iter>.pt checkpoint there")
     return found[-1][1]
 
 

@@ -47,7 +47,7 @@ class SampleArgs:
     out_dir: str | None = None
     """Sample from the newest checkpoint in this directory (or give --ckpt)."""
     ckpt: str | None = None
-    """Checkpoint file to sample from (wins over --out_dir)."""
+    """Checkpoint file to sample from, or a run directory for its newest (wins over --out_dir)."""
     num_samples: int = 4
     """Number of samples."""
     length: int | None = None
@@ -109,7 +109,7 @@ class SampleArgs:
     data_dir: str | None = None
     """Where the checkpoint's dataset lives, for metrics (default: the training run's data_dir)."""
     judge_ckpt: str | None = None
-    """Score the samples and real validation text under this checkpoint (NLL per character)."""
+    """Score the samples and real validation text under this checkpoint or run directory (NLL per character)."""
     judge_draws: int = 4
     """Monte-Carlo draws of the ELBO when the judge is a diffusion (non-causal) model."""
     sweep_steps: str | None = None
