@@ -8,7 +8,8 @@ Which positions a stage selects does not depend on the characters, only on the r
 and the sticky process costs about the same for 256 rows as for 4 (it is a few rounds of small tensor ops).
 `SelectionPool` therefore draws selections in blocks of many rows and hands them out a batch at a time
 (measured: about 10x less masking time per row at block 64). The pool is flushed at every evaluation, so a run
-resumed from a checkpoint (written right after an evaluation) draws exactly the same selections.
+resumed from a checkpoint (written right after an evaluation) draws exactly the same selections; a checkpoint
+written between evaluations (a run stopped by a signal) saves the rows not handed out yet instead.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ class SelectionPool:
     def flush(self) -> None:
         """Drop every pre-drawn row (at each evaluation: the checkpointed generator state is then complete)."""
         self.buffers: list[torch.Tensor | None] = [None] * len(self.stages)
+        self.cursors = [0] * len(self.stages)
+
+    def state(self) -> list[torch.Tensor | None]:
+        """The rows not handed out yet, per stage: saved when a run stops between evaluations (preemption)."""
+        return [None if b is None else b[c:].clone() for b, c in zip(self.buffers, self.cursors, strict=True)]
+
+    def load_state(self, rows: list[torch.Tensor | None]) -> None:
+        if len(rows) != len(self.stages):
+            raise ValueError(f"pool state has {len(rows)} stages, the run {len(self.stages)}")
+        self.buffers = [None if r is None else r.to(self.generator.device) for r in rows]
         self.cursors = [0] * len(self.stages)
 
     def take(self, i: int, n: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Any
 from unmask import __version__
 from unmask.errors import EXIT_USER_ERROR, UserError
 from unmask.flags import format_help, load_preset, parse_flags
+from unmask.preemption import TrainingInterrupted
 
 USAGE = """usage: unmask <command> [flags]
 
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"unmask {argv[0]}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingInterrupted as exc:
+        print(f"unmask {argv[0]}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"unmask {argv[0]}: interrupted", file=sys.stderr)
         return 130

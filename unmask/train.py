@@ -12,6 +12,7 @@ of its own: a resumed run recomputes it exactly.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,6 +30,7 @@ from unmask.data import check_split_length, load_dataset
 from unmask.errors import UserError
 from unmask.metrics import RunLogger
 from unmask.model import ModelConfig, Transformer
+from unmask.preemption import StopSignal, TrainingInterrupted
 from unmask.runtime import Runtime
 from unmask.validation import build_validation_set, evaluate_batches
 
@@ -115,6 +117,8 @@ class Trainer:
         self.train_source = BatchSource(self.data.train, window, runtime.device, paragraphs["train"])
         rows = max(256, 4 * cfg.batch_size)
         self.pool: SelectionPool | None = SelectionPool(cfg.unmasking_stages, cfg.block_size, self.mask_gen, rows)
+        if checkpoint is not None and "pool" in checkpoint["rng"][runtime.rank]:
+            self.pool.load_state(checkpoint["rng"][runtime.rank]["pool"])  # a run stopped between evaluations
         n_val = cfg.eval_iters * cfg.batch_size
         if self.model_config.causal:
             # Fixed validation windows of block_size + 1 characters (seed 42), scored by exact NLL.
@@ -199,19 +203,23 @@ class Trainer:
         """Train to `max_iters` (or the end of the final stage's duration); returns the last evaluation's metrics."""
         self.start()
         metrics: dict[str, Any] = {}
-        while True:
-            self.advance_by_duration()
-            if self.due_for_eval():
-                metrics = self.evaluate()
-                self.advance_curriculum(metrics)
-                self.report(metrics)
-                self.save_checkpoint(metrics)
-                if self.cfg.eval_only:
+        with StopSignal() as stop:
+            while True:
+                self.advance_by_duration()
+                if self.due_for_eval():
+                    metrics = self.evaluate()
+                    self.advance_curriculum(metrics)
+                    self.report(metrics)
+                    self.save_checkpoint(metrics)
+                    if self.cfg.eval_only:
+                        break
+                if self.done():
                     break
-            if self.done():
-                break
-            loss = self.train_step()
-            self.log_step(loss)
+                loss = self.train_step()
+                self.log_step(loss)
+                signum = stop.agreed(self.rt)
+                if signum is not None:
+                    self.stop_for_signal(signum)
         if self.iter_num < self.cfg.max_iters and self.curriculum_active and not self.cfg.eval_only:
             stage = self.curriculum.state.stage
             self.log.print(
@@ -393,11 +401,16 @@ class Trainer:
         self.best_val_loss = min(self.best_val_loss, m["val_loss"])
         if self.iter_num == 0 or not (improved or self.cfg.always_save_checkpoint):
             return
+        self.write_checkpoint({"val_loss": m["val_loss"]})
+
+    def write_checkpoint(self, extra: dict[str, Any]) -> Path | None:
+        """Write the checkpoint of the current state (rank 0; every rank takes part); returns its path on rank 0."""
         rng = self.gather_rng_states()  # collective: every rank takes part
+        path = None
         if self.rt.is_master:
             sidecar = {
                 "iter": self.iter_num,
-                "val_loss": m["val_loss"],
+                **extra,
                 "best_val_loss": self.best_val_loss,
                 "curriculum": self.curriculum.state.to_dict(),
                 "model_config": self.model_config.__dict__,
@@ -410,6 +423,13 @@ class Trainer:
             )
             self.log.print(f"saved checkpoint {path}")
         self.rt.barrier()
+        return path
+
+    def stop_for_signal(self, signum: int) -> None:
+        """Checkpoint the state after the step just taken (no evaluation), then end the run."""
+        path = self.write_checkpoint({"val_loss": None, "stopped_by": signal.Signals(signum).name})
+        self.log.close()
+        raise TrainingInterrupted(signum, self.iter_num, None if path is None else str(path))
 
     def train_step(self) -> float:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
@@ -523,13 +543,15 @@ class Trainer:
 
     # --- checkpoint state ----------------------------------------------------------------------------------------
 
-    def gather_rng_states(self) -> list[dict[str, torch.Tensor]]:
+    def gather_rng_states(self) -> list[dict[str, Any]]:
         """Every rank's RNG states (index = rank): each rank draws its own data and masks."""
-        rng = {
+        rng: dict[str, Any] = {
             "torch": torch.get_rng_state(),
             "data": self.data_gen.get_state(),
             "mask": self.mask_gen.get_state(),
         }
+        if self.pool is not None:
+            rng["pool"] = self.pool.state()  # empty right after an evaluation; rows left after a signal stop
         if self.rt.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
         if not self.rt.ddp:
@@ -542,12 +564,14 @@ class Trainer:
         """What the model was trained for, recorded in checkpoints and sidecars (read by `unmask.loading`)."""
         return {"head": self.model_config.head, "objective": self.cfg.objective}
 
-    def state_dict(self, rng: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    def state_dict(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "iter_num": self.iter_num,
+            "last_eval_iter": self.last_eval_iter,
+            "nonfinite_steps": self.nonfinite_steps,
             "train_chars_seen": self.train_chars_seen,
             "best_val_loss": self.best_val_loss,
             "curriculum": self.curriculum.state.to_dict(),
@@ -567,7 +591,9 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num = int(ckpt["iter_num"])
-        self.last_eval_iter = self.iter_num  # the checkpoint was written right after this iteration's evaluation
+        # Written right after this iteration's evaluation, or (stopped by a signal) possibly before a due one.
+        self.last_eval_iter = int(ckpt.get("last_eval_iter", self.iter_num))
+        self.nonfinite_steps = int(ckpt.get("nonfinite_steps", 0))
         # Checkpoints from before epochs were tracked: every step so far had this run's batch shape.
         self.train_chars_seen = int(ckpt.get("train_chars_seen", self.iter_num * self.chars_per_iter))
         self.best_val_loss = float(ckpt["best_val_loss"])
