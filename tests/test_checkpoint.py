@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,57 @@ def test_errors(tmp_path: Path) -> None:
     torch.save({"a": 1}, other)
     with pytest.raises(UserError, match="not an unmask checkpoint"):
         ck.load_checkpoint(other)
+
+
+def _run_with_checkpoints(tmp_path: Path, iters: tuple[int, ...]) -> Path:
+    for it in iters:
+        ck.save_checkpoint(tmp_path, it, {"model": {"w": torch.full((64,), float(it))}, "iter_num": it}, {"iter": it})
+    return tmp_path
+
+
+def test_sidecar_records_size_and_sha256_and_a_flipped_byte_is_caught(tmp_path: Path) -> None:
+    run = _run_with_checkpoints(tmp_path, (4,))
+    path = run / "ckpt_unmasking_4.pt"
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["bytes"] == path.stat().st_size and len(record["sha256"]) == 64
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit different
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"ckpt_unmasking_4.pt: damaged checkpoint \(sha256 differs"):
+        ck.load_checkpoint(path)
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path: Path) -> None:
+    run = _run_with_checkpoints(tmp_path, (4, 8, 12))
+    newest = run / "ckpt_unmasking_12.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    warnings: list[str] = []
+    path, ckpt = ck.load_for_resume(run, warn=warnings.append)
+    assert path == run / "ckpt_unmasking_8.pt" and ckpt["iter_num"] == 8
+    assert len(warnings) == 1 and "ckpt_unmasking_12.pt: damaged checkpoint" in warnings[0]
+    assert "recorded" in warnings[0]  # names the expected and the actual size
+    # Named explicitly, a damaged file is an error, never silently replaced.
+    with pytest.raises(UserError, match="ckpt_unmasking_12.pt: damaged checkpoint"):
+        ck.load_for_resume(run, "ckpt_unmasking_12.pt")
+    # Nothing intact at all: one error listing every problem.
+    for it in (4, 8):
+        (run / f"ckpt_unmasking_{it}.pt").write_bytes(b"junk")
+    with pytest.raises(UserError, match="no intact checkpoint"):
+        ck.load_for_resume(run, warn=warnings.append)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "ckpt_unmasking_1.pt"
+    torch.save({"format_version": 1, "model": _Payload(marker)}, evil)
+    with pytest.raises(UserError, match="ckpt_unmasking_1.pt: cannot read checkpoint"):
+        ck.load_checkpoint(evil)
+    assert not marker.exists()

@@ -86,8 +86,7 @@ def build_train_run(argv: list[str]) -> TrainRun:
     if values.get("init_from") != "resume":
         return TrainRun(TrainConfig.from_dict(values, explicit))
     out_dir = Path(values.get("out_dir", TrainConfig.out_dir))
-    path = ckpt_io.find_checkpoint(out_dir, values.get("ckpt_filename"))
-    checkpoint = ckpt_io.load_checkpoint(path)
+    path, checkpoint = ckpt_io.load_for_resume(out_dir, values.get("ckpt_filename"))
     cfg = TrainConfig.from_dict({**checkpoint["config"], **values}, explicit)
     transfer.check_resume_task(cfg, checkpoint, path)
     return TrainRun(cfg, checkpoint, path)
