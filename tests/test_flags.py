@@ -63,6 +63,7 @@ def test_seed_readme_flag_forms() -> None:
     ("argv", "message"),
     [
         (["--bogus=1"], "--bogus: unknown flag"),
+        (["--learing_rate=1e-3"], "--learing_rate: unknown flag (did you mean --learning_rate"),
         (["--batch_size=abc"], "--batch_size=abc: expected an integer"),
         (["--learning_rate=fast"], "--learning_rate=fast: expected a number"),
         (["--compile=maybe"], "--compile=maybe: expected True or False"),

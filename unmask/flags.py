@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -164,7 +165,9 @@ def parse_flags(cls: type, argv: list[str], max_positional: int) -> tuple[list[s
         key, eq, text = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key not in hints:
-            raise UserError(f"--{key}: unknown flag (see --help)")
+            close = difflib.get_close_matches(key, hints, n=1, cutoff=0.75)
+            guess = f"did you mean --{close[0]}? " if close else ""
+            raise UserError(f"--{key}: unknown flag ({guess}see --help)")
         hint = hints[key]
         if not eq:
             if hint is bool:
