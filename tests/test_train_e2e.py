@@ -183,7 +183,68 @@ def test_nonfinite_losses_skip_updates_then_stop_cleanly(
     out = tmp_path / "run"
     assert main(["train", *tiny_flags(tiny_data, out, max_iters=40)]) == 2
     captured = capsys.readouterr()
-    assert "iter 5: non-finite loss, update skipped (1/5)" in captured.out
+    assert "iter 5: non-finite loss or gradient, update skipped (1/5)" in captured.out
     assert captured.err.count("\n") == 1 and "training diverged at iteration" in captured.err
     ckpt = torch.load(out / "ckpt_unmasking_8.pt", weights_only=True)  # work before the divergence is kept
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward; backward sends an infinite gradient: a finite loss whose update would destroy the model."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_infinite_gradient_with_a_finite_loss_is_skipped(
+    tiny_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    grad_clip: float,
+) -> None:
+    import unmask.objectives as objectives
+
+    real = objectives.unmasking_loss
+    calls = {"n": 0}
+
+    def spiky(model: torch.nn.Module, batch: object) -> torch.Tensor:
+        loss = real(model, batch)  # type: ignore[arg-type]
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 6:
+                return _InfiniteGradient.apply(loss)  # type: ignore[no-any-return]
+        return loss
+
+    monkeypatch.setattr(objectives, "unmasking_loss", spiky)
+    out = tmp_path / "run"
+    assert main(["train", *tiny_flags(tiny_data, out, max_iters=12), f"--grad_clip={grad_clip}"]) == 0
+    assert "iter 5: non-finite loss or gradient, update skipped (1/5)" in capsys.readouterr().out
+    ckpt = torch.load(out / "ckpt_unmasking_12.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_a_nonfinite_step_on_another_rank_skips_here_too(tiny_data: Path, tmp_path: Path) -> None:
+    """The skip decision is all-reduced: a rank with a finite loss still skips when another rank's was NaN."""
+    from unmask.cli import build_train_config
+    from unmask.runtime import init_runtime
+    from unmask.train import Trainer
+
+    cfg, _, _ = build_train_config(tiny_flags(tiny_data, tmp_path / "r"))
+    trainer = Trainer(cfg, init_runtime("cpu", "float32", "gloo"))
+    finite = torch.tensor(1.0)
+    assert trainer.step_is_finite(finite, torch.tensor(2.0))
+    assert not trainer.step_is_finite(finite, torch.tensor(float("inf")))
+    assert not trainer.step_is_finite(torch.tensor(float("nan")), torch.tensor(2.0))
+
+    def other_rank_had_nan(t: torch.Tensor) -> torch.Tensor:
+        return t.add_(1.0)  # what the all-reduce returns when one other rank flagged its step
+
+    trainer.rt.all_reduce_sum = other_rank_had_nan  # type: ignore[method-assign]
+    assert not trainer.step_is_finite(finite, torch.tensor(2.0))

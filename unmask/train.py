@@ -451,15 +451,13 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             batch_time += seconds
             total += loss.detach()
-        if not torch.isfinite(total):
-            self.skip_nonfinite_step()
-        else:
+        grad_norm = self.clip_gradients()
+        if self.step_is_finite(total, grad_norm):
             self.nonfinite_steps = 0
-            if cfg.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        else:
+            self.skip_nonfinite_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.iter_num += 1
         self.train_chars_seen += self.chars_per_iter
@@ -498,18 +496,40 @@ class Trainer:
                 return objectives.mdlm_loss(model, windows, vocab.mask_id, mask_gen), seconds
             return objectives.autoregressive_loss(model, windows), seconds
 
+    def clip_gradients(self) -> torch.Tensor:
+        """Unscale (float16) and clip to --grad_clip; returns the total gradient norm, measured even without
+        clipping (a factor min(1, inf / norm) = 1 leaves the gradients bit for bit as they are)."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        return torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+
+    def step_is_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether to take the optimizer step: the loss and the gradient norm are finite on every rank.
+
+        The answer is all-reduced, so all ranks skip together: a NaN on one rank already reached the others'
+        gradients through DDP's all-reduce, and ranks that stepped on them would diverge silently (torchtitan
+        checks loss and grad norm the same way). With float16 an infinite gradient is an overflow, which the
+        GradScaler handles by skipping the step and lowering the scale; only the loss counts then.
+        """
+        bad = ~torch.isfinite(loss.detach())
+        if not self.scaler.is_enabled():
+            bad = bad | ~torch.isfinite(grad_norm)
+        flag = bad.to(torch.float32).reshape(1)
+        return float(self.rt.all_reduce_sum(flag).item()) == 0.0
+
     def skip_nonfinite_step(self) -> None:
         """A non-finite loss skips the update; several in a row stop the run with advice (work is checkpointed)."""
         self.nonfinite_steps += 1
         self.log.print(
-            f"iter {self.iter_num}: non-finite loss, update skipped ({self.nonfinite_steps}/{_MAX_NONFINITE_STEPS})"
+            f"iter {self.iter_num}: non-finite loss or gradient, update skipped "
+            f"({self.nonfinite_steps}/{_MAX_NONFINITE_STEPS})"
         )
         if self.scaler.is_enabled():
             self.scaler.update()  # let the float16 loss scale back off, as GradScaler does for inf gradients
         if self.nonfinite_steps >= _MAX_NONFINITE_STEPS:
             raise UserError(
                 f"training diverged at iteration {self.iter_num}: {_MAX_NONFINITE_STEPS} non-finite "
-                f"losses in a row; lower --learning_rate and resume with --init_from=resume"
+                f"losses or gradients in a row; lower --learning_rate and resume with --init_from=resume"
             )
 
     def log_step(self, loss: float) -> None:
