@@ -184,9 +184,14 @@ def test_nonfinite_losses_skip_updates_then_stop_cleanly(
     assert main(["train", *tiny_flags(tiny_data, out, max_iters=40)]) == 2
     captured = capsys.readouterr()
     assert "iter 5: non-finite loss or gradient, update skipped (1/5)" in captured.out
-    assert captured.err.count("\n") == 1 and "training diverged at iteration" in captured.err
-    ckpt = torch.load(out / "ckpt_unmasking_8.pt", weights_only=True)  # work before the divergence is kept
-    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert captured.err.count("\n") == 1 and "training diverged at iteration 14" in captured.err
+    # Steps 9-13 were skipped, so the weights after them are the last good ones: saved, not lost.
+    assert f"saved in {out / 'ckpt_unmasking_14.pt'}" in captured.err
+    ckpt = torch.load(out / "ckpt_unmasking_14.pt", weights_only=True)
+    assert ckpt["iter_num"] == 14 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    monkeypatch.undo()
+    assert main(["train", "--init_from=resume", f"--out_dir={out}", "--learning_rate=1e-3", "--max_iters=20"]) == 0
+    assert records(out, "eval")[-1]["iter"] == 20
 
 
 class _InfiniteGradient(torch.autograd.Function):

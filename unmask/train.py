@@ -220,6 +220,8 @@ class Trainer:
                 signum = stop.agreed(self.rt)
                 if signum is not None:
                     self.stop_for_signal(signum)
+                if self.nonfinite_steps >= _MAX_NONFINITE_STEPS:
+                    self.stop_diverged()
         if self.iter_num < self.cfg.max_iters and self.curriculum_active and not self.cfg.eval_only:
             stage = self.curriculum.state.stage
             self.log.print(
@@ -431,6 +433,18 @@ class Trainer:
         self.log.close()
         raise TrainingInterrupted(signum, self.iter_num, None if path is None else str(path))
 
+    def stop_diverged(self) -> None:
+        """Several non-finite steps in a row: save the state they left untouched (skipped steps change no weight),
+        so that a resume with a lower learning rate loses no work, then stop with advice."""
+        finite = all(bool(torch.isfinite(t).all()) for t in self.raw_model.state_dict().values())
+        path = self.write_checkpoint({"val_loss": None, "stopped_by": "non-finite steps"}) if finite else None
+        self.log.close()
+        saved = f"the weights before them are saved in {path}; " if path is not None else ""
+        raise UserError(
+            f"training diverged at iteration {self.iter_num}: {_MAX_NONFINITE_STEPS} non-finite losses or gradients "
+            f"in a row; {saved}lower --learning_rate and continue with --init_from=resume"
+        )
+
     def train_step(self) -> float:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
         cfg, rt = self.cfg, self.rt
@@ -518,7 +532,7 @@ class Trainer:
         return float(self.rt.all_reduce_sum(flag).item()) == 0.0
 
     def skip_nonfinite_step(self) -> None:
-        """A non-finite loss skips the update; several in a row stop the run with advice (work is checkpointed)."""
+        """A non-finite loss or gradient skips the update (several in a row stop the run: `stop_diverged`)."""
         self.nonfinite_steps += 1
         self.log.print(
             f"iter {self.iter_num}: non-finite loss or gradient, update skipped "
@@ -526,11 +540,6 @@ class Trainer:
         )
         if self.scaler.is_enabled():
             self.scaler.update()  # let the float16 loss scale back off, as GradScaler does for inf gradients
-        if self.nonfinite_steps >= _MAX_NONFINITE_STEPS:
-            raise UserError(
-                f"training diverged at iteration {self.iter_num}: {_MAX_NONFINITE_STEPS} non-finite "
-                f"losses or gradients in a row; lower --learning_rate and resume with --init_from=resume"
-            )
 
     def log_step(self, loss: float) -> None:
         if self.iter_num % self.cfg.log_interval and self.iter_num != self.cfg.max_iters:
