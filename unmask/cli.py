@@ -10,7 +10,7 @@ from typing import Any
 
 from unmask import __version__
 from unmask.errors import EXIT_USER_ERROR, UserError
-from unmask.flags import format_help, load_preset, parse_flags
+from unmask.flags import available_presets, format_help, load_preset, parse_flags
 from unmask.preemption import TrainingInterrupted
 
 USAGE = """usage: unmask <command> [flags]
@@ -107,7 +107,9 @@ def run_train(argv: list[str]) -> int:
                 TrainConfig,
                 "unmask train [PRESET] [--flag=value ...]",
                 "Train a bidirectional transformer to fill masked characters through a curriculum of "
-                "masking stages.\nPRESET: a preset name (cpu, gpu) or a .py file of plain assignments.",
+                "masking stages.\nPRESET: a preset name ("
+                + ", ".join(available_presets())
+                + ") or a .py file of plain assignments.",
             )
         )
         return 0

@@ -242,9 +242,14 @@ def resolve_preset(ref: str) -> Path:
         return path
     named = PRESET_DIR / f"{ref}.py"
     if not named.is_file():
-        available = sorted(p.stem for p in PRESET_DIR.glob("*.py") if not p.stem.startswith("_"))
+        available = available_presets()
         raise UserError(f"{ref}: no such preset (available: {', '.join(available)}; or give a .py path)")
     return named
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in `unmask/presets/`."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
 def load_preset(ref: str, cls: type) -> dict[str, Any]:
