@@ -253,3 +253,20 @@ def test_a_nonfinite_step_on_another_rank_skips_here_too(tiny_data: Path, tmp_pa
 
     trainer.rt.all_reduce_sum = other_rank_had_nan  # type: ignore[method-assign]
     assert not trainer.step_is_finite(finite, torch.tensor(2.0))
+
+
+def test_evaluating_more_often_does_not_change_training(tiny_data: Path, tmp_path: Path) -> None:
+    """Evaluations use their own generators and leave the selection pool alone: the training batches, losses and
+    weights are the same whether a run evaluates every 4 or every 8 iterations (no stage change happens here)."""
+    runs = {}
+    for every in (4, 8):
+        out = tmp_path / f"every{every}"
+        assert main(["train", *tiny_flags(tiny_data, out, max_iters=16, eval_interval=every, log_interval=1)]) == 0
+        runs[every] = out
+    losses = {k: [(r["iter"], r["train_loss_step"]) for r in records(out, "train")] for k, out in runs.items()}
+    assert len(losses[4]) == 16 and losses[4] == losses[8]
+    a = torch.load(runs[4] / "ckpt_unmasking_16.pt", weights_only=True)
+    b = torch.load(runs[8] / "ckpt_unmasking_16.pt", weights_only=True)
+    assert {r["stage"] for r in records(runs[4], "eval")} == {0}
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name

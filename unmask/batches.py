@@ -7,9 +7,9 @@ in checkpoints; nothing here touches the global RNG.
 Which positions a stage selects does not depend on the characters, only on the row length and the generator,
 and the sticky process costs about the same for 256 rows as for 4 (it is a few rounds of small tensor ops).
 `SelectionPool` therefore draws selections in blocks of many rows and hands them out a batch at a time
-(measured: about 10x less masking time per row at block 64). The pool is flushed at every evaluation, so a run
-resumed from a checkpoint (written right after an evaluation) draws exactly the same selections; a checkpoint
-written between evaluations (a run stopped by a signal) saves the rows not handed out yet instead.
+(measured: about 10x less masking time per row at block 64). Checkpoints save the rows not handed out yet
+(`state` / `load_state`), so a resumed run draws exactly the selections the uninterrupted one would, and
+evaluations need not touch the pool: how often a run evaluates does not change its training batches.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class SelectionPool:
         self.flush()
 
     def flush(self) -> None:
-        """Drop every pre-drawn row (at each evaluation: the checkpointed generator state is then complete)."""
+        """Drop every pre-drawn row."""
         self.buffers: list[torch.Tensor | None] = [None] * len(self.stages)
         self.cursors = [0] * len(self.stages)
 

@@ -118,7 +118,8 @@ class Trainer:
         rows = max(256, 4 * cfg.batch_size)
         self.pool: SelectionPool | None = SelectionPool(cfg.unmasking_stages, cfg.block_size, self.mask_gen, rows)
         if checkpoint is not None and "pool" in checkpoint["rng"][runtime.rank]:
-            self.pool.load_state(checkpoint["rng"][runtime.rank]["pool"])  # a run stopped between evaluations
+            # (Checkpoints written before the pool was saved were written right after a flush: empty pool.)
+            self.pool.load_state(checkpoint["rng"][runtime.rank]["pool"])
         n_val = cfg.eval_iters * cfg.batch_size
         if self.model_config.causal:
             # Fixed validation windows of block_size + 1 characters (seed 42), scored by exact NLL.
@@ -312,8 +313,6 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         cfg = self.cfg
         self.raw_model.eval()
-        if self.pool is not None:
-            self.pool.flush()  # so that the checkpoint written after this evaluation resumes the same selections
         gen_seed = cfg.seed + _EVAL_SEED_OFFSET + 7919 * self.iter_num + self.rt.rank
         data_gen = torch.Generator().manual_seed(gen_seed)
         mask_gen = torch.Generator(device=self.rt.device).manual_seed(gen_seed)
@@ -580,7 +579,7 @@ class Trainer:
             "mask": self.mask_gen.get_state(),
         }
         if self.pool is not None:
-            rng["pool"] = self.pool.state()  # empty right after an evaluation; rows left after a signal stop
+            rng["pool"] = self.pool.state()  # the pre-drawn selections not used yet belong to the mask stream
         if self.rt.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
         if not self.rt.ddp:
