@@ -20,9 +20,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from unmask.cli import build_train_config
 from unmask.runtime import init_runtime
-from unmask.train import Trainer
+from unmask.train import build_train_run
+from unmask.trainer import Trainer
 
 NANOGPT_CPU = [
     "--device=cpu", "--compile=False", "--dtype=float32", "--n_layer=4", "--n_head=4", "--n_embd=128",
@@ -45,7 +45,7 @@ def main() -> None:
     for objective in args.objectives.split(","):
         flags = [*NANOGPT_CPU, f"--data_dir={args.data_dir}", f"--objective={objective}",
                  f"--out_dir={args.out}/{objective}", f"--eval_iters={args.eval_iters}"]  # fmt: skip
-        cfg, _, _ = build_train_config(flags)
+        cfg = build_train_run(flags).cfg
         start = time.perf_counter()
         final = Trainer(cfg, init_runtime(cfg.device, cfg.dtype, cfg.backend)).run()
         minutes = (time.perf_counter() - start) / 60

@@ -92,3 +92,14 @@ def tiny_flags(data_dir: Path, out_dir: Path, **overrides: object) -> list[str]:
     )
     values.update(overrides)
     return [f"--{k}={v}" for k, v in values.items()]
+
+
+CLOCK_FIELDS = ("time", "elapsed_s", "eta_s")  # wall-clock fields of metrics.jsonl records: differ between runs
+
+
+def run_records(out_dir: Path, kind: str) -> list[dict]:
+    """The `kind` ("train" or "eval") records of a run's metrics.jsonl, without their wall-clock fields."""
+    import json
+
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in r.items() if k not in CLOCK_FIELDS} for r in map(json.loads, lines) if r["kind"] == kind]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unmask.binary import auroc, binary_metrics, class_balanced_cross_entropy, replace_characters
+from unmask.transfer.binary import auroc, binary_metrics, class_balanced_cross_entropy, replace_characters
 
 
 def test_replaced_characters_rate_labels_and_never_the_original() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from unmask.critic import CriticRemask
 from unmask.model import ModelConfig, Transformer
 from unmask.sampling import Proposal, SamplingConfig, StepEvent, generate
+from unmask.transfer.critic import CriticRemask
 
 
 def test_binary_heads_are_untied_two_class_heads() -> None:

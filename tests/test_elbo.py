@@ -14,18 +14,18 @@ from unmask.elbo import (
     ESTIMATORS,
     ar_nll,
     exact_k_masks,
-    mdlm_training_loss,
     nelbo_estimate,
     nelbo_exact,
     nll_by_mask_count_exact,
     real_char_log_probs,
-    sample_mdlm_batch,
     score_windows,
     split_likelihood,
     split_window_offsets,
     t_masks,
 )
 from unmask.model import ModelConfig, Transformer
+from unmask.objectives import mdlm_loss as mdlm_training_loss
+from unmask.objectives import sample_mdlm_batch
 
 VOCAB = 7  # 6 characters + [MASK]
 MASK_ID = VOCAB - 1

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from unmask.cli import build_train_config
 from unmask.config import TrainConfig
 from unmask.errors import UserError
 from unmask.flags import convert, load_preset, parse_flags
 from unmask.stages import DEFAULT_STAGES, RandomStage, SpanStage, StickyStage
+from unmask.train import build_train_run
 
 README_CPU_COMMAND = [
     "--training_type=unmasking",
@@ -27,7 +27,8 @@ README_CPU_COMMAND = [
 
 
 def test_readme_cpu_command_parses_verbatim() -> None:
-    cfg, ckpt, _ = build_train_config(README_CPU_COMMAND)
+    run = build_train_run(README_CPU_COMMAND)
+    cfg, ckpt = run.cfg, run.checkpoint
     assert ckpt is None
     assert (cfg.device, cfg.compile, cfg.batch_size, cfg.block_size) == ("cpu", False, 8, 256)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.max_iters) == (4, 4, 128, 10000)
@@ -75,7 +76,7 @@ def test_seed_readme_flag_forms() -> None:
 )
 def test_flag_errors_name_the_flag(argv: list[str], message: str) -> None:
     with pytest.raises(UserError, match=message.replace("(", r"\(")) as exc:
-        build_train_config(argv)
+        build_train_run(argv)
     assert "\n" not in str(exc.value)
 
 
@@ -99,24 +100,24 @@ def test_flag_errors_name_the_flag(argv: list[str], message: str) -> None:
         ("--n_embd=130", r"--n_embd=130 must be divisible by --n_head=6"),
         ("--dropout=1.5", r"--dropout=1.5 must be in \[0, 1\)"),
         ("--batch_size=0", "--batch_size=0 must be >= 1"),
-        ("--device=tpu", "--device='tpu'"),
+        ("--device=tpu", "--device=tpu: expected auto"),
         ("--unmasking_stages=[{", "--unmasking_stages: not a valid JSON or Python literal"),
     ],
 )
 def test_invalid_values_and_stages(flag: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
-        build_train_config([flag])
+        build_train_run([flag])
 
 
 def test_stage_list_as_json_and_python_literal() -> None:
-    cfg, _, _ = build_train_config(
+    cfg = build_train_run(
         [
             '--unmasking_stages=[{"type": "random", "max_masked_ratio": 0.3, "val_loss_stale_count": 2},'
             ' {"type": "span", "spans_count": 4}]',
             "--validation_stages=[{'type': 'sticky', 'target_masked_ratio': 0.5, 'p1_probability': 0.2, "
             "'p2_probability': 0.8}]",
         ]
-    )
+    ).cfg
     assert cfg.unmasking_stages == (
         RandomStage(max_masked_ratio=0.3, val_loss_stale_count=2),
         SpanStage(spans_count=4),
@@ -125,12 +126,12 @@ def test_stage_list_as_json_and_python_literal() -> None:
 
 
 def test_named_presets_load_and_flags_override() -> None:
-    cfg, _, _ = build_train_config(["cpu", "--max_iters=12"])
+    cfg = build_train_run(["cpu", "--max_iters=12"]).cfg
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_iters) == (4, 128, 256, 8, 12)
-    gpu, _, _ = build_train_config(["gpu"])
+    gpu = build_train_run(["gpu"]).cfg
     assert (gpu.device, gpu.dtype, gpu.compile, gpu.block_size) == ("cuda", "float16", True, 1024)
-    quick, _, _ = build_train_config(["quickstart"])
-    cpu, _, _ = build_train_config(["cpu"])
+    quick = build_train_run(["quickstart"]).cfg
+    cpu = build_train_run(["cpu"]).cfg
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "device", "dtype"):
         assert getattr(quick, name) == getattr(cpu, name), name
     # Durations 150 + 150 + 200 fit the quickstart's 1,000 iterations; the final stage reaches full masking.
@@ -151,7 +152,7 @@ def test_preset_file_with_readme_stages(tmp_path: Path) -> None:
         '    {"type": "random", "max_masked_ratio": 0.7, "val_loss_stale_count": 8},\n'
         "]\n"
     )
-    cfg, _, _ = build_train_config([str(preset)])
+    cfg = build_train_run([str(preset)]).cfg
     assert cfg.min_lr == pytest.approx(1e-4)
     assert cfg.unmasking_stages[1] == RandomStage(max_masked_ratio=0.7, val_loss_stale_count=8)
 
@@ -176,7 +177,7 @@ def test_preset_errors(tmp_path: Path, body: str, message: str) -> None:
 
 def test_missing_preset_lists_available() -> None:
     with pytest.raises(UserError, match=r"no such preset \(available: cpu, gpu"):
-        build_train_config(["nosuch"])
+        build_train_run(["nosuch"])
 
 
 def test_convert_optional_and_bool_spellings() -> None:
@@ -185,20 +186,20 @@ def test_convert_optional_and_bool_spellings() -> None:
 
 
 def test_config_round_trips_through_dict() -> None:
-    cfg, _, _ = build_train_config(["cpu", "--use_all_stages_for_training=True"])
+    cfg = build_train_run(["cpu", "--use_all_stages_for_training=True"]).cfg
     again = TrainConfig.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
 
 
 def test_recipe_stage_keys_as_python_literal_flag() -> None:
-    cfg, _, _ = build_train_config(
+    cfg = build_train_run(
         [
             "--unmasking_stages=[{'type': 'random', 'masking_rate_range': (0.05, 0.2), 'epochs': 7.5,"
             " 'lr_factor': 0.5}, {'type': 'span', 'spans_count': 4, 'iters': 100, 'val_loss_stale_count': 3}]",
             "--stage_duration_scale=0.1",
             "--min_lr_ratio=0.05",
         ]
-    )
+    ).cfg
     first, second = cfg.unmasking_stages
     assert first == RandomStage(masking_rate_range=(0.05, 0.2), epochs=7.5, lr_factor=0.5, val_loss_stale_count=None)
     assert second == SpanStage(spans_count=4, iters=100, val_loss_stale_count=3)

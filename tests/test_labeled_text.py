@@ -9,7 +9,7 @@ import torch
 
 from unmask.data import Vocab
 from unmask.errors import UserError
-from unmask.labeled_text import LabeledText, encode_texts, read_labeled, stratified_split
+from unmask.transfer.labeled_text import LabeledText, encode_texts, read_labeled, stratified_split
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

@@ -11,21 +11,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import tiny_flags
-from unmask.cli import build_train_config, main
+from tests.conftest import run_records, tiny_flags
+from unmask.cli import main
 from unmask.config import TrainConfig
 from unmask.curriculum import Curriculum, CurriculumState
 from unmask.errors import UserError
 from unmask.objectives import label_smoothed_cross_entropy
+from unmask.schedule import lr_at
 from unmask.stages import RandomStage, SpanStage, parse_stage, parse_stages
-from unmask.train import lr_at
+from unmask.train import build_train_run
 
 TINY_TRAIN_CHARS = 31340  # train split of the `tiny_data` corpus
 TINY_CHARS_PER_ITER = 4 * 32  # tiny_flags: batch 4 x block 32
 
 
 def _records(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    return run_records(out, kind)
 
 
 # --- stage keys ------------------------------------------------------------------------------------------------
@@ -225,13 +226,13 @@ def test_label_smoothing_matches_hand_computation_and_skips_specials() -> None:
 )
 def test_new_flags_are_validated(argv: list[str], message: str) -> None:
     with pytest.raises(UserError, match=message) as exc:
-        build_train_config(argv)
+        build_train_run(argv)
     assert "\n" not in str(exc.value)
 
 
 def test_guide_presets_load_and_validate() -> None:
-    cur, _, _ = build_train_config(["guide_current"])
-    rec, _, _ = build_train_config(["guide_recommended"])
+    cur = build_train_run(["guide_current"]).cfg
+    rec = build_train_run(["guide_recommended"]).cfg
     assert [s.epochs for s in cur.unmasking_stages] == [50, 100, 150]
     assert [s.epochs for s in rec.unmasking_stages] == [75, 150, 300]
     assert [s.lr_factor for s in cur.unmasking_stages] == [1.0, 0.8, 0.6]
@@ -290,7 +291,7 @@ def test_epoch_stage_change_with_restarts_resumes_bit_for_bit(tiny_data: Path, t
     assert ca["curriculum"] == cb["curriculum"] and ca["train_chars_seen"] == cb["train_chars_seen"] == 24 * 128
     assert (ca["curriculum"]["stage"], ca["curriculum"]["stage_start_iter"]) == (2, 14)
     assert _records(straight, "eval") == _records(split, "eval")
-    timing = ("ms_per_iter", "tokens_per_s", "batch_share")
+    timing = ("ms_per_iter", "ms_per_iter_smoothed", "tokens_per_s", "batch_share")
     a, b = straight, split
     untimed = [[{k: v for k, v in r.items() if k not in timing} for r in _records(o, "train")] for o in (a, b)]
     assert untimed[0] == untimed[1]

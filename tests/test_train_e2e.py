@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, SHARED_DATA, tiny_flags
+from tests.conftest import REPO, SHARED_DATA, run_records, tiny_flags
 from unmask.cli import main
 
 # Stale count 1 and a high learning rate make the curriculum advance within a few evaluations.
@@ -23,8 +23,7 @@ STAGES = (
 
 
 def records(out_dir: Path, kind: str) -> list[dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+    return run_records(out_dir, kind)
 
 
 def test_resume_equals_straight_run_bit_for_bit(tiny_data: Path, tmp_path: Path) -> None:
@@ -237,11 +236,11 @@ def test_infinite_gradient_with_a_finite_loss_is_skipped(
 
 def test_a_nonfinite_step_on_another_rank_skips_here_too(tiny_data: Path, tmp_path: Path) -> None:
     """The skip decision is all-reduced: a rank with a finite loss still skips when another rank's was NaN."""
-    from unmask.cli import build_train_config
     from unmask.runtime import init_runtime
-    from unmask.train import Trainer
+    from unmask.train import build_train_run
+    from unmask.trainer import Trainer
 
-    cfg, _, _ = build_train_config(tiny_flags(tiny_data, tmp_path / "r"))
+    cfg = build_train_run(tiny_flags(tiny_data, tmp_path / "r")).cfg
     trainer = Trainer(cfg, init_runtime("cpu", "float32", "gloo"))
     finite = torch.tensor(1.0)
     assert trainer.step_is_finite(finite, torch.tensor(2.0))

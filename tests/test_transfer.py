@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, WORDS, tiny_flags
+from tests.conftest import REPO, WORDS, run_records, tiny_flags
 from unmask.cli import main
 from unmask.model import ModelConfig, Transformer
 from unmask.prepare import prepare
-from unmask.transfer import parameter_summary, set_trainable
+from unmask.transfer.pretrained import parameter_summary, set_trainable
 
 N_EMBD = 16  # tiny_flags
 
@@ -59,8 +59,7 @@ def summary_numbers(out: str) -> dict[str, int]:
 
 
 def evals(out_dir: Path) -> list[dict]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+    return run_records(out_dir, "eval")
 
 
 @pytest.mark.parametrize("mode", ["feature_extraction", "fine_tuning", "from_scratch"])

@@ -10,7 +10,6 @@ written to `OUT_DIR/compare.json` and `OUT_DIR/compare.csv`. The runs live in `O
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 from pathlib import Path
@@ -43,11 +42,11 @@ def comparison_rows(ar: list[dict[str, Any]], diffusion: list[dict[str, Any]]) -
 
 
 def main(argv: list[str]) -> int:
-    from unmask.cli import build_train_config
     from unmask.config import TrainConfig
     from unmask.flags import format_help
     from unmask.runtime import init_runtime
-    from unmask.train import Trainer
+    from unmask.train import build_train_run
+    from unmask.trainer import Trainer
 
     if "--help" in argv or "-h" in argv:
         print(
@@ -72,13 +71,13 @@ def main(argv: list[str]) -> int:
         )
     if any(a.startswith(("--objective=", "--init_from=")) for a in rest):
         raise UserError("--objective/--init_from: compare chooses the objectives and always starts from scratch")
-    base, _, _ = build_train_config(rest)
+    base = build_train_run(rest).cfg
     out = Path(base.out_dir)
     runtime = init_runtime(base.device, base.dtype, base.backend)
     records: dict[str, list[dict[str, Any]]] = {}
     try:
         for objective in ("autoregressive", diffusion_objective):
-            cfg = dataclasses.replace(base, objective=objective, out_dir=str(out / objective))
+            cfg = TrainConfig.from_dict({**base.to_dict(), "objective": objective, "out_dir": str(out / objective)})
             if runtime.is_master:
                 print(f"=== {objective} -> {cfg.out_dir} ===", flush=True)
             Trainer(cfg, runtime).run()

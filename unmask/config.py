@@ -9,11 +9,34 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from unmask.errors import UserError
+from unmask.runtime import check_device_name
 from unmask.stages import DEFAULT_STAGES, Stage, parse_stages
+
+ObjectiveName = Literal["unmasking", "mdlm", "autoregressive"]
+# Flags that define the learning-rate schedule: a resume that changes one changes the rest of the run's schedule.
+SCHEDULE_FLAGS = (
+    "max_iters",
+    "learning_rate",
+    "warmup_iters",
+    "lr_decay_iters",
+    "min_lr",
+    "min_lr_ratio",
+    "decay_lr",
+    "lr_schedule",
+    "lr_restart_period",
+)
+# The flags that fix a network's shape: a resumed or transferred run takes them from the checkpoint.
+ARCHITECTURE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+
+
+def differing_fields(flags: Any, saved: dict[str, Any], keys: tuple[str, ...] = ARCHITECTURE_FLAGS) -> list[str]:
+    """ "key: flag A vs checkpoint B" for every key in both whose values differ; `flags` is a dict or a config."""
+    get = flags.get if isinstance(flags, dict) else lambda k, d=None: getattr(flags, k, d)
+    return [f"{k}: flag {get(k)} vs checkpoint {saved[k]}" for k in keys if k in saved and get(k, saved[k]) != saved[k]]
 
 
 @dataclass
@@ -52,7 +75,7 @@ class TrainConfig:
     # --- training type and curriculum -----------------------------------------------------------------------
     training_type: Literal["unmasking"] = "unmasking"
     """The original framework's training type; 'unmasking' is the only one (see --objective)."""
-    objective: Literal["unmasking", "mdlm", "autoregressive"] = "unmasking"
+    objective: ObjectiveName = "unmasking"
     """'unmasking': masked CE through the stage curriculum; 'mdlm': the continuous-time masked-diffusion ELBO
     (t ~ U(eps, 1), linear schedule); 'autoregressive': causal attention and next-character targets (a nanoGPT
     baseline). Every objective logs val_bpc (ELBO for diffusion, exact NLL for autoregressive)."""
@@ -165,9 +188,6 @@ class TrainConfig:
     seed: int = 1337
     """Seed of the model init, data and masking generators (offset by the DDP rank)."""
 
-    # Flags the user set explicitly (not part of the config proper; used to report resume overrides).
-    _explicit: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
-
     def __post_init__(self) -> None:
         self.unmasking_stages = parse_stages(self.unmasking_stages, "--unmasking_stages")
         if self.validation_stages is not None:
@@ -233,8 +253,7 @@ class TrainConfig:
         self._check_transfer()
         if not (math.isfinite(self.stage_duration_scale) and self.stage_duration_scale > 0):
             raise UserError(f"--stage_duration_scale={self.stage_duration_scale} must be a finite number > 0")
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
-            raise UserError(f"--device={self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+        check_device_name(self.device)
 
     def _check_transfer(self) -> None:
         try:
@@ -309,9 +328,9 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], explicit: frozenset[str] = frozenset()) -> TrainConfig:
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown config key(s): {', '.join(unknown)}")
-        return cls(**values, _explicit=explicit)
+        return cls(**values)

@@ -47,8 +47,8 @@ the variance of the mean; it is conservative in expectation. With one draw (or o
 
 [MASK] is never a target, so likelihoods here drop its logit before the softmax (MDLM's "zero-masking"): each
 prediction is a distribution over the real characters only, which is what a character-level likelihood (and
-nanoGPT's vocabulary without [MASK]) means, and which can only lower the number. `mdlm_training_loss` keeps the full
-softmax so that training also drives the [MASK] probability to zero for samplers that do not exclude it.
+nanoGPT's vocabulary without [MASK]) means, and which can only lower the number. (The training losses live in
+`unmask.objectives`.)
 
 Functions here never touch the global RNG or the model's train/eval mode: randomness comes from the explicit
 generator (on the device of x), and callers put the model in eval mode for likelihoods.
@@ -69,6 +69,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from unmask.data import gather_windows
+from unmask.masking import random_k_subsets
 
 Estimator = Literal["exact_k", "stratified_t", "antithetic_t"]
 ESTIMATORS: tuple[Estimator, ...] = typing.get_args(Estimator)
@@ -162,9 +163,7 @@ def exact_k_masks(B: int, L: int, draws: int, generator: torch.Generator) -> tup
     strata = torch.arange(draws, device=dev, dtype=torch.float64)  # (D,)
     v = (strata + torch.rand(B, draws, generator=generator, device=dev, dtype=torch.float64)) / draws  # (B, D)
     k = (1 + (v * L).floor().long()).clamp(1, L).flatten()  # (B * D,) in 1..L
-    keys = torch.rand(B * draws, L, generator=generator, device=dev)  # (B * D, L)
-    rank = keys.argsort(dim=1).argsort(dim=1)  # (B * D, L): distinct ranks, so exactly k positions even on ties
-    return rank < k[:, None], k
+    return random_k_subsets(k, (B * draws, L), generator), k  # (B * D, L): exactly k positions even on ties
 
 
 def t_masks(B: int, L: int, draws: int, generator: torch.Generator, antithetic: bool) -> tuple[Tensor, Tensor]:
@@ -241,42 +240,6 @@ def score_windows(model: torch.nn.Module, x: Tensor, mask_id: int, draws: int, g
     """Negative ELBO (B,) in nats per character of each row of x (B, L), default estimator (diffusion models)."""
     nats, _ = nelbo_estimate(model, x, mask_id, draws, generator)
     return nats / x.shape[1]
-
-
-def sample_mdlm_batch(
-    x: Tensor, mask_id: int, generator: torch.Generator, eps: float = 1e-3
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(x_masked (B, L), selected (B, L) bool, t (B,) float32) for the MDLM training loss.
-
-    t_b = eps + (1 - eps) ((u + b / B) mod 1) with one u ~ U[0, 1) per batch: every t_b is uniform on [eps, 1)
-    and the batch puts exactly one t in each of B equal strata (the low-discrepancy "antithetic" sampling of
-    MDLM and MD4). Then each position is masked with probability p_mask = t_b.
-    """
-    _check(x, generator)
-    B, L = x.shape
-    dev = generator.device
-    u = torch.rand(1, generator=generator, device=dev)
-    t = eps + (1.0 - eps) * ((u + torch.arange(B, device=dev) / B) % 1.0)  # (B,)
-    p_mask = t
-    selected = torch.rand(B, L, generator=generator, device=dev) < p_mask[:, None]  # (B, L)
-    return x.masked_fill(selected, mask_id), selected, t
-
-
-def mdlm_training_loss(
-    model: torch.nn.Module, x: Tensor, mask_id: int, generator: torch.Generator, eps: float = 1e-3
-) -> Tensor:
-    """MDLM objective (scalar): mean over the batch of sum_{masked} CE / t, divided by L (nats per character).
-
-    Its expectation is (1 / (1 - eps)) int_eps^1 (1/t) E[f | t] dt / L, i.e. NELBO / L up to O(eps) (MDLM trains
-    with eps = 1e-3 to keep the 1/t weight bounded). Full-vocabulary CE: see the module docstring.
-    """
-    x_masked, selected, t = sample_mdlm_batch(x, mask_id, generator, eps)
-    B, L = x.shape
-    logits = model(x_masked, positions=selected)  # (N, V)
-    ce = F.cross_entropy(logits.float(), x[selected], reduction="none")  # (N,)
-    row = torch.arange(B, device=x.device)[:, None].expand_as(selected)[selected]  # (N,)
-    weighted = ce / t[row]  # (N,): 1/t = -alpha'_t / (1 - alpha_t)
-    return weighted.sum() / (B * L)
 
 
 @torch.no_grad()

@@ -18,10 +18,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from unmask.command import parse_command
 from unmask.data import load_dataset
 from unmask.elbo import DEFAULT_ESTIMATOR, ESTIMATOR_DESCRIPTIONS, Estimator, split_likelihood, split_window_offsets
 from unmask.errors import UserError
-from unmask.flags import format_help, parse_flags
 from unmask.loading import Trained, load_trained, resolve_checkpoint
 from unmask.runtime import Runtime, resolve_device
 from unmask.stages import parse_stages
@@ -73,12 +73,6 @@ def _validate(args: EvalArgs) -> None:
         raise UserError(f"--draws={args.draws}: --estimator=antithetic_t needs an even number of draws (pairs)")
 
 
-def _device(name: str) -> torch.device:
-    if not (name in ("auto", "cpu", "cuda", "mps") or name.startswith("cuda:")):
-        raise UserError(f"--device={name}: expected auto, cpu, cuda, cuda:N or mps")
-    return resolve_device(name)
-
-
 def objective_of(trained: Trained) -> str:
     if trained.model_config.causal:
         return "autoregressive"
@@ -119,7 +113,7 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
     """Run the evaluation described by `args`; returns the report as a JSON-able dict."""
     _validate(args)
     path = resolve_checkpoint(args.ckpt, args.out_dir)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     trained = load_trained(path, device)
     trained.require_head(("lm",), "unmask eval (a likelihood in bits per character)")
     cfg = trained.config
@@ -225,11 +219,10 @@ def report_lines(r: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if "--help" in argv or "-h" in argv:
-        print(format_help(EvalArgs, USAGE, DESCRIPTION))
+    parsed = parse_command(EvalArgs, argv, USAGE, DESCRIPTION)
+    if parsed is None:
         return 0
-    _, flags = parse_flags(EvalArgs, argv, max_positional=0)
-    args = EvalArgs(**flags)
+    args = parsed[1]
     result = evaluate(args)
     if args.json:
         print(json.dumps(result, allow_nan=False))

@@ -34,20 +34,32 @@ def _check_probability(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
+def key_ranks(keys: torch.Tensor) -> torch.Tensor:
+    """Rank (B, T) long of each key within its row: 0 for the smallest. Ranks are distinct even when keys tie."""
+    return keys.argsort(dim=1).argsort(dim=1)
+
+
+def random_k_subsets(k: torch.Tensor | int, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """(B, T) bool: in each row b exactly min(k[b], T) positions, a uniformly random subset of that size.
+
+    Every position gets a uniform key and the k smallest keys are kept (distinct ranks, so the count is exact).
+    `k` is an int or a (B,) tensor; the draws come from `generator` (on its device).
+    """
+    keys = torch.rand(shape, generator=generator, device=generator.device)  # (B, T)
+    count = k if isinstance(k, int) else k[:, None]
+    return key_ranks(keys) < count
+
+
 def _keep_random(candidates: torch.Tensor, count: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Keep `min(count[b], candidates[b].sum())` uniformly random `True` positions of each row.
 
     Candidates get uniform keys and everything else a key above any uniform draw; a position survives when
-    its rank within its row is below the row's count. Ranks are distinct even if two keys tie, so the
-    number kept is exact, and no per-row Python loop is needed.
+    its rank within its row is below the row's count, so no per-row Python loop is needed.
     """
     B, T = candidates.shape
     keys = torch.rand(B, T, generator=generator, device=generator.device)  # (B, T)
     keys = keys.masked_fill(~candidates, 2.0)
-    order = keys.argsort(dim=1)  # (B, T)
-    positions = torch.arange(T, device=candidates.device).expand(B, T)  # (B, T)
-    rank = torch.empty_like(order).scatter_(1, order, positions)  # (B, T): rank of each position's key
-    return candidates & (rank < count.unsqueeze(1))
+    return candidates & (key_ranks(keys) < count.unsqueeze(1))
 
 
 def _single_region(batch_size: int, T: int, k: int, p2: float, generator: torch.Generator) -> torch.Tensor:

@@ -1,50 +1,59 @@
-"""Training objectives: what one micro-batch is, what its loss is, and how each is validated.
+"""Training objectives: one small class per objective, and every training loss.
 
+An objective owns what differs between kinds of training: which data a micro-batch is made of and its loss
+(`loss`), what an evaluation measures (`validate`), its console block (`start_lines`, `report_lines`), its
+checkpointed state (`state_dict`, `rank_state`, `load_state`) and, for the unmasking objective, the stage
+curriculum that decides the learning-rate window and when training ends. The trainer (`unmask.trainer`) keeps the
+model, optimizer, loop, learning rate, DDP, signals and checkpoints, and calls these methods without knowing which
+objective it runs. Adding an objective is one subclass of `Objective` plus `@register("name")`.
+
+Language-model objectives here:
 - `unmasking` (the original framework's): stage-curriculum corruption, loss = mean cross-entropy over the selected
   positions. Not a likelihood.
 - `mdlm`: the continuous-time negative ELBO of masked diffusion with the linear schedule (Sahoo et al. 2024, MDLM;
-  Shi et al. 2024, MD4), as implemented in `unmask.elbo.mdlm_training_loss`.
+  Shi et al. 2024, MD4).
 - `autoregressive`: causal attention and next-character targets on windows of block_size + 1 characters: the
   nanoGPT baseline, trained and scored by the same code.
+The two binary tasks of transfer learning register from `unmask.transfer.tasks`.
 
-Every objective reports `val_bpc` at each evaluation: the ELBO for diffusion models, the exact NLL for the
-autoregressive one, so objectives and curricula are compared on one number.
+Every language-model objective reports `val_bpc` at each evaluation: the ELBO for diffusion models, the exact NLL
+for the autoregressive one, so objectives and curricula are compared on one number.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from unmask.batches import Batch
-from unmask.masking import num_masked
+from unmask import validation
+from unmask.batches import Batch, BatchSource, SelectionPool
+from unmask.config import TrainConfig
+from unmask.curriculum import Curriculum, CurriculumState
+from unmask.data import Dataset, Vocab, check_split_length, load_dataset
+from unmask.errors import UserError
 from unmask.runtime import Runtime
 
-OBJECTIVES = ("unmasking", "mdlm", "autoregressive")
-# Mask rates at which diffusion models report their masked CE ("loss per mask-rate bucket").
-MASK_RATE_BUCKETS = (0.1, 0.3, 0.5, 0.7, 0.9)
-_BPC_SEED = 42
+if TYPE_CHECKING:
+    from unmask.model import Transformer
+    from unmask.transfer.pretrained import Pretrained
+
+# --- losses -------------------------------------------------------------------------------------------------------
 
 
-def is_causal(objective: str) -> bool:
-    return objective == "autoregressive"
-
-
-def window_length(objective: str, block_size: int) -> int:
-    """Characters per training window: one more for autoregressive (inputs and shifted targets)."""
-    return block_size + 1 if is_causal(objective) else block_size
-
-
-def unmasking_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over the selected positions (the seed's unmasking loss)."""
+def unmasking_loss(model: torch.nn.Module, batch: Batch) -> Tensor:
+    """Mean cross-entropy over the selected positions (the original framework's unmasking loss)."""
     logits = model(batch.x, positions=batch.selected)  # (N, V)
     return F.cross_entropy(logits.float(), batch.y[batch.selected])
 
 
-def label_smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, eps: float, n_chars: int) -> torch.Tensor:
+def label_smoothed_cross_entropy(logits: Tensor, targets: Tensor, eps: float, n_chars: int) -> Tensor:
     """Mean cross-entropy against label-smoothed targets (Szegedy et al. 2016, "Rethinking the Inception
     Architecture", §7; Müller et al. 2019, "When Does Label Smoothing Help?").
 
@@ -60,94 +69,428 @@ def label_smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ep
     return ((1.0 - eps) * nll + eps * uniform).mean()
 
 
-def smoothed_unmasking_loss(model: torch.nn.Module, batch: Batch, eps: float, n_chars: int) -> torch.Tensor:
+def smoothed_unmasking_loss(model: torch.nn.Module, batch: Batch, eps: float, n_chars: int) -> Tensor:
     """`unmasking_loss` with label smoothing `eps` over the `n_chars` real characters (training only)."""
     logits = model(batch.x, positions=batch.selected)  # (N, V)
     return label_smoothed_cross_entropy(logits, batch.y[batch.selected], eps, n_chars)
 
 
-def autoregressive_loss(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+def autoregressive_loss(model: torch.nn.Module, windows: Tensor) -> Tensor:
     """Mean next-character cross-entropy: windows (B, T + 1) -> inputs [:, :-1], targets [:, 1:]."""
     logits = model(windows[:, :-1])  # (B, T, V)
     return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
 
 
-def mdlm_loss(model: torch.nn.Module, clean: torch.Tensor, mask_id: int, generator: torch.Generator) -> torch.Tensor:
-    from unmask.elbo import mdlm_training_loss
+def sample_mdlm_batch(
+    x: Tensor, mask_id: int, generator: torch.Generator, eps: float = 1e-3
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_masked (B, L), selected (B, L) bool, t (B,) float32) for the MDLM training loss.
 
-    return mdlm_training_loss(model, clean, mask_id, generator)
-
-
-@torch.no_grad()
-def diffusion_val_bpc(
-    model: torch.nn.Module, clean: torch.Tensor, mask_id: int, draws: int, batch_size: int, runtime: Runtime
-) -> dict[str, float]:
-    """Negative ELBO in bits per character over fixed validation windows (B, T), same draws at every evaluation.
-
-    The generator is re-seeded each time, so differences between evaluations come from the model, not the draws.
+    t_b = eps + (1 - eps) ((u + b / B) mod 1) with one u ~ U[0, 1) per batch: every t_b is uniform on [eps, 1)
+    and the batch puts exactly one t in each of B equal strata (the low-discrepancy "antithetic" sampling of
+    MDLM and MD4). Then each position is masked with probability p_mask = t_b.
     """
-    from unmask.elbo import nelbo_estimate
-
-    gen = torch.Generator(device=runtime.device).manual_seed(_BPC_SEED + runtime.rank)
-    sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # nats, characters
-    rows = torch.arange(runtime.rank, clean.shape[0], runtime.world_size, device=runtime.device)
-    for chunk in rows.split(batch_size):
-        with runtime.autocast():
-            nats, _ = nelbo_estimate(model, clean[chunk], mask_id, draws, gen)  # (b,) nats per sequence
-        sums[0] += nats.double().sum()
-        sums[1] += chunk.numel() * clean.shape[1]
-    runtime.all_reduce_sum(sums)
-    nats_per_char = float(sums[0] / sums[1])
-    return {"val_bpc": nats_per_char / math.log(2), "val_nats_per_char": nats_per_char}
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (B, L), got {tuple(x.shape)}")
+    B, L = x.shape
+    dev = generator.device
+    u = torch.rand(1, generator=generator, device=dev)
+    t = eps + (1.0 - eps) * ((u + torch.arange(B, device=dev) / B) % 1.0)  # (B,)
+    p_mask = t
+    selected = torch.rand(B, L, generator=generator, device=dev) < p_mask[:, None]  # (B, L)
+    return x.masked_fill(selected, mask_id), selected, t
 
 
-@torch.no_grad()
-def mask_rate_ce(
-    model: torch.nn.Module, clean: torch.Tensor, mask_id: int, batch_size: int, runtime: Runtime
-) -> dict[str, float]:
-    """Masked CE at fixed mask rates (uniformly chosen positions, exactly round(rate * T) per row)."""
-    out: dict[str, float] = {}
-    T = clean.shape[1]
-    rows = torch.arange(runtime.rank, clean.shape[0], runtime.world_size, device=runtime.device)
-    for rate in MASK_RATE_BUCKETS:
-        gen = torch.Generator(device=runtime.device).manual_seed(_BPC_SEED + int(100 * rate) + runtime.rank)
-        k = max(1, num_masked(rate, T))
-        sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-        for chunk in rows.split(batch_size):
-            x = clean[chunk]
-            keys = torch.rand(x.shape, generator=gen, device=runtime.device)  # (b, T)
-            selected = keys.argsort(dim=1).argsort(dim=1) < k  # (b, T): k uniformly chosen positions per row
-            with runtime.autocast():
-                logits = model(x.masked_fill(selected, mask_id), positions=selected)  # (N, V)
-            sums[0] += F.cross_entropy(logits.float(), x[selected], reduction="sum").double()
-            sums[1] += selected.sum()
-        runtime.all_reduce_sum(sums)
-        out[f"val_ce_mask_{int(round(100 * rate))}"] = float(sums[0] / sums[1])
-    return out
+def mdlm_loss(model: torch.nn.Module, x: Tensor, mask_id: int, generator: torch.Generator, eps: float = 1e-3) -> Tensor:
+    """MDLM objective (scalar): mean over the batch of sum_{masked} CE / t, divided by L (nats per character).
 
-
-@torch.no_grad()
-def autoregressive_val(
-    model: torch.nn.Module, windows: torch.Tensor, mask_id: int, batch_size: int, runtime: Runtime
-) -> dict[str, Any]:
-    """Exact NLL per character over fixed validation windows (N, T + 1).
-
-    `val_loss` is the training cross-entropy (softmax over the whole vocabulary); `val_bpc` drops the [MASK]
-    logit first, as `unmask eval` and every diffusion likelihood do (`unmask.elbo.real_char_log_probs`), so the
-    logged number and `unmask eval` agree on the same windows.
+    Its expectation is (1 / (1 - eps)) int_eps^1 (1/t) E[f | t] dt / L, i.e. NELBO / L up to O(eps) (MDLM trains
+    with eps = 1e-3 to keep the 1/t weight bounded); `unmask.elbo` derives the bound. Full-vocabulary CE.
     """
-    from unmask.elbo import real_char_log_probs
+    x_masked, selected, t = sample_mdlm_batch(x, mask_id, generator, eps)
+    B, L = x.shape
+    logits = model(x_masked, positions=selected)  # (N, V)
+    ce = F.cross_entropy(logits.float(), x[selected], reduction="none")  # (N,)
+    row = torch.arange(B, device=x.device)[:, None].expand_as(selected)[selected]  # (N,)
+    weighted = ce / t[row]  # (N,): 1/t = -alpha'_t / (1 - alpha_t)
+    return weighted.sum() / (B * L)
 
-    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # CE nats, NLL nats, characters
-    rows = torch.arange(runtime.rank, windows.shape[0], runtime.world_size, device=runtime.device)
-    for chunk in rows.split(batch_size):
-        w = windows[chunk]
-        with runtime.autocast():
-            logits = model(w[:, :-1])  # (b, T, V)
-        targets = w[:, 1:]  # (b, T)
-        sums[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").double()
-        sums[1] -= real_char_log_probs(logits, mask_id).gather(2, targets[..., None]).sum().double()
-        sums[2] += targets.numel()
-    runtime.all_reduce_sum(sums)
-    nats = float(sums[1] / sums[2])
-    return {"val_loss": float(sums[0] / sums[2]), "val_nats_per_char": nats, "val_bpc": nats / math.log(2)}
+
+# --- the objective interface ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunInputs:
+    """What an objective is built from: the config, where it runs, and what the run starts from."""
+
+    cfg: TrainConfig
+    runtime: Runtime
+    mask_gen: torch.Generator  # the run's masking stream (on the training device)
+    checkpoint: dict[str, Any] | None = None  # a checkpoint being resumed
+    pretrained: Pretrained | None = None  # weights a new (transfer) run starts from
+
+    @property
+    def chars_per_iter(self) -> int:
+        """Characters of training text one optimizer step consumes, over all ranks: epochs = seen / available."""
+        c = self.cfg
+        return c.batch_size * c.block_size * c.gradient_accumulation_steps * self.runtime.world_size
+
+
+class Objective:
+    """What one kind of training trains on, measures and reports. Subclasses set `vocab` and `train_size` in
+    `__init__` and implement `loss` and `validate`; every other hook has a neutral default."""
+
+    name: ClassVar[str]
+    show_parameter_summary: ClassVar[bool] = False  # print total / trainable / frozen parameters at the start
+    vocab: Vocab
+    train_size: int  # units of one epoch (training characters, or texts for the sequence task)
+
+    def __init__(self, inputs: RunInputs) -> None:
+        self.cfg, self.rt = inputs.cfg, inputs.runtime
+        self.pretrained = inputs.pretrained
+
+    # --- model ----------------------------------------------------------------------------------------------------
+
+    def model_fields(self) -> dict[str, Any]:
+        """Extra `ModelConfig` fields of this objective's network (e.g. causal attention, a binary head)."""
+        return {}
+
+    def prepare_model(self, model: Transformer) -> list[str]:
+        """After the model is built, before the optimizer: start from pretrained weights, freeze. Returns lines to
+        print. A language model from pretrained weights keeps their vocabulary and copies every weight (unless
+        --transfer_learning_mode=from_scratch)."""
+        if self.pretrained is None:
+            return []
+        from unmask.transfer import pretrained as transfer
+
+        return transfer.start_language_model(model, self.cfg, self.pretrained, self.vocab)
+
+    # --- training and evaluation ------------------------------------------------------------------------------------
+
+    def loss(
+        self, model: torch.nn.Module, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool
+    ) -> tuple[Tensor, float]:
+        """One micro-batch: (loss, seconds spent making the batch). `training=False` for the fresh train batches
+        of an evaluation (no label smoothing, no pre-drawn selections)."""
+        raise NotImplementedError
+
+    def validate(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Metrics on the fixed validation data (model in eval mode, gradients off); must include `val_loss`."""
+        raise NotImplementedError
+
+    def epochs(self, iter_num: int, chars_seen: int) -> float:
+        """Passes over the training data."""
+        return chars_seen / self.train_size
+
+    # --- curriculum hooks (only the unmasking objective has one) ---------------------------------------------------
+
+    def before_step(self, iter_num: int, epochs: float) -> str | None:
+        """Before every iteration; a line to print, if any."""
+        return None
+
+    def finished(self, iter_num: int, epochs: float) -> bool:
+        """Whether training ends before max_iters."""
+        return False
+
+    def after_eval(self, metrics: dict[str, Any], iter_num: int, epochs: float) -> None:
+        """React to an evaluation's metrics (in place: decisions and state go into the record)."""
+
+    def lr_window(self) -> tuple[int, int | None, float]:
+        """(stage start iteration, stage end iteration or None, lr factor) for `unmask.schedule.lr_at`."""
+        return 0, None, 1.0
+
+    def log_fields(self) -> dict[str, Any]:
+        """Extra fields of every training log record."""
+        return {}
+
+    def end_lines(self, iter_num: int, epochs: float) -> list[str]:
+        """Lines printed when training ends before max_iters."""
+        return []
+
+    # --- console --------------------------------------------------------------------------------------------------
+
+    def start_lines(self, resumed_at: int | None) -> list[str]:
+        """The objective's block of the run banner."""
+        return []
+
+    def report_lines(self, m: dict[str, Any]) -> list[str]:
+        """The objective's block after "step N: train loss ..., val loss ..., lr ..."."""
+        return []
+
+    # --- checkpointed state -----------------------------------------------------------------------------------------
+
+    def task_record(self, head: str) -> dict[str, Any]:
+        """What the model was trained for, recorded in checkpoints and sidecars (read by `unmask.loading`)."""
+        return {"head": head, "objective": self.cfg.objective}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint keys owned by the objective (shared by all ranks)."""
+        return {}
+
+    def rank_state(self) -> dict[str, Any]:
+        """Per-rank state stored next to the rank's generators (`rng[rank]`)."""
+        return {}
+
+    def load_state(
+        self, ckpt: dict[str, Any], rank_rng: dict[str, Any], iter_num: int, epochs: float, path: Path
+    ) -> None:
+        """Restore what `state_dict` and `rank_state` saved."""
+
+
+OBJECTIVE_CLASSES: dict[str, type[Objective]] = {}
+
+
+def register(name: str) -> Callable[[type[Objective]], type[Objective]]:
+    """Class decorator: make an objective available under `name`."""
+
+    def add(cls: type[Objective]) -> type[Objective]:
+        cls.name = name
+        OBJECTIVE_CLASSES[name] = cls
+        return cls
+
+    return add
+
+
+def objective_name(cfg: TrainConfig) -> str:
+    """The registered objective a config trains: a binary task with --switch_to_binary, else --objective."""
+    return f"binary_{cfg.binary_task}" if cfg.switch_to_binary else cfg.objective
+
+
+def build_objective(inputs: RunInputs) -> Objective:
+    name = objective_name(inputs.cfg)
+    if name.startswith("binary_"):
+        import unmask.transfer.tasks  # noqa: F401 - registers the binary tasks
+    if name not in OBJECTIVE_CLASSES:
+        raise UserError(f"--objective={name}: expected one of {', '.join(OBJECTIVE_CLASSES)}")
+    return OBJECTIVE_CLASSES[name](inputs)
+
+
+# --- language-model objectives ---------------------------------------------------------------------------------------
+
+
+class LanguageModel(Objective):
+    """Objectives trained on windows of the dataset's text, with the dataset's vocabulary."""
+
+    causal: ClassVar[bool] = False
+
+    def __init__(self, inputs: RunInputs) -> None:
+        super().__init__(inputs)
+        cfg = self.cfg
+        self.data: Dataset = load_dataset(Path(cfg.data_dir) / cfg.dataset)
+        for split in ("train", "val"):
+            check_split_length(self.data, split, cfg.block_size)
+        self.vocab = self.data.vocab
+        self.train_size = len(self.data.train)
+        self.paragraphs = self.data.paragraphs if cfg.use_paragraph_boundaries else {"train": None, "val": None}
+        self.window = cfg.block_size + 1 if self.causal else cfg.block_size
+        self.train_source = BatchSource(self.data.train, self.window, self.rt.device, self.paragraphs["train"])
+
+    def model_fields(self) -> dict[str, Any]:
+        return {"causal": self.causal}
+
+    def start_lines(self, resumed_at: int | None) -> list[str]:
+        cfg = self.cfg
+        return [
+            f"dataset {cfg.dataset}: {len(self.data.train):,} train / {len(self.data.val):,} val characters",
+            f"objective {cfg.objective}: {'causal' if self.causal else 'bidirectional'} attention",
+        ]
+
+
+class DiffusionModel(LanguageModel):
+    """Bidirectional objectives scored on the fixed, stage-masked validation set and by the ELBO."""
+
+    def __init__(self, inputs: RunInputs) -> None:
+        super().__init__(inputs)
+        cfg = self.cfg
+        self.val_set = validation.build_validation_set(
+            self.data.val,
+            self.paragraphs["val"],
+            cfg.stages_for_validation,
+            cfg.eval_iters * cfg.batch_size,
+            cfg.block_size,
+            self.vocab.mask_id,
+            self.vocab.n_chars,
+            self.rt.device,
+        )
+
+    def validate(self, model: torch.nn.Module) -> dict[str, Any]:
+        cfg, mask_id, rt = self.cfg, self.vocab.mask_id, self.rt
+        n_stages = len(cfg.stages_for_validation)
+        metrics = validation.evaluate_batches(model, self.val_set, cfg.batch_size, n_stages, self.vocab.n_chars, rt)
+        clean = self.val_set.y
+        metrics |= validation.diffusion_val_bpc(model, clean, mask_id, cfg.elbo_draws, cfg.batch_size, rt)
+        return metrics | validation.mask_rate_ce(model, clean, mask_id, cfg.batch_size, rt)
+
+    def start_lines(self, resumed_at: int | None) -> list[str]:
+        n = len(self.cfg.stages_for_validation)
+        return [
+            *super().start_lines(resumed_at),
+            f"Validation set: {len(self.val_set)} samples from all {n} validation stages (seed 42)",
+        ]
+
+    def report_lines(self, m: dict[str, Any]) -> list[str]:
+        buckets = ", ".join(
+            f"{k.removeprefix('val_ce_mask_')}% {v:.3f}" for k, v in m.items() if k.startswith("val_ce_mask_")
+        )
+        lines = [
+            f"  val bpc: {m['val_bpc']:.4f} (ELBO), epochs {m['epochs']:.3f}",
+            f"  val model vs random: {m['val_model_vs_random']:.2f}x better",
+            f"  val accuracy: {m['val_avg_correct_prob']:.4f} (random baseline: {1 / self.vocab.n_chars:.4f})",
+            f"  Most likely guess correct P %: {m['val_most_likely_accuracy']:.1f}%",
+            f"  val masked token ratio: {m['val_masked_token_ratio']:.3f} "
+            f"(min {m['val_masked_token_ratio_min']:.3f}, max {m['val_masked_token_ratio_max']:.3f})",
+            f"  masked CE by mask rate: {buckets}",
+            "Per-stage validation losses:",
+        ]
+        for i, stage in enumerate(self.cfg.stages_for_validation):
+            lines.append(
+                f"  Stage {i} ({stage.type}): {m[f'val_stage_{i}_loss']:.4f} "
+                f"({m[f'val_stage_{i}_samples']} samples) - {stage.ratio_label()}"
+            )
+        return lines
+
+
+@register("unmasking")
+class Unmasking(DiffusionModel):
+    """The stage curriculum: training batches mix stages 0..current; the validation loss advances the stage."""
+
+    def __init__(self, inputs: RunInputs) -> None:
+        super().__init__(inputs)
+        cfg = self.cfg
+        self.curriculum = Curriculum(
+            cfg.unmasking_stages,
+            cfg.use_all_stages_for_training,
+            duration_scale=cfg.stage_duration_scale,
+            iters_per_epoch=self.train_size / inputs.chars_per_iter,
+        )
+        # Stage selections are pre-drawn from the run's masking stream, 256+ rows at a time.
+        rows = max(256, 4 * cfg.batch_size)
+        self.pool = SelectionPool(cfg.unmasking_stages, cfg.block_size, inputs.mask_gen, rows)
+
+    def loss(
+        self, model: torch.nn.Module, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool
+    ) -> tuple[Tensor, float]:
+        cfg, vocab = self.cfg, self.vocab
+        t0 = time.perf_counter()
+        counts = self.curriculum.training_mix(cfg.batch_size)
+        pool = self.pool if training else None
+        batch = self.train_source.batch(
+            counts, cfg.unmasking_stages, vocab.mask_id, vocab.n_chars, data_gen, mask_gen, pool
+        )
+        seconds = time.perf_counter() - t0
+        with self.rt.autocast():
+            if training and cfg.label_smoothing:
+                return smoothed_unmasking_loss(model, batch, cfg.label_smoothing, vocab.n_chars), seconds
+            return unmasking_loss(model, batch), seconds
+
+    def before_step(self, iter_num: int, epochs: float) -> str | None:
+        return self.curriculum.advance_by_duration(iter_num, epochs)
+
+    def finished(self, iter_num: int, epochs: float) -> bool:
+        return self.curriculum.finished(iter_num, epochs)
+
+    def after_eval(self, metrics: dict[str, Any], iter_num: int, epochs: float) -> None:
+        metrics["decision"] = self.curriculum.update(metrics["val_loss"], iter_num, epochs)
+        state = self.curriculum.state
+        metrics |= {
+            "stage": state.stage,
+            "stale_count": state.stale_count,
+            "best_stage_val_loss": state.best_stage_val_loss,
+        }
+
+    def lr_window(self) -> tuple[int, int | None, float]:
+        c = self.curriculum
+        return c.state.stage_start_iter, c.stage_end_iter(), c.current.lr_factor
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"stage": self.curriculum.state.stage}
+
+    def end_lines(self, iter_num: int, epochs: float) -> list[str]:
+        stage = self.curriculum.state.stage
+        return [
+            f"Final stage {stage} ({self.curriculum.current.type}) has lasted its duration: training ends at "
+            f"iteration {iter_num} ({epochs:.3f} epochs)"
+        ]
+
+    def start_lines(self, resumed_at: int | None) -> list[str]:
+        lines = super().start_lines(resumed_at)
+        for i, stage in enumerate(self.cfg.unmasking_stages):
+            lines.append(f"  Stage {i} ({stage.type}): {stage.params()}, {self.curriculum.describe_duration(i)}")
+        if resumed_at:
+            lines.append(f"Resumed at iteration {resumed_at}, stage {self.curriculum.state.stage}")
+        return lines
+
+    def report_lines(self, m: dict[str, Any]) -> list[str]:
+        cur, state = self.curriculum.current, self.curriculum.state
+        progress = self.curriculum.progress(m["iter"], m["epochs"])
+        stage_line = f"Stage {state.stage} ({cur.type}): {cur.params()}, stale_count={state.stale_count}"
+        return [stage_line + (f", {progress}" if progress else ""), *super().report_lines(m)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curriculum": self.curriculum.state.to_dict()}
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"pool": self.pool.state()}  # the pre-drawn selections not used yet belong to the mask stream
+
+    def load_state(
+        self, ckpt: dict[str, Any], rank_rng: dict[str, Any], iter_num: int, epochs: float, path: Path
+    ) -> None:
+        if "curriculum" in ckpt:
+            self.curriculum.state = CurriculumState.from_dict(ckpt["curriculum"], iter_num, epochs)
+        if self.curriculum.state.stage >= len(self.cfg.unmasking_stages):
+            raise UserError(
+                f"{path}: checkpoint is at stage {self.curriculum.state.stage} but only "
+                f"{len(self.cfg.unmasking_stages)} --unmasking_stages are configured"
+            )
+        if "pool" in rank_rng:
+            # (Checkpoints written before the pool was saved were written right after a flush: empty pool.)
+            self.pool.load_state(rank_rng["pool"])
+
+
+@register("mdlm")
+class MDLM(DiffusionModel):
+    """The continuous-time masked-diffusion ELBO on clean windows (`mdlm_loss`)."""
+
+    def loss(
+        self, model: torch.nn.Module, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool
+    ) -> tuple[Tensor, float]:
+        t0 = time.perf_counter()
+        windows = self.train_source.clean(self.cfg.batch_size, data_gen)
+        seconds = time.perf_counter() - t0
+        with self.rt.autocast():
+            return mdlm_loss(model, windows, self.vocab.mask_id, mask_gen), seconds
+
+
+@register("autoregressive")
+class Autoregressive(LanguageModel):
+    """Causal attention, next-character cross-entropy on windows of block_size + 1; scored by exact NLL."""
+
+    causal = True
+
+    def __init__(self, inputs: RunInputs) -> None:
+        super().__init__(inputs)
+        cfg = self.cfg
+        # Fixed validation windows of block_size + 1 characters (seed 42), scored by exact NLL.
+        val_source = BatchSource(self.data.val, self.window, self.rt.device, self.paragraphs["val"])
+        n_val = cfg.eval_iters * cfg.batch_size
+        self.val_windows = val_source.clean(n_val, torch.Generator().manual_seed(validation.VALIDATION_SEED))
+
+    def loss(
+        self, model: torch.nn.Module, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool
+    ) -> tuple[Tensor, float]:
+        t0 = time.perf_counter()
+        windows = self.train_source.clean(self.cfg.batch_size, data_gen)
+        seconds = time.perf_counter() - t0
+        with self.rt.autocast():
+            return autoregressive_loss(model, windows), seconds
+
+    def validate(self, model: torch.nn.Module) -> dict[str, Any]:
+        cfg = self.cfg
+        return validation.autoregressive_val(model, self.val_windows, self.vocab.mask_id, cfg.batch_size, self.rt)
+
+    def start_lines(self, resumed_at: int | None) -> list[str]:
+        n, width = len(self.val_windows), self.cfg.block_size + 1
+        return [*super().start_lines(resumed_at), f"Validation set: {n} windows of {width} characters (seed 42)"]
+
+    def report_lines(self, m: dict[str, Any]) -> list[str]:
+        return [f"  val bpc: {m['val_bpc']:.4f} (exact NLL), epochs {m['epochs']:.3f}"]

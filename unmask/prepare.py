@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from unmask import __version__
+from unmask.command import parse_command
 from unmask.errors import UserError
 
 MIRROR_ENV = "UNMASK_DATA_MIRROR"
@@ -588,3 +589,38 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         os.rename(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class PrepareArgs:
+    data_dir: str = "data"
+    """Directory the dataset directory is written into."""
+    input: str | None = None
+    """A UTF-8 text file to prepare (for shakespeare_char: use this file instead of fetching)."""
+    name: str | None = None
+    """Dataset name for --input (default: the file's stem)."""
+    val_fraction: float = 0.1
+    """Fraction of the characters, taken from the end, that form the validation split."""
+
+
+def main(argv: list[str]) -> int:
+    """`unmask prepare [DATASET] [flags]`."""
+    parsed = parse_command(
+        PrepareArgs,
+        argv,
+        "unmask prepare [DATASET] [flags]",
+        f"Prepare a known dataset ({', '.join(KNOWN_DATASETS)}) or any UTF-8 file (--input).",
+        max_positional=1,
+    )
+    if parsed is None:
+        return 0
+    positional, args = parsed
+    dataset = positional[0] if positional else None
+    if dataset is None and args.input is None:
+        raise UserError(f"unmask prepare: name a dataset ({', '.join(KNOWN_DATASETS)}) or give --input=FILE")
+    prepare(dataset, Path(args.input) if args.input else None, args.name, Path(args.data_dir), args.val_fraction)
+    return 0

@@ -1,10 +1,15 @@
-"""Where and how the computation runs: device, dtype/autocast, and DDP under torchrun."""
+"""Where and how the computation runs: device, dtype/autocast, DDP under torchrun, and what it runs on (versions,
+peak FLOP/s for MFU)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,7 +53,20 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def resolve_device(name: str) -> torch.device:
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def check_device_name(name: str, flag: str = "--device") -> None:
+    """One line for a device name torch would not understand (before torch turns it into a traceback)."""
+    index = name.removeprefix("cuda:")
+    if name in ("auto", "cpu", "cuda", "mps") or (name.startswith("cuda:") and index.isdigit()):
+        return
+    raise UserError(f"{flag}={name}: expected {DEVICE_NAMES}")
+
+
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """The torch device of a --device value; every command resolves its device here."""
+    check_device_name(name, flag)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -56,9 +74,11 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={name}: CUDA is not available on this machine (use --device=cpu)")
+        raise UserError(f"{flag}={name}: CUDA is not available on this machine (use {flag}=cpu)")
+    if name.startswith("cuda:") and int(name.removeprefix("cuda:")) >= torch.cuda.device_count():
+        raise UserError(f"{flag}={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device=mps: MPS is not available on this machine (use --device=cpu)")
+        raise UserError(f"{flag}=mps: MPS is not available on this machine (use {flag}=cpu)")
     return torch.device(name)
 
 
@@ -88,3 +108,45 @@ def init_runtime(device_name: str, dtype_name: str, backend: str) -> Runtime:
         backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
     return Runtime(device, resolve_dtype(dtype_name, device), rank, local_rank, world_size)
+
+
+# Dense bf16/fp16 tensor-core peaks (vendor data sheets), for MFU; matched against torch's device name.
+_PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10", 125e12),
+    ("V100", 125e12),
+)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's peak FLOP/s at the run's dtype when known (CUDA GPUs in the table, bf16/fp16); else None."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _PEAK_FLOPS if key in name), None)
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    """The commit of the checkout this package runs from (with "-dirty" for local changes), else None."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def environment_record() -> dict[str, Any]:
+    """What produced a run, recorded in config.json and checkpoints: unmask and torch versions, the git commit."""
+    from unmask import __version__
+
+    return {"versions": {"unmask": __version__, "torch": str(torch.__version__), "git_commit": _git_commit()}}

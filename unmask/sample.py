@@ -20,10 +20,9 @@ from typing import IO, Any, Literal
 import torch
 
 from unmask import sample_metrics as sm
-from unmask.critic import CriticRemask, load_critic
+from unmask.command import parse_command
 from unmask.data import Dataset, load_dataset, sample_windows
 from unmask.errors import UserError
-from unmask.flags import format_help, parse_flags
 from unmask.loading import Trained, load_trained, resolve_checkpoint
 from unmask.runtime import resolve_device
 from unmask.sampling import (
@@ -313,6 +312,8 @@ def build(args: SampleArgs) -> Setup:
         setup.judge = Judge(judge, args.judge_draws)
     if args.critic_ckpt is not None:
         window = min(setup.length, trained.model_config.block_size)
+        from unmask.transfer.critic import load_critic
+
         setup.critic = load_critic(args.critic_ckpt, trained, window, device)
     return setup
 
@@ -366,6 +367,8 @@ def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None =
         mask_id, block_size = trained.vocab.mask_id, trained.model_config.block_size
         critic = None
         if config.remasking == "critic" and setup.critic is not None:
+            from unmask.transfer.critic import CriticRemask
+
             critic = CriticRemask(setup.critic.model, config.randomness_strength)
         result = generate(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook, critic)
         if setup.device.type == "cuda":
@@ -536,20 +539,20 @@ def sweep(setup: Setup) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str]) -> int:
-    if "--help" in argv or "-h" in argv:
-        print(
-            format_help(
-                SampleArgs,
-                "unmask sample (--out_dir=DIR | --ckpt=PATH) [--flag=value ...]",
-                "Generate text by iterative unmasking: prompts, infilling, remasking strategies, sample metrics and "
-                "a steps sweep. See docs/sampling.md.",
-            )
-        )
+    def guide(flags: dict[str, Any]) -> dict[str, Any]:
+        return {**GUIDE_PRESET, **flags} if flags.get("preset") == "guide" else flags
+
+    parsed = parse_command(
+        SampleArgs,
+        argv,
+        "unmask sample (--out_dir=DIR | --ckpt=PATH) [--flag=value ...]",
+        "Generate text by iterative unmasking: prompts, infilling, remasking strategies, sample metrics and "
+        "a steps sweep. See docs/sampling.md.",
+        adjust=guide,
+    )
+    if parsed is None:
         return 0
-    _, flags = parse_flags(SampleArgs, argv, max_positional=0)
-    if flags.get("preset") == "guide":
-        flags = {**GUIDE_PRESET, **flags}
-    args = SampleArgs(**flags)
+    args = parsed[1]
     setup = build(args)
 
     if args.step_counts:

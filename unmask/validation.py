@@ -1,9 +1,10 @@
-"""The fixed validation set and the metrics of the README's "Validation and Monitoring".
+"""Every evaluation metric of training: the fixed validation set, the README's "Validation and Monitoring"
+metrics, `val_bpc` (ELBO or exact NLL) and the masked CE per mask rate.
 
 The set is built once per run from val.bin with its own generators (seed 42), spread evenly over all validation
 stages (remainder to the earliest), and every sample carries its true stage id. Every sample is evaluated at
-every evaluation (the original evaluated only the first `eval_iters` batches and mislabelled stages:
-seed_system.md §10.11). Under DDP each rank evaluates a strided shard and the sums are all-reduced, so every rank
+every evaluation (the original evaluated only the first `eval_iters` batches and mislabelled stages; see
+docs/origin.md). Under DDP each rank evaluates a strided shard and the sums are all-reduced, so every rank
 sees the same numbers.
 
 Losses are token-weighted: the mean cross-entropy over all masked positions (overall, and per stage).
@@ -11,6 +12,7 @@ Losses are token-weighted: the mean cross-entropy over all masked positions (ove
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -19,10 +21,15 @@ import torch.nn.functional as F
 
 from unmask.batches import Batch, BatchSource
 from unmask.curriculum import split_evenly
+from unmask.elbo import nelbo_estimate, real_char_log_probs
+from unmask.masking import num_masked, random_k_subsets
 from unmask.runtime import Runtime
 from unmask.stages import Stage
 
 VALIDATION_SEED = 42
+# Mask rates at which diffusion models report their masked CE ("loss per mask-rate bucket").
+MASK_RATE_BUCKETS = (0.1, 0.3, 0.5, 0.7, 0.9)
+_BPC_SEED = 42
 
 
 def build_validation_set(
@@ -94,3 +101,73 @@ def evaluate_batches(
         out[f"val_stage_{i}_loss"] = float(s[i, 0]) / max(float(s[i, 1]), 1.0)
         out[f"val_stage_{i}_samples"] = int(s[i, 2])
     return out
+
+
+@torch.no_grad()
+def diffusion_val_bpc(
+    model: torch.nn.Module, clean: torch.Tensor, mask_id: int, draws: int, batch_size: int, runtime: Runtime
+) -> dict[str, float]:
+    """Negative ELBO in bits per character over fixed validation windows (B, T), same draws at every evaluation.
+
+    The generator is re-seeded each time, so differences between evaluations come from the model, not the draws.
+    """
+    gen = torch.Generator(device=runtime.device).manual_seed(_BPC_SEED + runtime.rank)
+    sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # nats, characters
+    rows = torch.arange(runtime.rank, clean.shape[0], runtime.world_size, device=runtime.device)
+    for chunk in rows.split(batch_size):
+        with runtime.autocast():
+            nats, _ = nelbo_estimate(model, clean[chunk], mask_id, draws, gen)  # (b,) nats per sequence
+        sums[0] += nats.double().sum()
+        sums[1] += chunk.numel() * clean.shape[1]
+    runtime.all_reduce_sum(sums)
+    nats_per_char = float(sums[0] / sums[1])
+    return {"val_bpc": nats_per_char / math.log(2), "val_nats_per_char": nats_per_char}
+
+
+@torch.no_grad()
+def mask_rate_ce(
+    model: torch.nn.Module, clean: torch.Tensor, mask_id: int, batch_size: int, runtime: Runtime
+) -> dict[str, float]:
+    """Masked CE at fixed mask rates (uniformly chosen positions, exactly round(rate * T) per row)."""
+    out: dict[str, float] = {}
+    T = clean.shape[1]
+    rows = torch.arange(runtime.rank, clean.shape[0], runtime.world_size, device=runtime.device)
+    for rate in MASK_RATE_BUCKETS:
+        gen = torch.Generator(device=runtime.device).manual_seed(_BPC_SEED + int(100 * rate) + runtime.rank)
+        k = max(1, num_masked(rate, T))
+        sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+        for chunk in rows.split(batch_size):
+            x = clean[chunk]
+            selected = random_k_subsets(k, (x.shape[0], T), gen)  # (b, T): k uniformly chosen positions per row
+            with runtime.autocast():
+                logits = model(x.masked_fill(selected, mask_id), positions=selected)  # (N, V)
+            sums[0] += F.cross_entropy(logits.float(), x[selected], reduction="sum").double()
+            sums[1] += selected.sum()
+        runtime.all_reduce_sum(sums)
+        out[f"val_ce_mask_{int(round(100 * rate))}"] = float(sums[0] / sums[1])
+    return out
+
+
+@torch.no_grad()
+def autoregressive_val(
+    model: torch.nn.Module, windows: torch.Tensor, mask_id: int, batch_size: int, runtime: Runtime
+) -> dict[str, Any]:
+    """Exact NLL per character over fixed validation windows (N, T + 1).
+
+    `val_loss` is the training cross-entropy (softmax over the whole vocabulary); `val_bpc` drops the [MASK]
+    logit first, as `unmask eval` and every diffusion likelihood do (`unmask.elbo.real_char_log_probs`), so the
+    logged number and `unmask eval` agree on the same windows.
+    """
+    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # CE nats, NLL nats, characters
+    rows = torch.arange(runtime.rank, windows.shape[0], runtime.world_size, device=runtime.device)
+    for chunk in rows.split(batch_size):
+        w = windows[chunk]
+        with runtime.autocast():
+            logits = model(w[:, :-1])  # (b, T, V)
+        targets = w[:, 1:]  # (b, T)
+        sums[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").double()
+        sums[1] -= real_char_log_probs(logits, mask_id).gather(2, targets[..., None]).sum().double()
+        sums[2] += targets.numel()
+    runtime.all_reduce_sum(sums)
+    nats = float(sums[1] / sums[2])
+    return {"val_loss": float(sums[0] / sums[2]), "val_nats_per_char": nats, "val_bpc": nats / math.log(2)}

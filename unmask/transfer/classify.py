@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from unmask.binary import binary_metrics
+from unmask.command import parse_command
 from unmask.errors import UserError
-from unmask.flags import format_help, parse_flags
-from unmask.labeled_text import LabeledText, encode_texts, read_labeled
 from unmask.loading import Trained, load_trained, resolve_checkpoint
 from unmask.runtime import resolve_device
+from unmask.transfer.binary import binary_metrics
+from unmask.transfer.labeled_text import LabeledText, encode_texts, read_labeled
 
 USAGE = "unmask classify (--ckpt=PATH | --out_dir=DIR) --input=FILE [--json]"
 DESCRIPTION = (
@@ -83,11 +83,10 @@ def score_characters(trained: Trained, records: list[LabeledText], path: Path, b
 
 
 def main(argv: list[str]) -> int:
-    if "--help" in argv or "-h" in argv:
-        print(format_help(ClassifyArgs, USAGE, DESCRIPTION))
+    parsed = parse_command(ClassifyArgs, argv, USAGE, DESCRIPTION)
+    if parsed is None:
         return 0
-    _, flags = parse_flags(ClassifyArgs, argv, max_positional=0)
-    args = ClassifyArgs(**flags)
+    args = parsed[1]
     if args.input is None:
         raise UserError("--input=FILE: the texts to score are required")
     if args.batch_size < 1:

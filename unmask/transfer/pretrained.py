@@ -22,20 +22,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from unmask import checkpoint as ckpt_io
-from unmask.config import TrainConfig
+from unmask.config import ARCHITECTURE_FLAGS, TrainConfig, differing_fields
 from unmask.data import Vocab
 from unmask.errors import UserError
 from unmask.model import Transformer
 
-if TYPE_CHECKING:
-    from unmask.train import Trainer
-
-ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 DATA_FIELDS = ("data_dir", "dataset")  # default to the pretraining data
 # Config keys a resumed run must keep: they decide the head and which parameters the optimizer holds.
 TASK_FIELDS = ("switch_to_binary", "binary_task", "transfer_learning_mode")
@@ -94,17 +90,13 @@ def transfer_values(values: dict[str, Any], explicit: frozenset[str], pretrained
     """The run's config values: architecture from the checkpoint (explicit flags must agree), data location from
     it unless given, everything else from defaults < preset < flags."""
     saved = pretrained.model_config
-    diffs = [
-        f"{k}: flag {values[k]} vs checkpoint {saved[k]}"
-        for k in ARCHITECTURE_FIELDS
-        if k in explicit and k in saved and values[k] != saved[k]
-    ]
+    diffs = differing_fields({k: v for k, v in values.items() if k in explicit}, saved)
     if diffs:
         raise UserError(
             f"{_FLAG}={pretrained.path}: the architecture differs from the checkpoint ({'; '.join(diffs)}); "
             "drop these flags or give the checkpoint's values"
         )
-    out = {**values, **{k: saved[k] for k in ARCHITECTURE_FIELDS if k in saved}}
+    out = {**values, **{k: saved[k] for k in ARCHITECTURE_FLAGS if k in saved}}
     for k in DATA_FIELDS:
         if k not in explicit and k in pretrained.config:
             out[k] = pretrained.config[k]
@@ -125,11 +117,7 @@ def check_resume_task(cfg: TrainConfig, ckpt: dict[str, Any], path: Path) -> Non
     if cfg.head != head:
         diffs.append(f"head: flags give {cfg.head} vs checkpoint {head}")
     if head != "lm":
-        diffs += [
-            f"{k}: flag {getattr(cfg, k)} vs checkpoint {saved[k]}"
-            for k in TASK_FIELDS
-            if k in saved and getattr(cfg, k) != saved[k]
-        ]
+        diffs += differing_fields(cfg, saved, TASK_FIELDS)
     if diffs:
         raise UserError(f"{path}: a resumed run keeps the checkpoint's task ({'; '.join(diffs)})")
 
@@ -229,17 +217,14 @@ def banner(cfg: TrainConfig, pretrained: Pretrained) -> list[str]:
     return lines
 
 
-def start_language_model(trainer: Trainer, pretrained: Pretrained) -> None:
+def start_language_model(model: Transformer, cfg: TrainConfig, pretrained: Pretrained, vocab: Vocab) -> list[str]:
     """A language-model run (no --switch_to_binary) from pretrained weights: same vocabulary, all weights copied
-    (fine_tuning) or none (from_scratch); every parameter trains.
+    (fine_tuning) or none (from_scratch); every parameter trains. Returns the banner lines.
 
-    Called on a constructed Trainer: its optimizer holds the parameters themselves, so copying weights in place
-    keeps it valid, and every DDP rank copies the same file.
+    Called before the optimizer is built; every DDP rank copies the same file, so the replicas agree.
     """
-    cfg = trainer.cfg
-    check_same_vocab(trainer.vocab, pretrained, cfg.dataset)
+    check_same_vocab(vocab, pretrained, cfg.dataset)
     if cfg.transfer_learning_mode != "from_scratch":
         with torch.no_grad():
-            load_backbone(trainer.raw_model, pretrained.state)
-    for line in banner(cfg, pretrained) + parameter_summary(trainer.raw_model, trainer.optimizer):
-        trainer.log.print(line)
+            load_backbone(model, pretrained.state)
+    return banner(cfg, pretrained)

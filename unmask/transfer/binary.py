@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from unmask.masking import random_k_subsets
+
 
 def replace_characters(
     clean: Tensor, n_chars: int, ratio_range: tuple[float, float], generator: torch.Generator
@@ -35,8 +37,7 @@ def replace_characters(
     dev = clean.device
     rates = lo + (hi - lo) * torch.rand(B, dtype=torch.float64, generator=generator, device=dev)  # (B,)
     counts = torch.floor(rates * T + 0.5).long().clamp(0, T)  # (B,): round half up, as `masking.num_masked`
-    keys = torch.rand(B, T, generator=generator, device=dev)  # (B, T)
-    replaced = keys.argsort(dim=1).argsort(dim=1) < counts[:, None]  # (B, T): counts[b] random positions
+    replaced = random_k_subsets(counts, (B, T), generator)  # (B, T): counts[b] random positions
     shift = torch.randint(1, n_chars, (B, T), generator=generator, device=dev)  # (B, T) in [1, n_chars - 1]
     x = torch.where(replaced, (clean + shift) % n_chars, clean)
     return x, replaced.long()

@@ -1,12 +1,14 @@
-"""Run logging: console lines, `metrics.jsonl` (one JSON record per log and eval line), optional wandb.
+"""The run log: console lines, `metrics.jsonl` (one JSON record per log and eval line), optional wandb.
 
-Only rank 0 writes. wandb is imported lazily and only when `--wandb_log=True`.
+Only rank 0 writes. Every record carries `time` (Unix seconds, wall clock) and `elapsed_s` (seconds since this
+process opened the log). wandb is imported lazily and only when `--wandb_log=True`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,10 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-class RunLogger:
+class RunLog:
     def __init__(self, out_dir: Path, enabled: bool, wandb_config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
+        self.opened = time.time()
         self.path = out_dir / "metrics.jsonl"
         self._wandb: Any = None
         if enabled and wandb_config is not None:
@@ -44,7 +47,13 @@ class RunLogger:
     def record(self, kind: str, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        rec = {"kind": kind, **{k: _jsonable(v) for k, v in values.items()}}
+        now = time.time()
+        rec = {
+            "kind": kind,
+            **{k: _jsonable(v) for k, v in values.items()},
+            "time": round(now, 3),
+            "elapsed_s": round(now - self.opened, 3),
+        }
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         if self._wandb is not None:
