@@ -1,4 +1,5 @@
-"""What every command's `main` starts with: `--help`, then flags parsed into the command's dataclass."""
+"""What every command's `main` starts with: `--help`, then flags parsed into the command's dataclass, with the
+one device-name check of every command that has a `--device` flag."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from unmask.flags import format_help, parse_flags
+from unmask.runtime import check_device_name
 
 T = TypeVar("T")
 
@@ -29,4 +31,6 @@ def parse_command(
     positional, flags = parse_flags(cls, argv, max_positional=max_positional)
     if adjust is not None:
         flags = adjust(flags)
+    if isinstance(flags.get("device"), str):
+        check_device_name(flags["device"])  # before anything is loaded: torch would raise a traceback
     return positional, cls(**flags)

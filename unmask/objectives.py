@@ -22,6 +22,7 @@ for the autoregressive one, so objectives and curricula are compared on one numb
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -256,10 +257,15 @@ def objective_name(cfg: TrainConfig) -> str:
     return f"binary_{cfg.binary_task}" if cfg.switch_to_binary else cfg.objective
 
 
+# Modules that register more objectives when imported, looked up only when a run asks for one of theirs (so
+# the optional transfer-learning package is never imported by a language-model run).
+PLUGIN_MODULES = {"binary_replaced_token": "unmask.transfer.tasks", "binary_sequence": "unmask.transfer.tasks"}
+
+
 def build_objective(inputs: RunInputs) -> Objective:
     name = objective_name(inputs.cfg)
-    if name.startswith("binary_"):
-        import unmask.transfer.tasks  # noqa: F401 - registers the binary tasks
+    if name not in OBJECTIVE_CLASSES and name in PLUGIN_MODULES:
+        importlib.import_module(PLUGIN_MODULES[name])
     if name not in OBJECTIVE_CLASSES:
         raise UserError(f"--objective={name}: expected one of {', '.join(OBJECTIVE_CLASSES)}")
     return OBJECTIVE_CLASSES[name](inputs)

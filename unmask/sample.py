@@ -188,14 +188,7 @@ class Judge:
         if self.trained.model_config.causal:
             return sm.causal_nll(model, x, scored.to(device), block_size).tolist()
         generator = torch.Generator(device=device).manual_seed(REFERENCE_SEED)
-        try:
-            values = sm.diffusion_nll(model, x, vocab.mask_id, block_size, self.draws, generator)
-        except ImportError:
-            raise UserError(
-                f"--judge_ckpt={self.trained.path}: a diffusion judge needs unmask.elbo.score_windows, which this "
-                "installation lacks; give an autoregressive (causal) checkpoint"
-            ) from None
-        return values.tolist()
+        return sm.diffusion_nll(model, x, vocab.mask_id, block_size, self.draws, generator).tolist()
 
 
 @dataclass
