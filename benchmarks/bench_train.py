@@ -17,6 +17,7 @@ import json
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def bench(name: str, shape: dict, args: argparse.Namespace) -> dict:
     cfg = TrainConfig(
         data_dir=args.data_dir,
         dataset=args.dataset,
-        out_dir="/tmp/unmask-bench",
+        out_dir=str(Path(tempfile.gettempdir()) / "unmask-bench"),
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,

@@ -1,6 +1,6 @@
 """Transfer-learning table: does diffusion pretraining help binary heads? And does a critic help sampling?
 
-Runs everything on the CPU, in-process, under WORK (default /tmp/t5):
+Runs everything on the CPU, in-process, under WORK (default: `transfer_table` in the temporary directory):
 
 1. `unmask prepare shakespeare_char` (from $UNMASK_DATA_MIRROR when set) and a short pretraining run with the `cpu`
    preset (block_size 128, the README's three stages mixed in every batch; reused when its checkpoint exists), and
@@ -16,7 +16,9 @@ Runs everything on the CPU, in-process, under WORK (default /tmp/t5):
 
 Prints Markdown tables (mean ± sample std over seeds) and writes WORK/transfer_table.json.
 
-    UNMASK_DATA_MIRROR=/work/shared/data python benchmarks/transfer_table.py [--work=/tmp/t5] [--quick]
+    UNMASK_DATA_MIRROR=DATA_DIR python benchmarks/transfer_table.py [--work=WORK] [--quick]
+
+DATA_DIR is a directory holding tinyshakespeare.txt.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import platform
 import random
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -208,7 +211,7 @@ def critic_sweep(work: Path, pre: Path, critic: Path, judge: Path, steps: str, s
 
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/t5")
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "transfer_table"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=300, help="training steps of every transfer run")
     parser.add_argument("--pretrain_iters", type=int, default=600)

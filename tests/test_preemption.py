@@ -1,5 +1,5 @@
 """SIGTERM / Ctrl-C: the step in progress finishes, a checkpoint of that state is written, the exit code is
-128 + signal, and a resumed run is bit for bit the uninterrupted one (reliability.md §4, test C.16)."""
+128 + signal, and a resumed run is bit for bit the uninterrupted one (docs/origin.md §4.1)."""
 
 from __future__ import annotations
 

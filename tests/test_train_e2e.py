@@ -269,3 +269,32 @@ def test_evaluating_more_often_does_not_change_training(tiny_data: Path, tmp_pat
     assert {r["stage"] for r in records(runs[4], "eval")} == {0}
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_resume_says_when_the_run_is_finished_and_warns_on_a_new_schedule(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *tiny_flags(tiny_data, out, max_iters=8)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--init_from=resume", f"--out_dir={out}"]) == 0
+    assert "the run is already finished at iteration 8 (max_iters 8)" in capsys.readouterr().out
+    assert main(["train", "--init_from=resume", f"--out_dir={out}", "--max_iters=12"]) == 0
+    err = capsys.readouterr().err
+    assert "different learning-rate schedule (max_iters: flag 12 vs checkpoint 8)" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_resumed_run_starts_a_fresh_non_finite_count(tiny_data: Path, tmp_path: Path) -> None:
+    """A checkpoint written after 4 skipped steps must not make the first bad step after a resume fatal."""
+    from unmask.runtime import init_runtime
+    from unmask.train import build_train_run
+    from unmask.trainer import Trainer
+
+    out = tmp_path / "run"
+    assert main(["train", *tiny_flags(tiny_data, out, max_iters=4)]) == 0
+    ckpt = torch.load(out / "ckpt_unmasking_4.pt", weights_only=True)
+    ckpt["nonfinite_steps"] = 4
+    run = build_train_run(["--init_from=resume", f"--out_dir={out}", "--max_iters=8"])
+    trainer = Trainer(run.cfg, init_runtime("cpu", "float32", "gloo"), ckpt, run.path)
+    assert trainer.nonfinite_steps == 0

@@ -1,3 +1,20 @@
-"""unmask: masked discrete-diffusion ("unmasking") language models, character-level first."""
+"""unmask: masked discrete-diffusion ("unmasking") language models, character-level first.
+
+The modules in data-flow order (docs/architecture.md has the details):
+
+text -> ids          `prepare` (the command; `sources`: where shakespeare_char comes from), `data` (the dataset
+                     format, `Vocab`, memmapped splits)
+ids -> windows       `data.sample_windows`, `batches.BatchSource`
+windows -> batch     `masking` (pure selection/corruption functions), `stages` (stage dicts), `curriculum`
+                     (which stages train now), `batches` (per-stage corruption, the selection pool)
+batch -> logits      `model` (`Transformer`)
+logits -> loss       `objectives` (one class per objective, every training loss), `transfer.tasks` (binary tasks)
+loss -> step         `trainer` (the loop), `schedule` (learning rate), `runtime` (device, DDP), `preemption`
+step -> metrics      `validation` (every evaluation metric of training), `elbo` (likelihood estimators),
+                     `run_log` (console, metrics.jsonl)
+metrics -> files     `checkpoint` (atomic, verified), `loading` (checkpoint -> model for inference)
+commands             `cli` (dispatch table), `command` (shared parsing), `train`, `sample` (+ `sampling`,
+                     `sample_metrics`), `evaluate`, `compare`, `transfer.classify`
+"""
 
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ written to a temporary file in the same directory, fsynced and renamed, so a cra
 under the final name. A human-readable JSON sidecar (`ckpt_unmasking_{iter}.json`) repeats the metadata and
 records the payload's size and sha256: loading checks them, which catches damage that still unpickles (a flipped
 byte) as well as truncation. Resuming from the newest checkpoint falls back to the next older one, with a warning,
-when the newest is damaged; a checkpoint named explicitly must be intact (reliability.md §2).
+when the newest is damaged; a checkpoint named explicitly must be intact (docs/origin.md §4.2).
 """
 
 from __future__ import annotations

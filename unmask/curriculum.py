@@ -1,6 +1,6 @@
 """The stage curriculum: which stages feed the training batch, and when to advance.
 
-Rules (the original framework's, with its DDP bug fixed: seed_system.md §2, §10.15):
+Rules (the original framework's, with its DDP bug fixed: docs/origin.md §1.6, §2.6):
 after each evaluation, if the overall validation loss is not strictly below the current stage's best, the stale
 count grows; when it reaches the stage's `val_loss_stale_count` the curriculum advances to the next stage (stale
 count reset, stage best reset to +inf so the first evaluation of a new stage counts as an improvement). At the

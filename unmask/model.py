@@ -29,7 +29,7 @@ from torch import Tensor, nn
 # "lm": logits over the vocabulary, tied to the embedding; "token_binary": 2 logits per position;
 # "sequence_binary": 2 logits per sequence from the mean-pooled final hidden states.
 HEADS = ("lm", "token_binary", "sequence_binary")
-BINARY_HEAD_INIT_STD = 0.002  # the original framework's switch_to_binary_classification (seed_system.md §4.1)
+BINARY_HEAD_INIT_STD = 0.002  # the original framework's switch_to_binary_classification (docs/origin.md §1.7)
 
 
 @dataclass

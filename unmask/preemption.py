@@ -5,7 +5,7 @@ checkpoint of that exact state (no evaluation, so the curriculum sees the same e
 and exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT), the shell's convention. A second signal
 gets the default behaviour back, so a stuck run can still be killed. Under DDP the flag is all-reduced after every
 step: a signal delivered to one rank stops every rank at the same step, and nobody waits in a collective for a rank
-that has left (reliability.md §4; Lightning's and torchtitan's preemption handling do the same).
+that has left (docs/origin.md §4.1; Lightning's and torchtitan's preemption handling do the same).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A stage is written as in the original framework's README, a dict such as
 "val_loss_stale_count": 5}``. Parsing validates every key and value and names the stage in its errors
 (``unmasking_stages[1]: ...``), so a bad curriculum fails before any work is done.
 
-Corruption choices (the seed left them open, see research/seed_system.md §10 "open questions"):
+Corruption choices (the original framework left them open; docs/origin.md):
 sticky and span stages replace the selected positions with ``[MASK]`` (the README-era code); random stages
 use BERT 80/10/10 corruption (the seed's random stage).
 
@@ -146,7 +146,7 @@ class RandomStage(Stage):
 
 @dataclass(frozen=True, kw_only=True)
 class SpanStage(Stage):
-    """`spans_count` random inclusive spans per row (seed_system.md §1.5); covers about k/(2k+1) of a row."""
+    """`spans_count` random inclusive spans per row (docs/origin.md §1.3); covers about k/(2k+1) of a row."""
 
     type: ClassVar[str] = "span"
     required: ClassVar[tuple[str, ...]] = ("spans_count",)

@@ -196,6 +196,11 @@ class Trainer:
         )
         for line in self.objective.start_lines(self.iter_num if self.resumed else None):
             self.log.print(line)
+        if self.resumed and self.done() and self.last_eval_iter == self.iter_num:
+            self.log.print(
+                f"the run is already finished at iteration {self.iter_num} (max_iters {self.cfg.max_iters}): nothing "
+                "to train; give a larger --max_iters to continue it"
+            )
 
     def due_for_eval(self) -> bool:
         it = self.iter_num

@@ -1,4 +1,4 @@
-"""The parameter guide's "Current" column (seed 003, "Comprehensive Training Parameters Guide"), for a character model.
+"""The parameter guide's "Current" column (docs/origin.md §3), for a character model.
 
 Reproduced rows: epochs per stage 50 / 100 / 150; stage III masking_rate_range (0.10, 0.30);
 learning_rate_decay_factors [1.0, 0.8, 0.6] (each stage's lr_factor); batch_size 16 without gradient

@@ -1,4 +1,4 @@
-"""The parameter guide's "Recommended" column (seed 003, "Comprehensive Training Parameters Guide"), for a
+"""The parameter guide's "Recommended" column (docs/origin.md §3, "Comprehensive Training Parameters Guide"), for a
 character model.
 
 Reproduced rows: epochs per stage 75 / 150 / 300; stage III masking_rate_range (0.05, 0.20);

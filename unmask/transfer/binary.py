@@ -46,8 +46,8 @@ def replace_characters(
 def class_balanced_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean over the classes present of each class's mean cross-entropy; logits (N, 2), labels (N,) in {0, 1}.
 
-    This equals the original framework's weighted CE with per-batch weights w_c = N / (2 count_c) (seed_system.md
-    §4.1) under PyTorch's weighted mean, sum_i w_yi l_i / sum_i w_yi: both classes count equally however rare
+    This equals the original framework's weighted CE with per-batch weights w_c = N / (2 count_c) (docs/origin.md
+    §1.7) under PyTorch's weighted mean, sum_i w_yi l_i / sum_i w_yi: both classes count equally however rare
     replaced characters are, so predicting "kept" everywhere no longer scores well.
     """
     losses = F.cross_entropy(logits.float(), labels, reduction="none")  # (N,)

@@ -2,8 +2,8 @@
 
 `unmask train --init_from=resume --pretrained_checkpoint_path=PATH [--switch_to_binary=True]
 --transfer_learning_mode=feature_extraction|fine_tuning|from_scratch` starts a *new* run in `out_dir` (iteration 0,
-fresh optimizer, fresh counters) from PATH, as the original framework did (seed_system.md §4.1). Unlike the
-original, nothing is silently overridden or half-loaded (§10.4-10.7):
+fresh optimizer, fresh counters) from PATH, as the original framework did (docs/origin.md §1.7). Unlike the
+original, nothing is silently overridden or half-loaded (docs/origin.md §2.3, §2.4):
 
 - the architecture (`n_layer`, `n_head`, `n_embd`, `block_size`, `bias`) and the vocabulary come from the
   checkpoint; an architecture flag given explicitly with another value is one error listing every differing field
