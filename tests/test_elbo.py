@@ -25,7 +25,7 @@ from unmask.elbo import (
 )
 from unmask.model import ModelConfig, Transformer
 from unmask.objectives import mdlm_loss as mdlm_training_loss
-from unmask.objectives import sample_mdlm_batch
+from unmask.objectives import sample_exact_k_batch, sample_mdlm_batch
 
 VOCAB = 7  # 6 characters + [MASK]
 MASK_ID = VOCAB - 1
@@ -279,3 +279,44 @@ def test_split_likelihood_over_every_window() -> None:
     assert abs(out["bpc"] - float(exact.mean()) / L / math.log(2)) < 4 * out["bpc_mc_stderr"]
     few = split_likelihood(*args, torch.Generator(), 8, "cpu", progress=False, max_windows=3)
     assert few["windows"] == 3 and few["windows_total"] == 8
+
+
+def test_exact_k_training_loss_is_unbiased_for_the_bound_and_varies_less() -> None:
+    """exact_k (k ~ U{1..L}, uniform k-subsets, weight L/k) has the NELBO / L as its expectation, with no eps
+    shift, and its spread is at most antithetic_t's; zero-masking makes a model with a [MASK] logit score like one
+    without it."""
+    L = 6
+    inner = tiny_model(7)
+    x = tokens(4, L, seed=8).repeat(4, 1)  # (16, L)
+    with torch.no_grad():
+        exact = float(nelbo_exact(inner, x[:4], MASK_ID).mean()) / L  # drops the [MASK] logit
+    draws = {}
+    for estimator in ("exact_k", "antithetic_t"):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            draws[estimator] = torch.tensor(
+                [
+                    float(mdlm_training_loss(inner, x, MASK_ID, g, estimator=estimator, zero_masking=True))
+                    for _ in range(400)
+                ]
+            )
+    k_losses = draws["exact_k"]
+    se = float(k_losses.std()) / math.sqrt(len(k_losses))
+    assert abs(float(k_losses.mean()) - exact) < 4 * se
+    assert float(k_losses.std()) <= float(draws["antithetic_t"].std())
+    g = torch.Generator().manual_seed(3)
+    masked, selected, k = sample_exact_k_batch(x, MASK_ID, g)
+    assert torch.equal(selected.sum(dim=1), k) and int(k.min()) >= 1 and int(k.max()) <= L
+    assert torch.equal(masked[selected], torch.full_like(masked[selected], MASK_ID))
+
+
+def test_zero_masking_drops_only_the_mask_logit() -> None:
+    model = tiny_model(5)
+    x = tokens(4, 8, seed=2)
+    g1, g2, g3 = (torch.Generator().manual_seed(1) for _ in range(3))
+    with torch.no_grad():
+        zero = mdlm_training_loss(model, x, MASK_ID, g1, zero_masking=True)
+        full = mdlm_training_loss(model, x, MASK_ID, g2)
+        no_mask = mdlm_training_loss(NoMaskLogit(model), x, MASK_ID, g3)
+    assert float(zero) == pytest.approx(float(no_mask), rel=1e-6)
+    assert float(zero) < float(full)  # the [MASK] logit takes probability from every target

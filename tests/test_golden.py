@@ -61,6 +61,10 @@ def _case_argv(case: str, tiny_data: Path, root: Path) -> list[str]:
     out = root / case
     if case in ("unmasking", "mdlm", "autoregressive"):
         return _flags(tiny_data, out, objective=case)
+    if case.endswith("_full_softmax"):  # the losses before zero-masking became the default
+        return _flags(tiny_data, out, objective=case.removesuffix("_full_softmax"), zero_masking=False)
+    if case == "mdlm_exact_k":
+        return _flags(tiny_data, out, objective="mdlm", mdlm_estimator="exact_k")
     if case == "binary_replaced_token":
         return _flags(tiny_data, out, switch_to_binary=True, binary_task="replaced_token")
     if case == "binary_sequence":
@@ -78,6 +82,9 @@ CASES = (
     "unmasking",
     "mdlm",
     "autoregressive",
+    "mdlm_full_softmax",
+    "autoregressive_full_softmax",
+    "mdlm_exact_k",
     "binary_replaced_token",
     "binary_sequence",
     "transfer_fine_tuning",

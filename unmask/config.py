@@ -79,6 +79,14 @@ class TrainConfig:
     """'unmasking': masked CE through the stage curriculum; 'mdlm': the continuous-time masked-diffusion ELBO
     (t ~ U(eps, 1), linear schedule); 'autoregressive': causal attention and next-character targets (a nanoGPT
     baseline). Every objective logs val_bpc (ELBO for diffusion, exact NLL for autoregressive)."""
+    zero_masking: bool = True
+    """mdlm and autoregressive: drop the [MASK] logit from the softmax of the training loss (MDLM's zero-masking,
+    the SUBS parameterisation): [MASK] is never a target, so no probability is spent on it; validation CE then
+    drops it too. False: the full softmax (the behaviour before). The unmasking objective keeps the full softmax."""
+    mdlm_estimator: Literal["antithetic_t", "exact_k"] = "antithetic_t"
+    """--objective=mdlm: 'antithetic_t' draws t stratified over the batch, Bernoulli(t) masks, weight 1/t (MDLM);
+    'exact_k' draws k uniform in 1..L stratified over the batch, a uniform k-subset masked, weight L/k (t
+    integrated out: never a larger variance)."""
     elbo_draws: int = 2
     """Monte-Carlo draws per validation window for val_bpc of diffusion objectives (fixed seed: comparable across
     evaluations)."""

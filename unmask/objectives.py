@@ -38,7 +38,9 @@ from unmask.batches import Batch, BatchSource, SelectionPool
 from unmask.config import TrainConfig
 from unmask.curriculum import Curriculum, CurriculumState
 from unmask.data import Dataset, Vocab, check_split_length, load_dataset
+from unmask.elbo import real_char_log_probs
 from unmask.errors import UserError
+from unmask.masking import random_k_subsets
 from unmask.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -76,10 +78,22 @@ def smoothed_unmasking_loss(model: torch.nn.Module, batch: Batch, eps: float, n_
     return label_smoothed_cross_entropy(logits, batch.y[batch.selected], eps, n_chars)
 
 
-def autoregressive_loss(model: torch.nn.Module, windows: Tensor) -> Tensor:
-    """Mean next-character cross-entropy: windows (B, T + 1) -> inputs [:, :-1], targets [:, 1:]."""
+def autoregressive_loss(model: torch.nn.Module, windows: Tensor, mask_id: int | None = None) -> Tensor:
+    """Mean next-character cross-entropy: windows (B, T + 1) -> inputs [:, :-1], targets [:, 1:].
+
+    With `mask_id` the [MASK] logit is dropped from the softmax (zero-masking): [MASK] is never a target.
+    """
     logits = model(windows[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
+    return _cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), mask_id)
+
+
+def _cross_entropy(logits: Tensor, targets: Tensor, mask_id: int | None, reduction: str = "mean") -> Tensor:
+    """CE of logits (N, V); with `mask_id`, over the real characters only (MDLM's zero-masking, the SUBS
+    parameterisation of Sahoo et al. 2024: the [MASK] logit is -inf, so no probability is spent on it)."""
+    if mask_id is None:
+        return F.cross_entropy(logits.float(), targets, reduction=reduction)
+    logp = real_char_log_probs(logits, mask_id)  # (N, V)
+    return F.nll_loss(logp, targets, reduction=reduction)
 
 
 def sample_mdlm_batch(
@@ -102,19 +116,54 @@ def sample_mdlm_batch(
     return x.masked_fill(selected, mask_id), selected, t
 
 
-def mdlm_loss(model: torch.nn.Module, x: Tensor, mask_id: int, generator: torch.Generator, eps: float = 1e-3) -> Tensor:
-    """MDLM objective (scalar): mean over the batch of sum_{masked} CE / t, divided by L (nats per character).
+def sample_exact_k_batch(x: Tensor, mask_id: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_masked (B, L), selected (B, L) bool, k (B,) long) for the exact-k MDLM training loss.
 
-    Its expectation is (1 / (1 - eps)) int_eps^1 (1/t) E[f | t] dt / L, i.e. NELBO / L up to O(eps) (MDLM trains
-    with eps = 1e-3 to keep the 1/t weight bounded); `unmask.elbo` derives the bound. Full-vocabulary CE.
+    k_b = 1 + floor(L ((u + b / B) mod 1)) with one u ~ U[0, 1) per batch: every k_b is uniform on {1..L} and the
+    batch is stratified over k as `sample_mdlm_batch` stratifies t; then a uniform k_b-subset of row b is masked.
     """
-    x_masked, selected, t = sample_mdlm_batch(x, mask_id, generator, eps)
     B, L = x.shape
+    dev = generator.device
+    u = torch.rand(1, generator=generator, device=dev)
+    v = (u + torch.arange(B, device=dev) / B) % 1.0  # (B,)
+    k = (1 + (v * L).floor().long()).clamp(1, L)  # (B,)
+    selected = random_k_subsets(k, (B, L), generator)  # (B, L)
+    return x.masked_fill(selected, mask_id), selected, k
+
+
+MDLM_ESTIMATORS = ("antithetic_t", "exact_k")
+
+
+def mdlm_loss(
+    model: torch.nn.Module,
+    x: Tensor,
+    mask_id: int,
+    generator: torch.Generator,
+    eps: float = 1e-3,
+    estimator: str = "antithetic_t",
+    zero_masking: bool = False,
+) -> Tensor:
+    """MDLM objective (scalar): mean over the batch of the weighted masked CE, divided by L (nats per character).
+
+    `antithetic_t`: t stratified over the batch on [eps, 1), Bernoulli(t) masks, weight 1/t; its expectation is
+    (1 / (1 - eps)) int_eps^1 (1/t) E[f | t] dt / L, i.e. NELBO / L up to O(eps) (MDLM trains with eps = 1e-3 to
+    keep the 1/t weight bounded). `exact_k`: k uniform in 1..L, a uniform k-subset masked, weight L/k: the same
+    NELBO / L exactly, with t integrated out (Rao-Blackwellised, so its variance is never larger; `unmask.elbo`
+    derives both). `zero_masking` drops the [MASK] logit from the softmax.
+    """
+    if estimator not in MDLM_ESTIMATORS:
+        raise ValueError(f"unknown MDLM estimator {estimator!r}; expected one of {', '.join(MDLM_ESTIMATORS)}")
+    B, L = x.shape
+    if estimator == "exact_k":
+        x_masked, selected, k = sample_exact_k_batch(x, mask_id, generator)
+        weight = L / k.to(torch.float32)  # (B,)
+    else:
+        x_masked, selected, t = sample_mdlm_batch(x, mask_id, generator, eps)
+        weight = 1.0 / t  # (B,): 1/t = -alpha'_t / (1 - alpha_t)
     logits = model(x_masked, positions=selected)  # (N, V)
-    ce = F.cross_entropy(logits.float(), x[selected], reduction="none")  # (N,)
+    ce = _cross_entropy(logits, x[selected], mask_id if zero_masking else None, reduction="none")  # (N,)
     row = torch.arange(B, device=x.device)[:, None].expand_as(selected)[selected]  # (N,)
-    weighted = ce / t[row]  # (N,): 1/t = -alpha'_t / (1 - alpha_t)
-    return weighted.sum() / (B * L)
+    return (ce * weight[row]).sum() / (B * L)
 
 
 # --- the objective interface ----------------------------------------------------------------------------------------
@@ -305,6 +354,12 @@ class LanguageModel(Objective):
 class DiffusionModel(LanguageModel):
     """Bidirectional objectives scored on the fixed, stage-masked validation set and by the ELBO."""
 
+    @property
+    def zero_masking(self) -> bool:
+        """Whether training drops the [MASK] logit (then validation CE does too); the unmasking objective keeps
+        the original framework's full softmax."""
+        return self.cfg.zero_masking and self.name != "unmasking"
+
     def __init__(self, inputs: RunInputs) -> None:
         super().__init__(inputs)
         cfg = self.cfg
@@ -322,10 +377,13 @@ class DiffusionModel(LanguageModel):
     def validate(self, model: torch.nn.Module) -> dict[str, Any]:
         cfg, mask_id, rt = self.cfg, self.vocab.mask_id, self.rt
         n_stages = len(cfg.stages_for_validation)
-        metrics = validation.evaluate_batches(model, self.val_set, cfg.batch_size, n_stages, self.vocab.n_chars, rt)
+        drop = mask_id if self.zero_masking else None  # a zero-masked model is scored without the [MASK] logit
+        metrics = validation.evaluate_batches(
+            model, self.val_set, cfg.batch_size, n_stages, self.vocab.n_chars, rt, drop
+        )
         clean = self.val_set.y
         metrics |= validation.diffusion_val_bpc(model, clean, mask_id, cfg.elbo_draws, cfg.batch_size, rt)
-        return metrics | validation.mask_rate_ce(model, clean, mask_id, cfg.batch_size, rt)
+        return metrics | validation.mask_rate_ce(model, clean, mask_id, cfg.batch_size, rt, drop)
 
     def start_lines(self, resumed_at: int | None) -> list[str]:
         n = len(self.cfg.stages_for_validation)
@@ -463,8 +521,17 @@ class MDLM(DiffusionModel):
         t0 = time.perf_counter()
         windows = self.train_source.clean(self.cfg.batch_size, data_gen)
         seconds = time.perf_counter() - t0
+        cfg = self.cfg
         with self.rt.autocast():
-            return mdlm_loss(model, windows, self.vocab.mask_id, mask_gen), seconds
+            loss = mdlm_loss(
+                model,
+                windows,
+                self.vocab.mask_id,
+                mask_gen,
+                estimator=cfg.mdlm_estimator,
+                zero_masking=cfg.zero_masking,
+            )
+        return loss, seconds
 
 
 @register("autoregressive")
@@ -488,11 +555,13 @@ class Autoregressive(LanguageModel):
         windows = self.train_source.clean(self.cfg.batch_size, data_gen)
         seconds = time.perf_counter() - t0
         with self.rt.autocast():
-            return autoregressive_loss(model, windows), seconds
+            return autoregressive_loss(model, windows, self.vocab.mask_id if self.cfg.zero_masking else None), seconds
 
     def validate(self, model: torch.nn.Module) -> dict[str, Any]:
         cfg = self.cfg
-        return validation.autoregressive_val(model, self.val_windows, self.vocab.mask_id, cfg.batch_size, self.rt)
+        return validation.autoregressive_val(
+            model, self.val_windows, self.vocab.mask_id, cfg.batch_size, self.rt, cfg.zero_masking
+        )
 
     def start_lines(self, resumed_at: int | None) -> list[str]:
         n, width = len(self.val_windows), self.cfg.block_size + 1

@@ -52,9 +52,16 @@ def build_validation_set(
 
 @torch.no_grad()
 def evaluate_batches(
-    model: torch.nn.Module, data: Batch, batch_size: int, n_stages: int, n_chars: int, runtime: Runtime
+    model: torch.nn.Module,
+    data: Batch,
+    batch_size: int,
+    n_stages: int,
+    n_chars: int,
+    runtime: Runtime,
+    drop_id: int | None = None,
 ) -> dict[str, Any]:
-    """Per-stage and overall metrics of `model` on every row of `data` (sharded over DDP ranks)."""
+    """Per-stage and overall metrics of `model` on every row of `data` (sharded over DDP ranks); with `drop_id`
+    that logit ([MASK], for zero-masked models) is left out of the softmax."""
     dev = runtime.device
     # Per stage: [ce sum, masked tokens, samples, correct-prob sum, top-1 correct]
     sums = torch.zeros(n_stages, 5, dtype=torch.float64, device=dev)
@@ -63,7 +70,7 @@ def evaluate_batches(
         x, y, sel, sid = data.x[chunk], data.y[chunk], data.selected[chunk], data.stage_ids[chunk]
         with runtime.autocast():
             logits = model(x, positions=sel)  # (N, V)
-        logp = F.log_softmax(logits.float(), dim=-1)
+        logp = F.log_softmax(logits.float(), dim=-1) if drop_id is None else real_char_log_probs(logits, drop_id)
         target = y[sel]  # (N,)
         tok_logp = logp.gather(1, target[:, None]).squeeze(1)  # (N,)
         tok_stage = sid[:, None].expand_as(sel)[sel]  # (N,)
@@ -126,9 +133,15 @@ def diffusion_val_bpc(
 
 @torch.no_grad()
 def mask_rate_ce(
-    model: torch.nn.Module, clean: torch.Tensor, mask_id: int, batch_size: int, runtime: Runtime
+    model: torch.nn.Module,
+    clean: torch.Tensor,
+    mask_id: int,
+    batch_size: int,
+    runtime: Runtime,
+    drop_id: int | None = None,
 ) -> dict[str, float]:
-    """Masked CE at fixed mask rates (uniformly chosen positions, exactly round(rate * T) per row)."""
+    """Masked CE at fixed mask rates (uniformly chosen positions, exactly round(rate * T) per row); `drop_id` as
+    in `evaluate_batches`."""
     out: dict[str, float] = {}
     T = clean.shape[1]
     rows = torch.arange(runtime.rank, clean.shape[0], runtime.world_size, device=runtime.device)
@@ -141,7 +154,8 @@ def mask_rate_ce(
             selected = random_k_subsets(k, (x.shape[0], T), gen)  # (b, T): k uniformly chosen positions per row
             with runtime.autocast():
                 logits = model(x.masked_fill(selected, mask_id), positions=selected)  # (N, V)
-            sums[0] += F.cross_entropy(logits.float(), x[selected], reduction="sum").double()
+            logp = F.log_softmax(logits.float(), dim=-1) if drop_id is None else real_char_log_probs(logits, drop_id)
+            sums[0] -= logp.gather(1, x[selected][:, None]).sum().double()
             sums[1] += selected.sum()
         runtime.all_reduce_sum(sums)
         out[f"val_ce_mask_{int(round(100 * rate))}"] = float(sums[0] / sums[1])
@@ -150,7 +164,12 @@ def mask_rate_ce(
 
 @torch.no_grad()
 def autoregressive_val(
-    model: torch.nn.Module, windows: torch.Tensor, mask_id: int, batch_size: int, runtime: Runtime
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    mask_id: int,
+    batch_size: int,
+    runtime: Runtime,
+    zero_masking: bool = False,
 ) -> dict[str, Any]:
     """Exact NLL per character over fixed validation windows (N, T + 1).
 
@@ -170,4 +189,5 @@ def autoregressive_val(
         sums[2] += targets.numel()
     runtime.all_reduce_sum(sums)
     nats = float(sums[1] / sums[2])
-    return {"val_loss": float(sums[0] / sums[2]), "val_nats_per_char": nats, "val_bpc": nats / math.log(2)}
+    val_loss = nats if zero_masking else float(sums[0] / sums[2])  # the training loss of the same windows
+    return {"val_loss": val_loss, "val_nats_per_char": nats, "val_bpc": nats / math.log(2)}
