@@ -22,6 +22,8 @@ commands:
   eval      likelihood of a checkpoint: ELBO / exact NLL in bits per character
   compare   train an autoregressive baseline and a diffusion model on the same budget, compare val_bpc
   classify  score texts with a binary classifier checkpoint (--switch_to_binary=True runs)
+  export    write a checkpoint as model.safetensors + config.json + README.md (load with unmask.load)
+  plot      draw loss and val_bpc curves of one or more runs into a PNG (needs matplotlib)
 
 `unmask <command> --help` lists a command's flags."""
 
@@ -168,6 +170,8 @@ COMMANDS = {
     "eval": run_eval,
     "compare": run_compare,
     "classify": run_classify,
+    "export": lambda argv: __import__("unmask.export", fromlist=["main"]).main(argv),
+    "plot": lambda argv: __import__("unmask.plot", fromlist=["main"]).main(argv),
 }
 
 
