@@ -185,6 +185,12 @@ def model_card(config: dict[str, Any], n_params: int) -> str:
 # --- writing and reading --------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def _fsync_file(path: Path) -> None:
     with path.open("rb") as f:
         os.fsync(f.fileno())
@@ -213,8 +219,11 @@ def export(ckpt_path: Path, out: Path, overwrite: bool = False) -> dict[str, Any
         save_file(tensors, str(weights), metadata={"format": "pt", "unmask_export": str(EXPORT_FORMAT_VERSION)})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / CARD_FILE).write_text(model_card(config, trained.model.num_params()), encoding="utf-8")
+        umask = _umask()
         for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE):
             _fsync_file(tmp / name)
+            os.chmod(tmp / name, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the directory private; give it the usual permissions
         old = None
         if out.exists():  # empty, or --overwrite: move it aside first, so `out` is never missing a file
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
