@@ -217,8 +217,12 @@ def test_generate_option_errors_name_the_flag(exported: Path) -> None:
         m.generate(prompt="The ", length=4)
 
 
-def test_generate_autoregressive(ar_run_dir: Path) -> None:
-    m = unmask.load(ar_run_dir)
+def test_generate_autoregressive(ar_run_dir: Path, tmp_path: Path) -> None:
+    assert main(["export", f"--ckpt={ar_run_dir}", f"--out={tmp_path / 'ar'}"]) == 0
+    config = json.loads((tmp_path / "ar" / "config.json").read_text())
+    assert config["objective"] == "autoregressive" and config["model_config"]["causal"] is True
+    assert config["objective_params"] == {}
+    m = unmask.load(tmp_path / "ar")
     assert m.objective == "autoregressive" and m.model_config.causal
     text = m.generate(prompt="The ", length=50, temperature=0.8, seed=2)  # longer than block_size: a sliding window
     assert isinstance(text, str) and len(text) == 50 and text.startswith("The ")

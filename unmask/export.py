@@ -67,7 +67,7 @@ def split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     owner: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
     for name, tensor in state.items():
         key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
-        if key in owner:
+        if key in owner and tensor.numel() > 0:  # empty tensors may all report the same data pointer
             tied[name] = owner[key]
         else:
             owner[key] = name
