@@ -26,7 +26,7 @@ import torch
 from unmask.config import TrainConfig
 from unmask.runtime import init_runtime
 from unmask.stages import DEFAULT_STAGES
-from unmask.train import Trainer
+from unmask.trainer import Trainer
 
 CONFIGS = {
     "reduced_cpu_b8_t256": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8),

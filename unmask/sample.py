@@ -20,6 +20,7 @@ from typing import IO, Any, Literal
 import torch
 
 from unmask import sample_metrics as sm
+from unmask.animate import Recorder, animation_html, readable, write_animation
 from unmask.command import parse_command
 from unmask.data import Dataset, load_dataset, sample_windows
 from unmask.errors import UserError
@@ -100,9 +101,12 @@ class SampleArgs:
     json: bool = False
     """Print one JSON document (samples, settings, metrics) instead of the text report."""
     show_steps: bool = False
-    """Print the canvas after every step, masks shown as a block glyph."""
+    """Print the canvas after every step, one line per sample: masks as a block glyph, newlines as ⏎."""
     trace: str | None = None
     """Write every step (changed positions, canvas) to this file, one JSON object per line."""
+    animate: str | None = None
+    """Write a self-contained HTML page (FILE.html, no network needed) replaying the canvas filling step by step:
+    play/pause, a step slider, masks, prompt, earlier commits and this step's commits in different colours."""
     metrics: bool = True
     """Compute sample metrics and the real-text reference (reads the training dataset)."""
     data_dir: str | None = None
@@ -154,7 +158,7 @@ class SampleArgs:
                 raise UserError(f"--sweep_steps={self.sweep_steps}: expected a comma list of integers") from None
             if min(self.step_counts) < 1:
                 raise UserError(f"--sweep_steps={self.sweep_steps}: step counts must be at least 1")
-            for flag in ("show_steps", "trace", "json"):
+            for flag in ("show_steps", "trace", "animate", "json"):
                 if getattr(self, flag):
                     raise UserError(f"--{flag}: not available with --sweep_steps (the sweep writes --sweep_out)")
         elif len(self.strategies) > 1:
@@ -477,7 +481,7 @@ def step_printer(setup: Setup, out: IO[str]) -> StepHook:
     def show(first: int, event: StepEvent) -> None:
         print(f"--- step {event.step + 1}/{event.steps} (block {event.block + 1}) ---", file=out)
         for i, row in enumerate(event.canvas):
-            print(f"[{first + i + 1}] {setup.trained.vocab.decode(row)}", file=out)
+            print(f"[{first + i + 1}] {readable(setup.trained.vocab.decode(row))}", file=out)
 
     return show
 
@@ -570,6 +574,12 @@ def main(argv: list[str]) -> int:
         except OSError as exc:
             raise UserError(f"--trace={args.trace}: cannot write ({exc.strerror})") from None
         hooks.append(step_tracer(setup, trace_file))
+    recorder = None
+    if args.animate is not None:
+        if not Path(args.animate).parent.is_dir():  # before generating, not after
+            raise UserError(f"--animate={args.animate}: directory {Path(args.animate).parent} does not exist")
+        recorder = Recorder(setup.canvas, setup.fixed, setup.trained.vocab.mask_id, args.num_samples)
+        hooks.append(recorder)
 
     def on_step(first: int, event: StepEvent) -> None:
         for hook in hooks:
@@ -580,6 +590,9 @@ def main(argv: list[str]) -> int:
     finally:
         if trace_file is not None:
             trace_file.close()
+    if recorder is not None and args.animate is not None:
+        write_animation(Path(args.animate), animation_html(recorder, setup.trained.vocab, describe(setup, run.config)))
+        print(f"wrote {args.animate} ({len(recorder.frames)} steps)", file=out)
     metrics = evaluate(setup, run) if args.metrics else None
     if args.json:
         print(json.dumps(json_document(setup, run, metrics), indent=2, ensure_ascii=False))

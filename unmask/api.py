@@ -1,0 +1,283 @@
+"""The Python API: `unmask.load(PATH)` -> a `Model` that generates text and scores it in bits per character.
+
+PATH is an export directory (`unmask export`), a checkpoint file or a training run directory (its newest
+checkpoint). `Model.generate` takes the options of `unmask sample` (validated by the same rules, so an error names
+the same flag) and samples by iterative unmasking, or left to right for an autoregressive model. `Model.score`
+gives bits per character with the estimator that fits the objective: the negative ELBO by exact-k masking for
+diffusion models (an upper bound on the NLL; Ou et al. 2024, Nie et al. 2025), the exact NLL for autoregressive
+ones (see `unmask.elbo`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from unmask import elbo
+from unmask.data import Vocab
+from unmask.errors import UserError
+from unmask.export import export_config, is_export_dir, load_export, split_tied
+from unmask.loading import Trained, load_trained, resolve_checkpoint
+from unmask.model import ModelConfig, Transformer
+from unmask.sampling import SamplingConfig, infill_canvas, placeholder_spans, prompt_canvas, sample_categorical
+
+DEFAULT_SEED = 1337  # `unmask sample`'s default
+SCORE_DRAWS = 16  # forward passes per window of a diffusion score (exact_k: k stratified over them)
+# Options `Model.generate` passes to `unmask.sample.SampleArgs` for validation (besides prompt/length/seed).
+SAMPLER_OPTIONS = (*(f.name for f in fields(SamplingConfig)), "critic_ckpt", "preset")
+AR_OPTIONS = ("temperature", "top_k", "top_p")
+
+
+class Model:
+    """A trained model ready for inference: `.model` (torch module, eval mode), `.vocab`, `.config`.
+
+    `.config` is the export document (`config.json` of `unmask export`): `model_config`, `vocab`, `objective`,
+    `objective_params`, `training` summary, `train_config`, versions. `.trained` is the same model as
+    `unmask.loading.Trained`, the form the commands use.
+    """
+
+    def __init__(self, trained: Trained, config: dict[str, Any]) -> None:
+        self.trained = trained
+        self.config = config
+
+    @property
+    def model(self) -> Transformer:
+        return self.trained.model
+
+    @property
+    def vocab(self) -> Vocab:
+        return self.trained.vocab
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.trained.model_config
+
+    @property
+    def objective(self) -> str:
+        return str(self.config["objective"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __repr__(self) -> str:
+        mc = self.model_config
+        return (
+            f"unmask.Model({self.objective}, {mc.n_layer} layers x {mc.n_embd}, block_size {mc.block_size}, "
+            f"{self.vocab.n_chars} characters, from {self.trained.path})"
+        )
+
+    # --- generation -----------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        length: int | None = None,
+        num_samples: int | None = None,
+        *,
+        infill: str | None = None,
+        placeholder: str = "_",
+        seed: int = DEFAULT_SEED,
+        **sampler_options: Any,
+    ) -> list[str] | str:
+        """Generate text; the result includes the prompt (as `unmask sample` prints it).
+
+        `prompt`: a fixed prefix (a list: one batch per prompt); `length`: characters per sample, prompt included
+        (default: the model's block_size); `infill`: a template whose runs of `placeholder` are filled (sets the
+        length). `sampler_options` are `unmask sample`'s: steps, schedule, remasking, randomness_strength,
+        temperature, top_k, top_p, block_length, critic_ckpt, preset ("guide"); an autoregressive model takes
+        temperature, top_k and top_p. One `torch.Generator` seeded with `seed` drives everything, so a call is
+        reproducible. Returns one string, or a list when `prompt` is a list or `num_samples` is given.
+        """
+        self.trained.require_head(("lm",), "Model.generate")
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        rows = 1 if num_samples is None else num_samples
+        if rows < 1:
+            raise UserError(f"num_samples={num_samples}: must be at least 1")
+        generator = torch.Generator(device=self._sampling_device()).manual_seed(seed)
+        texts: list[str] = []
+        if infill is not None and self.model_config.causal:
+            raise UserError("--infill: an autoregressive model generates left to right only (no infilling)")
+        for text in prompts:
+            if self.model_config.causal:
+                texts.extend(self._generate_causal(text, length, rows, generator, sampler_options))
+            else:
+                texts.extend(
+                    self._generate_diffusion(text, length, rows, infill, placeholder, generator, sampler_options)
+                )
+        return texts[0] if num_samples is None and not isinstance(prompt, list) else texts
+
+    def _sampling_device(self) -> torch.device:
+        # float64 draws are unsupported on MPS: sample on the CPU there (as `unmask sample` does).
+        return self.device if self.device.type in ("cpu", "cuda") else torch.device("cpu")
+
+    def _sample_args(self, options: dict[str, Any], **canvas: Any) -> Any:
+        from unmask.sample import GUIDE_PRESET, SampleArgs
+
+        unknown = sorted(set(options) - set(SAMPLER_OPTIONS))
+        if unknown:
+            raise UserError(f"{', '.join(unknown)}: unknown sampler option(s); expected {', '.join(SAMPLER_OPTIONS)}")
+        if options.get("preset") == "guide":
+            options = {**GUIDE_PRESET, **options}
+        return SampleArgs(**options, **canvas)  # validates like the command line (errors name the flag)
+
+    def _generate_diffusion(
+        self,
+        prompt: str | None,
+        length: int | None,
+        rows: int,
+        infill: str | None,
+        placeholder: str,
+        generator: torch.Generator,
+        options: dict[str, Any],
+    ) -> list[str]:
+        from unmask.sample import sampling_config
+        from unmask.sampling import generate
+        from unmask.transfer.critic import CriticRemask, load_critic
+
+        args = self._sample_args(
+            options, prompt=prompt, length=length, infill=infill, placeholder=placeholder, num_samples=rows
+        )
+        canvas, fixed = self._canvas(prompt, length, infill, placeholder)
+        config = sampling_config(args, args.strategies[0], args.steps)
+        remasking = None
+        if args.critic_ckpt is not None:
+            window = min(canvas.shape[0], self.model_config.block_size)
+            critic = load_critic(args.critic_ckpt, self.trained, window, self.device)
+            remasking = CriticRemask(critic.model, config.randomness_strength)
+        x = canvas.to(self.device).expand(rows, -1).clone()  # (B, L)
+        keep = fixed.to(self.device).expand(rows, -1)  # (B, L)
+        mask_id, block_size = self.vocab.mask_id, self.model_config.block_size
+        try:
+            result = generate(self.model, x, keep, mask_id, block_size, config, generator, None, remasking)
+        except ValueError as exc:  # e.g. fewer steps than blocks
+            raise UserError(f"--steps={args.steps}: {exc}") from None
+        return [self.vocab.decode(row) for row in result.tokens]
+
+    def _canvas(
+        self, prompt: str | None, length: int | None, infill: str | None, placeholder: str
+    ) -> tuple[Tensor, Tensor]:
+        """(canvas (L,), fixed (L,) bool) of a prompt, an infilling template or an empty canvas."""
+        vocab, mask_id = self.vocab, self.vocab.mask_id
+        if infill is not None:
+            if not placeholder_spans(infill, placeholder):
+                raise UserError(f"--infill: the template has no {placeholder!r} to fill (see --placeholder)")
+            known = iter(vocab.encode("".join(ch for ch in infill if ch != placeholder), source="--infill"))
+            return infill_canvas([None if ch == placeholder else next(known) for ch in infill], mask_id)
+        length = length or self.model_config.block_size
+        if not prompt:
+            return torch.full((length,), mask_id, dtype=torch.long), torch.zeros(length, dtype=torch.bool)
+        ids = vocab.encode(prompt, source="--prompt")
+        if len(ids) >= length:
+            raise UserError(f"--prompt: {len(ids)} characters leave nothing to generate in --length={length}")
+        return prompt_canvas(ids, length, mask_id)
+
+    @torch.inference_mode()
+    def _generate_causal(
+        self,
+        prompt: str | None,
+        length: int | None,
+        rows: int,
+        generator: torch.Generator,
+        options: dict[str, Any],
+    ) -> list[str]:
+        """Left to right: each character drawn (float64 Gumbel-max, `sampling.sample_categorical`) given at most
+        block_size characters before it."""
+        other = sorted(set(options) - set(AR_OPTIONS))
+        if other:
+            raise UserError(f"{', '.join(other)}: not for an autoregressive model (it takes {', '.join(AR_OPTIONS)})")
+        args = self._sample_args(options, prompt=prompt, length=length, num_samples=rows)
+        vocab, block_size = self.vocab, self.model_config.block_size
+        length = length or block_size
+        seeded = not prompt
+        if seeded:
+            # No prompt: start, as nanoGPT's sampler does, from a newline (dropped from the result).
+            if "\n" not in vocab.itos:
+                raise UserError("prompt: an autoregressive model needs a prompt (its vocabulary has no newline)")
+            prompt, length = "\n", length + 1
+        ids = vocab.encode(prompt or "", source="--prompt")
+        if len(ids) >= length:
+            raise UserError(f"--prompt: {len(ids)} characters leave nothing to generate in --length={length}")
+        x = torch.tensor(ids, dtype=torch.long, device=self.device).expand(rows, -1).clone()  # (B, P)
+        banned = torch.arange(self.model_config.vocab_size, device=generator.device) >= vocab.mask_id  # (V,)
+        while x.shape[1] < length:
+            logits = self.model(x[:, -block_size:])[:, -1]  # (B, V)
+            drawn = sample_categorical(logits, banned, args.temperature, args.top_k, args.top_p, generator)  # (B,)
+            x = torch.cat([x, drawn.to(x.device)[:, None]], dim=1)
+        texts = [vocab.decode(row) for row in x]
+        return [t[1:] for t in texts] if seeded else texts
+
+    # --- scoring --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score(self, texts: str | list[str], draws: int = SCORE_DRAWS, seed: int = 0) -> list[float]:
+        """Bits per character of each text.
+
+        Diffusion models: the negative ELBO (exact-k masks stratified over `draws` forward passes per window, L/k
+        weights), summed over consecutive block_size windows of the text, per character; every text uses a
+        generator seeded with `seed`, so its score does not depend on the other texts. Autoregressive models: the
+        exact NLL of every character after the first (the first is context only), each given at most block_size
+        characters before it in non-overlapping windows (as `unmask eval`).
+        """
+        self.trained.require_head(("lm",), "Model.score")
+        if isinstance(texts, str):
+            texts = [texts]
+        if draws < 1:
+            raise UserError(f"draws={draws}: must be at least 1")
+        return [self._score_one(text, i, draws, seed) for i, text in enumerate(texts)]
+
+    def _score_one(self, text: str, index: int, draws: int, seed: int) -> float:
+        ids = torch.tensor(self.vocab.encode(text, source=f"texts[{index}]"), dtype=torch.long, device=self.device)
+        L, mask_id = self.model_config.block_size, self.vocab.mask_id
+        if self.model_config.causal:
+            if len(ids) < 2:
+                raise UserError(f"texts[{index}]: an autoregressive score needs at least 2 characters")
+            nats = 0.0
+            for start in range(0, len(ids) - 1, L):
+                window = ids[start : start + L + 1][None]  # (1, n + 1): n characters predicted
+                predicted = window.shape[1] - 1
+                nats += float(elbo.ar_nll(self.model, window, mask_id)[0]) * predicted
+            return nats / (len(ids) - 1) / math.log(2)
+        if len(ids) == 0:
+            raise UserError(f"texts[{index}]: empty text")
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        full = len(ids) // L * L
+        nats = 0.0
+        if full:
+            seq, _ = elbo.nelbo_estimate(self.model, ids[:full].view(-1, L), mask_id, draws, generator, "exact_k")
+            nats += float(seq.sum())
+        if full < len(ids):
+            seq, _ = elbo.nelbo_estimate(self.model, ids[full:][None], mask_id, draws, generator, "exact_k")
+            nats += float(seq.sum())
+        return nats / len(ids) / math.log(2)
+
+
+def load(path: str | Path, device: torch.device | str = "cpu") -> Model:
+    """A `Model` from an export directory, a checkpoint file or a run directory (its newest checkpoint)."""
+    from unmask import checkpoint as ckpt_io
+
+    path = Path(path)
+    if is_export_dir(path):
+        model, vocab, config = load_export(path, device)
+        training = config.get("training", {})
+        trained = Trained(
+            model,
+            vocab,
+            model.config,
+            dict(config.get("train_config", {})),
+            int(training.get("iterations", 0)),
+            path,
+            dict(config.get("task", {})),
+        )
+        return Model(trained, config)
+    if not path.exists():
+        raise UserError(f"{path}: no such export directory, checkpoint file or run directory")
+    ckpt_path = resolve_checkpoint(str(path), None)
+    trained = load_trained(ckpt_path, device)
+    _, tied = split_tied(trained.model.state_dict())
+    return Model(trained, export_config(trained, ckpt_io.load_checkpoint(ckpt_path), tied))
