@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,9 +103,26 @@ def test_load_dataset_fields(dataset: Dataset) -> None:
         dataset.split("test")
 
 
+def test_importing_data_does_not_import_download_code() -> None:
+    # torch itself imports urllib.request and tarfile, so what counts is what `unmask.data` adds on top of
+    # numpy + torch: reading a dataset must not drag in the fetchers (and their pip/network machinery).
+    probe = (
+        "import sys, numpy, torch\n"
+        "before = set(sys.modules)\n"
+        "import unmask.data\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert "unmask.data" in out
+    forbidden = {"unmask.prepare", "unmask.sources", "urllib", "urllib.request", "tarfile", "subprocess", "tempfile"}
+    assert forbidden.isdisjoint(out), sorted(forbidden.intersection(out))
+
+
 def test_load_dataset_missing_tells_to_prepare(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="unmask prepare"):
+    with pytest.raises(UserError) as info:
         load_dataset(tmp_path / "nothing")
+    # The command that exists: `unmask prepare shakespeare_char` (there is no --dataset flag).
+    assert "`unmask prepare shakespeare_char`" in str(info.value) and "--dataset" not in str(info.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="meta.json: missing.*unmask prepare"):
         load_dataset(tmp_path / "empty")

