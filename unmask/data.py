@@ -10,6 +10,7 @@ only on its seed, not on the device or on what else consumed random numbers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,12 @@ VAL_BIN = "val.bin"
 TRAIN_PARAGRAPHS = "train_paragraphs.npy"
 VAL_PARAGRAPHS = "val_paragraphs.npy"
 META_JSON = "meta.json"
+
+# Ids per slice of the range check in `load_dataset`: 16 Mi ids keep the temporary comparison arrays small
+# (16 MiB of bools) while the per-slice overhead stays negligible next to numpy's max over them.
+RANGE_CHECK_CHUNK = 1 << 24
+# Bytes read at a time when `verify_dataset` hashes a file.
+_HASH_CHUNK = 1 << 24
 
 # How `decode` renders [MASK]: one visible, fixed-width glyph per position keeps partially unmasked text
 # aligned with the final text, and "█" cannot be confused with a real character of typical corpora.
@@ -121,7 +128,45 @@ class Dataset:
 
 
 def load_dataset(dataset_dir: Path) -> Dataset:
-    """Open a directory written by `unmask prepare`, checking it against its meta.json."""
+    """Open a directory written by `unmask prepare`, checking it against its meta.json.
+
+    Checked, each with a one-line UserError naming the file: meta.json's consistency (see `_check_meta`),
+    each split's size against `n_train` / `n_val`, the paragraph-start files, and every id of both splits:
+    an id >= vocab_size (which includes the [MASK] id) would otherwise crash deep inside a run (an index
+    error in the embedding) or, worse, train silently on corrupted text. The range check reads the whole
+    splits once, vectorised in slices of RANGE_CHECK_CHUNK ids (a max over memory-mapped pages: about a
+    second per GB on a cold page cache, much less on a warm one).
+
+    The sha256 checksums that prepare records in meta.json (`files`) are NOT verified here: hashing runs
+    at well under the speed of the range check and every training, eval and sample start would pay it.
+    `verify_dataset` checks them on demand.
+    """
+    dataset_dir = Path(dataset_dir)
+    meta = read_meta(dataset_dir)
+    meta_path = dataset_dir / META_JSON
+    vocab, dtype = _check_meta(meta, meta_path)
+
+    splits: dict[str, np.ndarray] = {}
+    paragraphs: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        n = meta[f"n_{split}"]
+        path = dataset_dir / _BIN_FILES[split]
+        splits[split] = _open_split(path, dtype, n)
+        check_id_range(splits[split], vocab.n_chars, path)
+        paragraphs[split] = _load_paragraphs(dataset_dir / meta["paragraph_starts"][split], n)
+    return Dataset(
+        name=str(meta.get("name", dataset_dir.name)),
+        dir=dataset_dir,
+        meta=meta,
+        vocab=vocab,
+        train=splits["train"],
+        val=splits["val"],
+        paragraphs=paragraphs,
+    )
+
+
+def read_meta(dataset_dir: Path) -> Any:
+    """The parsed meta.json of a dataset directory (not yet checked), or a UserError saying how to prepare it."""
     dataset_dir = Path(dataset_dir)
     meta_path = dataset_dir / META_JSON
     hint = (
@@ -133,26 +178,76 @@ def load_dataset(dataset_dir: Path) -> Dataset:
     if not meta_path.is_file():
         raise UserError(f"{meta_path}: missing, so {dataset_dir} is not a prepared dataset; {hint}")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{meta_path}: unreadable ({_one_line(exc)}); re-run unmask prepare") from None
-    vocab, dtype = _check_meta(meta, meta_path)
 
-    splits: dict[str, np.ndarray] = {}
-    paragraphs: dict[str, np.ndarray] = {}
-    for split in SPLITS:
-        n = meta[f"n_{split}"]
-        splits[split] = _open_split(dataset_dir / _BIN_FILES[split], dtype, n)
-        paragraphs[split] = _load_paragraphs(dataset_dir / meta["paragraph_starts"][split], n)
-    return Dataset(
-        name=str(meta.get("name", dataset_dir.name)),
-        dir=dataset_dir,
-        meta=meta,
-        vocab=vocab,
-        train=splits["train"],
-        val=splits["val"],
-        paragraphs=paragraphs,
-    )
+
+def check_id_range(tokens: np.ndarray, n_chars: int, path: Path) -> None:
+    """Refuse any id >= n_chars (real characters are 0..n_chars-1; n_chars is [MASK]), naming the first one.
+
+    Vectorised over slices of RANGE_CHECK_CHUNK ids so that a multi-GB memmap is never materialised; only
+    a failing slice is searched for the offending offset.
+    """
+    for lo in range(0, len(tokens), RANGE_CHECK_CHUNK):
+        chunk = tokens[lo : lo + RANGE_CHECK_CHUNK]
+        if int(chunk.max()) < n_chars:
+            continue
+        offset = lo + int(np.argmax(chunk >= n_chars))
+        bad = int(tokens[offset])
+        what = f"the {MASK_TOKEN} id" if bad == n_chars else "beyond the vocabulary"
+        raise UserError(
+            f"{path}: id {bad} at offset {offset:,} is {what} (meta.json has {n_chars} characters, ids "
+            f"0..{n_chars - 1}); the split or meta.json is corrupted: re-run unmask prepare"
+        )
+
+
+def verify_dataset(dataset_dir: Path) -> None:
+    """Check every file that meta.json's `files` records (train/val ids, paragraph starts) by size and sha256.
+
+    Reads all of them (seconds per GB), which is why `load_dataset` does not call it. Datasets prepared
+    before checksums were recorded cannot be verified: that is a UserError too, saying so.
+    """
+    dataset_dir = Path(dataset_dir)
+    meta = read_meta(dataset_dir)
+    meta_path = dataset_dir / META_JSON
+    _check_meta(meta, meta_path)
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise UserError(f"{meta_path}: records no checksums (prepared by an older unmask); re-run unmask prepare")
+    for filename in sorted(files):
+        record = files[filename]
+        if (
+            Path(filename).name != filename
+            or not isinstance(record, dict)
+            or not isinstance(record.get("bytes"), int)
+            or not isinstance(record.get("sha256"), str)
+        ):
+            raise UserError(f"{meta_path}: 'files' entry {filename!r} must be a plain file name with bytes and sha256")
+        path = dataset_dir / filename
+        size, digest = _size_and_sha256(path)
+        if size != record["bytes"]:
+            raise UserError(
+                f"{path}: has {size:,} bytes but meta.json records {record['bytes']:,}; re-run unmask prepare"
+            )
+        if digest != record["sha256"]:
+            raise UserError(
+                f"{path}: sha256 {digest} does not match meta.json's {record['sha256']} (the file changed after "
+                "prepare); re-run unmask prepare"
+            )
+
+
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(_HASH_CHUNK):
+                digest.update(block)
+                size += len(block)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}; re-run unmask prepare") from None
+    return size, digest.hexdigest()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -171,8 +266,10 @@ def _check_meta(meta: Any, meta_path: Path) -> tuple[Vocab, np.dtype[Any]]:
     itos = meta.get("itos")
     if not isinstance(itos, list) or not all(isinstance(ch, str) and len(ch) == 1 for ch in itos):
         raise bad("'itos' must be a list of single characters")
-    if len(set(itos)) != len(itos) or meta.get("vocab_size") != len(itos):
-        raise bad("'itos' must hold vocab_size distinct characters")
+    if len(set(itos)) != len(itos):
+        raise bad("'itos' has repeated characters")
+    if meta.get("vocab_size") != len(itos):
+        raise bad(f"vocab_size is {meta.get('vocab_size')!r} but itos has {len(itos)} characters")
     special = meta.get("special_tokens")
     if not isinstance(special, dict) or special.get(MASK_TOKEN) != len(itos):
         raise bad(f"special_tokens[{MASK_TOKEN!r}] must equal vocab_size")
@@ -184,6 +281,10 @@ def _check_meta(meta: Any, meta_path: Path) -> tuple[Vocab, np.dtype[Any]]:
     for key in ("n_train", "n_val"):
         if not isinstance(meta.get(key), int) or meta[key] <= 0:
             raise bad(f"{key!r} must be a positive integer")
+    # `n_chars` is informational (readers use n_train / n_val), but a mismatch means a hand-edited or
+    # mixed-up meta.json, so it is refused rather than trusted halfway.
+    if "n_chars" in meta and meta["n_chars"] != meta["n_train"] + meta["n_val"]:
+        raise bad(f"n_chars is {meta['n_chars']!r} but n_train + n_val is {meta['n_train'] + meta['n_val']}")
     starts = meta.get("paragraph_starts")
     if not isinstance(starts, dict) or not all(isinstance(starts.get(s), str) for s in SPLITS):
         raise bad("'paragraph_starts' must name a .npy file for train and val")

@@ -20,6 +20,7 @@ PyPI fallback). The format constants live in `unmask.data`, the reader of these 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -292,21 +293,35 @@ def _make_unique_dir(parent: Path, prefix: str) -> Path:
 
 
 def _write_files(tmp: Path, encoded: Encoded, meta: dict[str, Any]) -> None:
+    """Write the id and paragraph files, then meta.json with their sizes and sha256 under `files`."""
     # Explicit little-endian so the .bin files mean the same on any machine (meta only says uint8/uint16).
     little = encoded.dtype.newbyteorder("<")
-    outputs: list[tuple[str, Callable[[Any], None]]] = [
-        (TRAIN_BIN, lambda f: f.write(encoded.train.astype(little, copy=False).tobytes())),
-        (VAL_BIN, lambda f: f.write(encoded.val.astype(little, copy=False).tobytes())),
-        (TRAIN_PARAGRAPHS, lambda f: np.save(f, encoded.train_paragraphs, allow_pickle=False)),
-        (VAL_PARAGRAPHS, lambda f: np.save(f, encoded.val_paragraphs, allow_pickle=False)),
-        (META_JSON, lambda f: f.write((json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())),
+    payloads: list[tuple[str, bytes]] = [
+        (TRAIN_BIN, encoded.train.astype(little, copy=False).tobytes()),
+        (VAL_BIN, encoded.val.astype(little, copy=False).tobytes()),
+        (TRAIN_PARAGRAPHS, _npy_bytes(encoded.train_paragraphs)),
+        (VAL_PARAGRAPHS, _npy_bytes(encoded.val_paragraphs)),
     ]
-    for filename, write in outputs:
-        with open(tmp / filename, "wb") as f:
-            write(f)
-            f.flush()
-            # fsync before the rename: otherwise a power cut can leave the renamed directory with empty files.
-            os.fsync(f.fileno())
+    files: dict[str, dict[str, Any]] = {}
+    for filename, payload in payloads:
+        _write_synced(tmp / filename, payload)
+        files[filename] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    meta = {**meta, "files": files}
+    _write_synced(tmp / META_JSON, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _write_synced(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(payload)
+        f.flush()
+        # fsync before the rename: otherwise a power cut can leave the renamed directory with empty files.
+        os.fsync(f.fileno())
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
