@@ -62,9 +62,12 @@ __all__ = ["KNOWN_DATASETS", "CorpusScan", "paragraph_starts", "prepare", "scan_
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
-# Bytes read per chunk. 16 MiB amortises the per-chunk numpy calls while the chunk's temporaries (its code
-# points as uint32, ids, newline flags) stay around 150 MB even for text that is not ASCII.
-READ_CHUNK = 1 << 24
+# Bytes read per chunk. Small enough that a chunk and its temporaries (code points as uint32, ids, newline
+# flags: about 8x the chunk) stay in the CPU caches between the hash, the decode and the table lookups:
+# measured on a 2-core VM, 1 MiB chunks scanned ASCII text about 3x faster than 16 MiB ones, and the
+# per-chunk overhead of the numpy calls is still negligible.
+READ_CHUNK = 1 << 20
+_HIGH_BYTES = bytes(range(128, 256))
 _N_CODEPOINTS = 0x110000
 _MAX_IDS = 65536  # uint16
 
@@ -208,8 +211,17 @@ def _decoded_chunks(corpus: Corpus, chunk_bytes: int) -> Iterator[tuple[bytes, n
             continue
         text = decode(raw, final=False)
         consumed += len(raw)
-        yield raw, np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        yield raw, _codepoints(text)
     decode(b"", final=True)  # a character cut off by the end of the file
+
+
+def _codepoints(text: str) -> np.ndarray:
+    """(len(text),) uint32 code points of `text`."""
+    if not text:
+        return np.zeros(0, dtype="<u4")
+    # numpy stores a str as UCS-4, so viewing a one-element array gives the code points; measured about 5x
+    # faster than text.encode("utf-32-le"). Trailing "\0" characters are kept (the itemsize is len(text)).
+    return np.array([text]).view("<u4")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,7 +246,12 @@ def scan_corpus(corpus: Corpus, val_fraction: float, chunk_bytes: int = READ_CHU
                 ascii_seen = bytes(sorted(set(ascii_seen) | set(new)))
         else:
             n_chars += len(codepoints)
-            seen[codepoints] = True
+            # The ASCII characters of a mixed chunk are found as above (all high bytes deleted too); only
+            # the non-ASCII code points, usually a few percent, are marked one by one.
+            new = raw.translate(None, ascii_seen + _HIGH_BYTES)
+            if new:
+                ascii_seen = bytes(sorted(set(ascii_seen) | set(new)))
+            seen[codepoints[codepoints >= 128]] = True
     if n_bytes == 0:
         raise UserError(f"{what}: file is empty")
     seen[np.frombuffer(ascii_seen, dtype=np.uint8)] = True
