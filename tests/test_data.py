@@ -120,6 +120,13 @@ def test_importing_data_does_not_import_download_code() -> None:
     assert forbidden.isdisjoint(out), sorted(forbidden.intersection(out))
 
 
+def test_prepare_does_not_import_torch() -> None:
+    # `unmask prepare` never touches a tensor; torch would cost seconds of start-up and ~200 MB resident.
+    probe = "import sys, unmask.prepare\nprint('torch' in sys.modules)\n"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_load_dataset_missing_tells_to_prepare(tmp_path: Path) -> None:
     with pytest.raises(UserError) as info:
         load_dataset(tmp_path / "nothing")

@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the window functions that need it, not at module level: `unmask prepare` imports
+# this module for the format constants and checks, and importing torch would add seconds of start-up and
+# about 200 MB of resident memory to a command that never touches a tensor.
 
 from unmask.errors import UserError
 
@@ -94,7 +101,12 @@ class Vocab:
 
     def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> str:
         """Text of a 1-D id sequence; [MASK] is rendered as MASK_GLYPH ("█")."""
-        array = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        # Without torch imported, `ids` cannot be a tensor (and decoding must not import it).
+        torch_module = sys.modules.get("torch")
+        if torch_module is not None and isinstance(ids, torch_module.Tensor):
+            array = cast("torch.Tensor", ids).detach().cpu().numpy()
+        else:
+            array = np.asarray(ids)
         if array.ndim != 1:
             raise ValueError(f"decode expects a 1-D sequence of ids, got shape {tuple(array.shape)}")
         if array.size == 0:
@@ -340,6 +352,8 @@ def window_starts(
     With `paragraphs`, offsets are drawn uniformly among the paragraph starts that leave room for a full
     window; if there are none, uniformly among all offsets.
     """
+    import torch
+
     if generator.device.type != "cpu":
         raise ValueError("window_starts needs a CPU torch.Generator so batches do not depend on the device")
     last = n_tokens - block_size
@@ -355,6 +369,8 @@ def window_starts(
 
 def gather_windows(tokens: np.ndarray, starts: torch.Tensor, block_size: int) -> torch.Tensor:
     """(len(starts), block_size) int64 tensor of `tokens[s : s + block_size]` for each start s."""
+    import torch
+
     offsets = starts.detach().cpu().numpy().astype(np.int64, copy=False)
     if offsets.ndim != 1:
         raise ValueError(f"starts must be 1-D, got shape {tuple(offsets.shape)}")
