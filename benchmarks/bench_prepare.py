@@ -129,7 +129,8 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": str(args.repo.resolve()), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "unmask", "prepare", f"--input={corpus}", "--name=bench", f"--data_dir={work}"]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        # cwd = the repo: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH.
+        proc = subprocess.run(cmd, env=env, cwd=args.repo, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t0
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
         if proc.returncode != 0:
@@ -143,7 +144,12 @@ def main() -> None:
             "print(f'{dt:.3f} {len(ds.train) + len(ds.val)}')\n"
         )
         load = subprocess.run(
-            [sys.executable, "-c", probe, str(work / "bench")], env=env, capture_output=True, text=True, check=False
+            [sys.executable, "-c", probe, str(work / "bench")],
+            env=env,
+            cwd=args.repo,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         load_s = float(load.stdout.split()[0]) if load.returncode == 0 else float("nan")
         result = {
