@@ -86,6 +86,18 @@ def test_same_seed_same_text_and_batches_cover_all_samples(run_dir: Path, capsys
     assert a["metrics"] is None
 
 
+@pytest.mark.parametrize("remasking", ["random", "low_confidence", "remask"])
+def test_a_sample_does_not_depend_on_the_batch_size(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], remasking: str
+) -> None:
+    flags = (f"--out_dir={run_dir}", "--num_samples=8", "--length=40", "--steps=8", "--metrics=False", "--prompt=The")
+    texts = [
+        [s["text"] for s in sample(capsys, *flags, f"--remasking={remasking}", f"--batch_size={b}")["samples"]]
+        for b in (1, 3, 8)
+    ]
+    assert texts[0] == texts[1] == texts[2] and len(set(texts[0])) > 1
+
+
 def test_prompt_and_infill_characters_are_kept(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

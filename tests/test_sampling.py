@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from unmask.critic import CriticRemask
 from unmask.data import Vocab
 from unmask.model import ModelConfig, Transformer
 from unmask.sampling import (
@@ -17,6 +19,8 @@ from unmask.sampling import (
     SCHEDULES,
     EntropyRemask,
     Proposal,
+    Remasking,
+    RowGenerators,
     SamplingConfig,
     StepEvent,
     filter_logits,
@@ -27,6 +31,7 @@ from unmask.sampling import (
     plan_blocks,
     prompt_canvas,
     sample_categorical,
+    sample_seed,
     select_top,
     split_steps,
 )
@@ -414,3 +419,85 @@ def test_overfit_model_mostly_reproduces_its_corpus(overfit_model: Transformer, 
     # An untrained model gets about 1 transition in 8 right; the trained one nearly all.
     assert sum(periodic_share(t) for t in texts) / len(texts) > 0.9, texts
     assert (out.logprobs <= 0).all() and out.logprobs.mean() > -0.5
+
+
+# --- per-sample generators: a sample does not depend on its batch ----------------------------------------------
+
+
+def tiny_transformer(vocab_size: int = 9, block_size: int = 16, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=16)
+    return Transformer(config).eval()
+
+
+def sample_in_batches(
+    model: Callable[[Tensor], Tensor],
+    batch_size: int,
+    config: SamplingConfig,
+    n: int = 8,
+    length: int = 40,
+    seed: int = 11,
+    remasking: Remasking | None = None,
+) -> tuple[Tensor, Tensor]:
+    """n samples from a 3-character prompt (block_size 16: several blocks and sliding windows), batch by batch."""
+    mask_id = 8
+    canvas, fixed = prompt_canvas([1, 2, 3], length, mask_id)
+    tokens, nfe = [], []
+    for first in range(0, n, batch_size):
+        rows = min(batch_size, n - first)
+        generator = RowGenerators.for_samples(seed, first, rows)
+        out = generate(
+            model, canvas.expand(rows, -1).clone(), fixed.expand(rows, -1), mask_id, 16, config, generator,
+            remasking=remasking,
+        )  # fmt: skip
+        tokens.append(out.tokens)
+        nfe.append(out.nfe)
+    return torch.cat(tokens), torch.cat(nfe)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SamplingConfig(steps=12, remasking="random"),
+        SamplingConfig(steps=12, remasking="low_confidence", temperature=0.8, top_k=4),
+        SamplingConfig(steps=9, remasking="margin", schedule="cosine", top_p=0.8),
+        SamplingConfig(steps=12, remasking="entropy", block_length=5),
+        SamplingConfig(steps=12, remasking="remask", randomness_strength=0.5),
+        SamplingConfig(remasking="low_confidence", confidence_threshold=0.2),
+        SamplingConfig(remasking="random", confidence_threshold=0.15, block_length=6),
+    ],
+    ids=lambda c: f"{c.remasking}-{c.confidence_threshold}",
+)
+def test_samples_do_not_depend_on_the_batch_size(config: SamplingConfig) -> None:
+    model = tiny_transformer()
+    one, nfe_one = sample_in_batches(model, 1, config)
+    for batch_size in (3, 8):
+        tokens, nfe = sample_in_batches(model, batch_size, config)
+        assert torch.equal(tokens, one), batch_size
+        assert torch.equal(nfe, nfe_one)
+    assert len({tuple(row) for row in one.tolist()}) > 1, "eight samples should not all be the same"
+
+
+def test_critic_samples_do_not_depend_on_the_batch_size() -> None:
+    torch.manual_seed(1)
+    critic = CriticRemask(Transformer(ModelConfig(9, 16, 1, 2, 16, head="token_binary")).eval(), 0.3)
+    config = SamplingConfig(steps=10)
+    one, _ = sample_in_batches(tiny_transformer(), 1, config, remasking=critic)
+    five, _ = sample_in_batches(tiny_transformer(), 5, config, remasking=critic)
+    assert torch.equal(one, five)
+
+
+def test_sample_seeds_are_distinct_and_generators_independent() -> None:
+    seeds = {sample_seed(s, i) for s in range(50) for i in range(200)}
+    assert len(seeds) == 50 * 200 and all(0 <= x < 2**64 for x in seeds)
+    a = RowGenerators.for_samples(3, 0, 4)
+    b = RowGenerators.for_samples(3, 2, 2)  # samples 2 and 3 of the same run
+    assert torch.equal(a.rand((5,))[2:], b.rand((5,)))
+    c = RowGenerators.for_samples(3, 0, 4)
+    c.rows(torch.tensor([1])).rand((7,))  # a row that draws moves only its own stream
+    after = c.rand((5,))
+    fresh = RowGenerators.for_samples(3, 0, 4).rand((5,))
+    assert torch.equal(after[[0, 2, 3]], fresh[[0, 2, 3]]) and not torch.equal(after[1], fresh[1])
+    with pytest.raises(ValueError, match="row generators"):
+        generate(FixedLogits(), torch.full((3, 4), MASK), torch.zeros(3, 4, dtype=torch.bool), MASK, 8,
+                 SamplingConfig(steps=2), RowGenerators.for_samples(0, 0, 2))  # fmt: skip

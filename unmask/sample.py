@@ -28,6 +28,7 @@ from unmask.loading import Trained, load_trained, resolve_checkpoint
 from unmask.runtime import resolve_device
 from unmask.sampling import (
     REMASKING,
+    RowGenerators,
     SamplingConfig,
     StepEvent,
     generate,
@@ -90,7 +91,8 @@ class SampleArgs:
     """'guide': the parameter guide's generation values (temperature 0.6, top_k 20, top_p 0.85, 25 steps);
     flags given explicitly still win."""
     seed: int = 1337
-    """Seed of the sampling generator (results depend on it and on --batch_size)."""
+    """Seed of the sampling generators: sample i draws from its own generator, seeded from (seed, i), so a sample
+    depends on the seed and its index, not on --batch_size."""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
     batch_size: int = 16
@@ -217,10 +219,13 @@ class Setup:
     def length(self) -> int:
         return self.canvas.shape[0]
 
-    def generator(self) -> torch.Generator:
+    def generator(self, first: int = 0, count: int | None = None) -> RowGenerators:
+        """The generators of samples first .. first + count - 1 (default: all), one per sample, seeded from --seed
+        and the sample's index: a sample does not depend on --batch_size."""
         # float64 sampling is unsupported on MPS: sample on the CPU there.
         device = self.device if self.device.type in ("cpu", "cuda") else torch.device("cpu")
-        return torch.Generator(device=device).manual_seed(self.args.seed)
+        count = self.args.num_samples - first if count is None else count
+        return RowGenerators.for_samples(self.args.seed, first, count, device)
 
 
 def _read_prompt(args: SampleArgs) -> str | None:
@@ -351,9 +356,8 @@ StepHook = Callable[[int, StepEvent], None]  # (index of the batch's first sampl
 
 
 def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None = None) -> SampleRun:
-    """Generate all samples in batches of --batch_size with one generator seeded by --seed; time generation only."""
+    """Generate all samples in batches of --batch_size, each from its own generator; time generation only."""
     args, trained = setup.args, setup.trained
-    generator = setup.generator()
     texts: list[str] = []
     logprobs: list[float] = []
     seconds, forward_passes = 0.0, 0
@@ -367,6 +371,7 @@ def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None =
         critic = None
         if config.remasking == "critic" and setup.critic is not None:
             critic = CriticRemask(setup.critic.model, config.randomness_strength)
+        generator = setup.generator(first, rows)
         result = generate(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook, critic)
         if setup.device.type == "cuda":
             torch.cuda.synchronize(setup.device)
