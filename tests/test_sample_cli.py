@@ -98,6 +98,22 @@ def test_a_sample_does_not_depend_on_the_batch_size(
     assert texts[0] == texts[1] == texts[2] and len(set(texts[0])) > 1
 
 
+def test_confidence_threshold_reports_nfe_per_sample(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = (f"--out_dir={run_dir}", "--num_samples=3", "--length=20", "--prompt=The", "--metrics=False")
+    doc = sample(capsys, *flags, "--confidence_threshold=0")
+    assert [s["nfe"] for s in doc["samples"]] == [1, 1, 1] and doc["speed"]["mean_nfe"] == 1.0
+    assert doc["settings"]["confidence_threshold"] == 0.0
+    doc = sample(capsys, *flags, "--confidence_threshold=1.5", "--remasking=low_confidence")
+    assert [s["nfe"] for s in doc["samples"]] == [17, 17, 17] and doc["speed"]["forward_passes"] == 17
+    doc = sample(capsys, *flags, "--confidence_threshold=0.2", "--length=80", "--block_length=16")
+    nfe = [s["nfe"] for s in doc["samples"]]
+    assert all(5 <= n <= 77 for n in nfe) and doc["speed"]["mean_nfe"] == pytest.approx(sum(nfe) / 3)
+    assert all(len(s["text"]) == 80 and MASK_GLYPH not in s["text"] for s in doc["samples"])
+    assert main(["sample", *flags, "--confidence_threshold=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "confidence threshold 0.5 (adaptive steps)" in out and "NFE per sample: mean " in out
+
+
 def test_prompt_and_infill_characters_are_kept(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -228,6 +244,9 @@ def test_out_of_vocabulary_characters_are_listed(run_dir: Path, capsys: pytest.C
         (("--preset=fast",), "--preset=fast"),
         (("--bogus=1",), "--bogus: unknown flag"),
         (("--threads=-1",), "--threads=-1: must be >= 0"),
+        (("--confidence_threshold=-0.1",), "--confidence_threshold=-0.1: must be >= 0"),
+        (("--confidence_threshold=0.9", "--remasking=remask"), "not with --remasking=remask"),
+        (("--confidence_threshold=0.9", "--sweep_steps=4,8"), "not with --sweep_steps"),
     ],
 )
 def test_bad_flags_are_one_line_errors(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -501,3 +502,73 @@ def test_sample_seeds_are_distinct_and_generators_independent() -> None:
     with pytest.raises(ValueError, match="row generators"):
         generate(FixedLogits(), torch.full((3, 4), MASK), torch.zeros(3, 4, dtype=torch.bool), MASK, 8,
                  SamplingConfig(steps=2), RowGenerators.for_samples(0, 0, 2))  # fmt: skip
+
+
+# --- confidence-threshold (parallel) decoding -------------------------------------------------------------------
+
+
+class HalfSure(nn.Module):
+    """Even positions: character p % 5 with probability ~1; odd positions: uniform over the 5 characters (0.2)."""
+
+    def forward(self, idx: Tensor) -> Tensor:
+        B, T = idx.shape
+        logits = torch.zeros(B, T, MASK + 1)
+        pos = torch.arange(0, T, 2)
+        logits[:, pos, pos % MASK] = 20.0
+        logits[..., MASK] = 50.0  # banned: must not count as confidence
+        return logits
+
+
+def threshold_run(
+    model: nn.Module, config: SamplingConfig, length: int = 12, batch: int = 2, seed: int = 0
+) -> tuple[Tensor, list[StepEvent], Tensor, int]:
+    canvas, fixed = torch.full((batch, length), MASK), torch.zeros(batch, length, dtype=torch.bool)
+    events: list[StepEvent] = []
+    hook = lambda e: events.append(dataclasses.replace(e, canvas=e.canvas.clone(), changed=e.changed.clone()))  # noqa: E731
+    generator = RowGenerators.for_samples(seed, 0, batch)
+    out = generate(model, canvas, fixed, MASK, 1 << 20, config, generator, hook)
+    return out.tokens, events, out.nfe, out.forward_passes
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random", "margin"])
+def test_threshold_above_one_commits_one_position_per_step_as_the_schedule_would(remasking: str) -> None:
+    length = 12
+    tokens, events, nfe, passes = threshold_run(
+        FixedLogits(), SamplingConfig(remasking=remasking, confidence_threshold=1.0 + 1e-9, temperature=0.7)
+    )
+    assert all(e.changed.sum(dim=1).tolist() == [1, 1] for e in events)
+    assert nfe.tolist() == [length, length] and passes == length == len(events)
+    # The same draws as the schedule with one commit per step: identical samples.
+    same, _, _, _ = threshold_run(FixedLogits(), SamplingConfig(steps=length, remasking=remasking, temperature=0.7))
+    assert torch.equal(tokens, same)
+
+
+def test_threshold_zero_commits_a_whole_block_per_step() -> None:
+    tokens, events, nfe, passes = threshold_run(FixedLogits(), SamplingConfig(confidence_threshold=0.0))
+    assert len(events) == 1 and events[0].changed.all() and nfe.tolist() == [1, 1] and passes == 1
+    assert (tokens < MASK).all()
+    _, events, nfe, passes = threshold_run(FixedLogits(), SamplingConfig(confidence_threshold=0.0, block_length=5))
+    assert [e.block for e in events] == [0, 1, 2] and nfe.tolist() == [3, 3] and passes == 3
+    assert [int(e.changed[0].sum()) for e in events] == [5, 5, 2]
+
+
+@pytest.mark.parametrize(("block_length", "expected"), [(None, 1 + 6), (4, 3 * (1 + 2)), (3, 2 + 3 + 2 + 3)])
+def test_threshold_nfe_is_counted_exactly(block_length: int | None, expected: int) -> None:
+    # Step 1 of a block commits all its sure (even) positions; each later step one unsure (odd) one, the most
+    # probable drawn character first, leftmost on ties.
+    config = SamplingConfig(remasking="low_confidence", confidence_threshold=0.5, block_length=block_length)
+    tokens, events, nfe, passes = threshold_run(HalfSure(), config)
+    assert nfe.tolist() == [expected, expected] and passes == expected == len(events)
+    assert events[-1].nfe is not None and events[-1].nfe.tolist() == [expected, expected]
+    first = events[0].changed[0].nonzero().flatten().tolist()
+    assert first == list(range(0, block_length or 12, 2))
+    assert tokens[:, 0::2].tolist() == [[p % MASK for p in range(0, 12, 2)]] * 2 and (tokens < MASK).all()
+
+
+def test_threshold_nfe_adapts_per_sample_and_is_refused_for_refill_strategies() -> None:
+    model = tiny_transformer()
+    tokens, nfe = sample_in_batches(model, 4, SamplingConfig(remasking="low_confidence", confidence_threshold=0.13))
+    assert (nfe >= 3).all() and (nfe <= 37).all()  # 3 blocks of 16, 16, 5 masked positions (prompt of 3)
+    assert len(set(nfe.tolist())) > 1, "the per-sample count should adapt"
+    with pytest.raises(ValueError, match="refill"):
+        threshold_run(FixedLogits(), SamplingConfig(remasking="remask", confidence_threshold=0.5))

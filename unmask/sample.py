@@ -75,6 +75,11 @@ class SampleArgs:
     critic_ckpt: str | None = None
     """--remasking=critic: a per-character classifier checkpoint (--binary_task=replaced_token) whose P(wrong)
     chooses the characters to re-mask."""
+    confidence_threshold: float | None = None
+    """Parallel decoding (Fast-dLLM): every step commits each masked position of the current block whose drawn
+    character has model probability >= this (untempered, as LLaDA's and Fast-dLLM's confidence), and at least
+    one (the one --remasking ranks first); forward passes then adapt to the model's certainty and --steps and
+    --schedule are unused. 0 fills a block per step; above 1, one position per step. Not with remask/critic."""
     block_length: int | None = None
     """Semi-autoregressive blocks of this many positions, left to right, steps split across them (default: one
     block, or block_size / 2 when --length exceeds the model's block_size)."""
@@ -141,6 +146,9 @@ class SampleArgs:
             raise UserError(f"--top_p={self.top_p}: must be in (0, 1] (1 is off)")
         if not 0.0 <= self.randomness_strength <= 1.0:
             raise UserError(f"--randomness_strength={self.randomness_strength}: must be in [0, 1]")
+        tau = self.confidence_threshold
+        if tau is not None and not tau >= 0.0:  # `not >=` also refuses NaN
+            raise UserError(f"--confidence_threshold={tau}: must be >= 0 (0 commits a whole block per step)")
         if len(self.placeholder) != 1:
             raise UserError(f"--placeholder={self.placeholder}: must be a single character")
         self.strategies = tuple(s.strip() for s in self.remasking.split(","))
@@ -162,6 +170,15 @@ class SampleArgs:
                     raise UserError(f"--{flag}: not available with --sweep_steps (the sweep writes --sweep_out)")
         elif len(self.strategies) > 1:
             raise UserError(f"--remasking={self.remasking}: several strategies need --sweep_steps")
+        if tau is not None:
+            if self.sweep_steps is not None:
+                raise UserError(f"--confidence_threshold={tau}: not with --sweep_steps (the steps are adaptive)")
+            refill = [s for s in self.strategies if s in ("remask", "critic")]
+            if refill:
+                raise UserError(
+                    f"--confidence_threshold={tau}: not with --remasking={refill[0]} (it re-masks down the "
+                    "schedule's counts; threshold decoding needs a strategy that commits)"
+                )
         given = [f"--{n}" for n in ("prompt", "prompt_file", "infill") if getattr(self, n) is not None]
         if len(given) > 1:
             raise UserError(f"{' and '.join(given)}: give only one of them")
@@ -261,7 +278,9 @@ def _build_canvas(args: SampleArgs, trained: Trained) -> tuple[torch.Tensor, tor
 def _check_blocks(args: SampleArgs, fixed: torch.Tensor, block_size: int) -> None:
     if args.block_length is not None and args.block_length > block_size:
         raise UserError(f"--block_length={args.block_length}: longer than the model's block_size={block_size}")
-    needed = len(plan_blocks(~fixed.unsqueeze(0), block_size, args.block_length, 1 << 30))
+    if args.confidence_threshold is not None:
+        return  # adaptive steps: every block takes what it needs
+    needed = len(plan_blocks(~fixed.unsqueeze(0), block_size, args.block_length, None))
     fewest = min(args.step_counts or (args.steps,))
     if fewest < needed:
         flag = f"--sweep_steps={args.sweep_steps}" if args.step_counts else f"--steps={args.steps}"
@@ -333,6 +352,11 @@ class SampleRun:
     seconds: float
     forward_passes: int
     generated_chars: int
+    nfe: list[int]  # per sample: model calls it took part in (adaptive with --confidence_threshold)
+
+    @property
+    def mean_nfe(self) -> float:
+        return sum(self.nfe) / len(self.nfe)
 
     @property
     def chars_per_second(self) -> float:
@@ -349,6 +373,7 @@ def sampling_config(args: SampleArgs, remasking: str, steps: int) -> SamplingCon
         top_k=args.top_k,
         top_p=args.top_p,
         block_length=args.block_length,
+        confidence_threshold=args.confidence_threshold,
     )
 
 
@@ -360,6 +385,7 @@ def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None =
     args, trained = setup.args, setup.trained
     texts: list[str] = []
     logprobs: list[float] = []
+    nfe: list[int] = []
     seconds, forward_passes = 0.0, 0
     for first in range(0, args.num_samples, args.batch_size):
         rows = min(args.batch_size, args.num_samples - first)
@@ -377,11 +403,12 @@ def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None =
             torch.cuda.synchronize(setup.device)
         seconds += time.perf_counter() - t0
         forward_passes += result.forward_passes
+        nfe.extend(result.nfe.tolist())
         texts.extend(trained.vocab.decode(row) for row in result.tokens)
         generated = (~fixed).to(result.logprobs.device)
         logprobs.extend(((result.logprobs * generated).sum(1) / generated.sum(1)).tolist())
     generated_chars = int((~setup.fixed).sum()) * args.num_samples
-    return SampleRun(config, texts, logprobs, seconds, forward_passes, generated_chars)
+    return SampleRun(config, texts, logprobs, seconds, forward_passes, generated_chars, nfe)
 
 
 def evaluate(setup: Setup, run: SampleRun) -> dict[str, Any]:
@@ -393,6 +420,7 @@ def evaluate(setup: Setup, run: SampleRun) -> dict[str, Any]:
         "speed": {
             "chars_per_second": run.chars_per_second,
             "forward_passes": run.forward_passes,
+            "mean_nfe": run.mean_nfe,
             "seconds": run.seconds,
             "generated_chars": run.generated_chars,
         },
@@ -436,9 +464,13 @@ def describe(setup: Setup, config: SamplingConfig) -> str:
     t = setup.trained
     top_k = config.top_k or "off"
     top_p = config.top_p if config.top_p < 1 else "off"
+    if config.confidence_threshold is None:
+        steps = f"{config.schedule} schedule, {config.steps} steps"
+    else:
+        steps = f"confidence threshold {config.confidence_threshold} (adaptive steps)"
     return (
         f"checkpoint {t.path} (iter {t.iter_num}); {setup.args.num_samples} samples x {setup.length} characters; "
-        f"{config.remasking}, {config.schedule} schedule, {config.steps} steps; temperature {config.temperature}, "
+        f"{config.remasking}, {steps}; temperature {config.temperature}, "
         f"top_k {top_k}, top_p {top_p}; seed {setup.args.seed}"
     )
 
@@ -462,6 +494,7 @@ def report(setup: Setup, run: SampleRun, metrics: dict[str, Any] | None, out: IO
         f"on {setup.device.type}",
         file=out,
     )
+    print(f"NFE per sample: mean {run.mean_nfe:.2f} (min {min(run.nfe)}, max {max(run.nfe)})", file=out)
     for note in setup.notes:
         print(f"note: {note}", file=out)
 
@@ -473,18 +506,24 @@ def json_document(setup: Setup, run: SampleRun, metrics: dict[str, Any] | None) 
         "iter_num": setup.trained.iter_num,
         "settings": {**settings, **asdict(run.config), "length": setup.length},
         "samples": [
-            {"text": text, "generated": text[setup.prompt_length :], "mean_self_logprob": lp}
-            for text, lp in zip(run.texts, run.logprobs, strict=True)
+            {"text": text, "generated": text[setup.prompt_length :], "mean_self_logprob": lp, "nfe": nfe}
+            for text, lp, nfe in zip(run.texts, run.logprobs, run.nfe, strict=True)
         ],
         "metrics": metrics,
-        "speed": {"chars_per_second": run.chars_per_second, "forward_passes": run.forward_passes},
+        "speed": {
+            "chars_per_second": run.chars_per_second,
+            "forward_passes": run.forward_passes,
+            "mean_nfe": run.mean_nfe,
+        },
         "notes": setup.notes,
     }
 
 
 def step_printer(setup: Setup, out: IO[str]) -> StepHook:
     def show(first: int, event: StepEvent) -> None:
-        print(f"--- step {event.step + 1}/{event.steps} (block {event.block + 1}) ---", file=out)
+        # With a confidence threshold the planned count is only the most possible steps.
+        of = f"/<={event.steps}" if setup.args.confidence_threshold is not None else f"/{event.steps}"
+        print(f"--- step {event.step + 1}{of} (block {event.block + 1}) ---", file=out)
         for i, row in enumerate(event.canvas):
             print(f"[{first + i + 1}] {setup.trained.vocab.decode(row)}", file=out)
 
@@ -499,6 +538,7 @@ def step_tracer(setup: Setup, file: IO[str]) -> StepHook:
             "steps": event.steps,
             "block": event.block,
             "forward_passes": event.forward_passes,
+            "nfe": None if event.nfe is None else event.nfe.tolist(),
             "changed": [row.nonzero().flatten().tolist() for row in event.changed],
             "canvas": [setup.trained.vocab.decode(row) for row in event.canvas],
         }
