@@ -245,6 +245,8 @@ def test_out_of_vocabulary_characters_are_listed(run_dir: Path, capsys: pytest.C
         (("--bogus=1",), "--bogus: unknown flag"),
         (("--threads=-1",), "--threads=-1: must be >= 0"),
         (("--confidence_threshold=-0.1",), "--confidence_threshold=-0.1: must be >= 0"),
+        (("--length=1000001",), "--length=1000001: at most 1,000,000 characters per sample"),
+        (("--length=1000000000",), "--length=1000000000: at most 1,000,000"),
         (("--confidence_threshold=0.9", "--remasking=remask"), "not with --remasking=remask"),
         (("--confidence_threshold=0.9", "--sweep_steps=4,8"), "not with --sweep_steps"),
     ],
@@ -268,6 +270,8 @@ def test_errors_that_need_the_checkpoint(
         capsys, f"--out_dir={run_dir}", "--length=80", "--steps=2"
     )
     assert "--infill: the template has no '_'" in error(capsys, f"--out_dir={run_dir}", "--infill=The king")
+    # The longest canvas is planned at once (62,500 blocks of 16): the steps check answers without generating.
+    assert "--steps=64: fewer steps than the 62500 blocks" in error(capsys, f"--out_dir={run_dir}", "--length=1000000")
     assert "autoregressive (causal) checkpoint" in error(capsys, f"--ckpt={causal_ckpt}")
     assert "--ckpt=nope.pt: no such checkpoint file" in error(capsys, "--ckpt=nope.pt")
     assert f"--out_dir={tmp_path}: no ckpt_unmasking_" in error(capsys, f"--out_dir={tmp_path}")

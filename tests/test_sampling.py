@@ -180,6 +180,39 @@ def test_blocks_start_after_the_prompt_and_windows_hold_left_context() -> None:
         plan_blocks(masked.unsqueeze(0), block_size=256, block_length=300, steps=64)
 
 
+def test_planning_a_million_characters_is_linear() -> None:
+    # A per-block pass over the canvas (the old planner) made this quadratic: minutes for 10^6 characters.
+    masked = (torch.arange(1_000_000) >= 6).unsqueeze(0)  # a 6-character prompt
+    blocks = plan_blocks(masked, block_size=256, block_length=None, steps=100_000)
+    assert len(blocks) == 7813 and sum(b.steps for b in blocks) == 100_000
+    assert (blocks[0].start, blocks[-1].end) == (6, 1_000_000)
+    assert all(b.window_end == max(b.end, 256) and b.window_end - b.window_start == 256 for b in blocks)
+    assert all(b.end - b.start == 128 for b in blocks[:-1])
+    adaptive = plan_blocks(masked, block_size=256, block_length=16, steps=None)  # 62,500 blocks
+    assert [b.steps for b in adaptive[:3]] == [16, 16, 16] and adaptive[-1].end == 1_000_000
+
+
+def test_split_steps_matches_one_at_a_time_apportionment() -> None:
+    def reference(weights: list[int], steps: int) -> list[int]:  # the textbook loop, quadratic
+        total = sum(weights)
+        owed = [steps * w for w in weights]
+        alloc = [max(1, o // total) for o in owed]
+        while sum(alloc) > steps:
+            alloc[max((i for i in range(len(alloc)) if alloc[i] > 1), key=lambda i: alloc[i] * total - owed[i])] -= 1
+        while sum(alloc) < steps:
+            alloc[max(range(len(alloc)), key=lambda i: owed[i] - alloc[i] * total)] += 1
+        return alloc
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 12, (), generator=g))
+        weights = torch.randint(1, 40, (n,), generator=g).tolist()
+        if int(torch.randint(0, 3, (), generator=g)) == 0:
+            weights[0] = 1000  # one block owed almost everything: the one-step minimum overshoots
+        steps = n + int(torch.randint(0, 30, (), generator=g))
+        assert split_steps(weights, steps) == reference(weights, steps), (weights, steps)
+
+
 def test_infill_windows_take_known_text_on_both_sides() -> None:
     masked = torch.zeros(1, 600, dtype=torch.bool)
     masked[0, 20:30] = True  # a hole near the start of a long template: the window reaches right

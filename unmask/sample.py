@@ -41,6 +41,9 @@ from unmask.sampling import (
 # The parameter guide's "Generation & Output Parameters" recommendations (seed document 003).
 GUIDE_PRESET: dict[str, Any] = {"temperature": 0.6, "top_k": 20, "top_p": 0.85, "steps": 25}
 REFERENCE_SEED = 0  # real validation windows for the reference column: the same ones in every run
+# Longest canvas: 10^6 characters keep the (B, L) canvas, fixed mask and float64 log-probabilities at about 17 MB
+# per sample; far longer canvases would allocate gigabytes before the first forward pass.
+MAX_LENGTH = 1_000_000
 
 
 @dataclass
@@ -54,7 +57,7 @@ class SampleArgs:
     length: int | None = None
     """Characters per sample, prompt included (default: the model's block_size; with --infill: the template's
     length). Longer than block_size: generated block by block, each block in a window of block_size characters
-    holding as much text to its left as fits."""
+    holding as much text to its left as fits. At most 1,000,000."""
     steps: int = 64
     """Model calls to fill the canvas (steps without anything to commit are skipped)."""
     temperature: float = 1.0
@@ -138,6 +141,10 @@ class SampleArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name}={value}: must be at least 1")
+        if self.length is not None and self.length > MAX_LENGTH:
+            raise UserError(f"--length={self.length}: at most {MAX_LENGTH:,} characters per sample")
+        if self.infill is not None and len(self.infill) > MAX_LENGTH:
+            raise UserError(f"--infill: a template of {len(self.infill):,} characters; at most {MAX_LENGTH:,}")
         if self.temperature < 0:
             raise UserError(f"--temperature={self.temperature}: must be >= 0 (0 is greedy)")
         if self.top_k < 0:
