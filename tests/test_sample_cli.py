@@ -114,6 +114,46 @@ def test_confidence_threshold_reports_nfe_per_sample(run_dir: Path, capsys: pyte
     assert "confidence threshold 0.5 (adaptive steps)" in out and "NFE per sample: mean " in out
 
 
+@pytest.fixture(scope="session")
+def ar_run_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """out_dir of a tiny autoregressive run (block_size 32) on the `tiny` dataset."""
+    out = tmp_path_factory.mktemp("sample_ar_run")
+    assert main(["train", *tiny_flags(tiny_data, out, objective="autoregressive")]) == 0
+    return out
+
+
+def test_autoregressive_checkpoint_samples_beyond_its_context(
+    ar_run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = (f"--out_dir={ar_run_dir}", "--prompt=The", "--length=80", "--num_samples=3", "--batch_size=2")
+    doc = sample(capsys, *flags, "--temperature=0.8", "--top_k=10", "--top_p=0.95")
+    assert doc["kind"] == "autoregressive"
+    assert all(len(s["text"]) == 80 and s["text"].startswith("The") for s in doc["samples"])
+    assert all(MASK_GLYPH not in s["text"] and s["nfe"] == 77 for s in doc["samples"])  # one pass per character
+    assert doc["speed"]["forward_passes"] == 2 * 77 and doc["metrics"]["samples"]["mean_self_logprob"] < 0
+    again = sample(capsys, *flags, "--temperature=0.8", "--top_k=10", "--top_p=0.95", "--batch_size=1")
+    assert [s["text"] for s in again["samples"]] == [s["text"] for s in doc["samples"]]
+    doc = sample(capsys, f"--out_dir={ar_run_dir}", "--length=20", "--num_samples=2", "--metrics=False")
+    assert all(s["text"].startswith("\n") and len(s["generated"]) == 19 for s in doc["samples"])
+    assert any("newline" in note for note in doc["notes"])
+    assert main(["sample", f"--out_dir={ar_run_dir}", "--length=40", "--num_samples=1", "--prompt=The"]) == 0
+    assert "autoregressive: one character per forward pass, KV cache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--infill=The ___ king", "--infill: "),
+        ("--sweep_steps=4,8", "--sweep_steps=4,8: "),
+        ("--confidence_threshold=0.5", "--confidence_threshold=0.5: "),
+        ("--block_length=8", "--block_length=8: "),
+    ],
+)
+def test_autoregressive_refusals(ar_run_dir: Path, capsys: pytest.CaptureFixture[str], flag: str, message: str) -> None:
+    err = error(capsys, f"--out_dir={ar_run_dir}", flag)
+    assert message in err and "is an autoregressive checkpoint" in err
+
+
 def test_prompt_and_infill_characters_are_kept(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -272,7 +312,9 @@ def test_errors_that_need_the_checkpoint(
     assert "--infill: the template has no '_'" in error(capsys, f"--out_dir={run_dir}", "--infill=The king")
     # The longest canvas is planned at once (62,500 blocks of 16): the steps check answers without generating.
     assert "--steps=64: fewer steps than the 62500 blocks" in error(capsys, f"--out_dir={run_dir}", "--length=1000000")
-    assert "autoregressive (causal) checkpoint" in error(capsys, f"--ckpt={causal_ckpt}")
+    assert "is an autoregressive checkpoint, which sees no text to the right" in error(
+        capsys, f"--ckpt={causal_ckpt}", "--infill=The ___ king"
+    )
     assert "--ckpt=nope.pt: no such checkpoint file" in error(capsys, "--ckpt=nope.pt")
     assert f"--out_dir={tmp_path}: no ckpt_unmasking_" in error(capsys, f"--out_dir={tmp_path}")
     assert "give --ckpt=PATH or --out_dir=DIR" in error(capsys)

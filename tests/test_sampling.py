@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from unmask.critic import CriticRemask
 from unmask.data import Vocab
-from unmask.model import ModelConfig, Transformer
+from unmask.model import KVCache, ModelConfig, Transformer
 from unmask.sampling import (
     REMASKING,
     SCHEDULES,
@@ -26,6 +26,7 @@ from unmask.sampling import (
     StepEvent,
     filter_logits,
     generate,
+    generate_autoregressive,
     infill_canvas,
     num_transfer_tokens,
     placeholder_spans,
@@ -605,3 +606,72 @@ def test_threshold_nfe_adapts_per_sample_and_is_refused_for_refill_strategies() 
     assert len(set(nfe.tolist())) > 1, "the per-sample count should adapt"
     with pytest.raises(ValueError, match="refill"):
         threshold_run(FixedLogits(), SamplingConfig(remasking="remask", confidence_threshold=0.5))
+
+
+# --- autoregressive checkpoints: KV cache, sliding window ---------------------------------------------------------
+
+
+def causal_transformer(block_size: int = 16) -> Transformer:
+    torch.manual_seed(2)
+    return Transformer(ModelConfig(vocab_size=9, block_size=block_size, n_layer=2, n_head=2, n_embd=16, causal=True))
+
+
+def test_cached_logits_equal_uncached_ones() -> None:
+    model = causal_transformer().eval()
+    x = torch.randint(0, 8, (3, 16), generator=torch.Generator().manual_seed(0))
+    cache = KVCache()
+    with torch.inference_mode():
+        steps = [model(x[:, :5], cache=cache, update_cache=True)[:, -1]]
+        steps += [model(x[:, t : t + 1], cache=cache, update_cache=True)[:, -1] for t in range(5, 16)]
+        full = model(x)  # (B, 16, V): causal, so position t sees exactly x[:, :t + 1]
+    assert cache.length == 16
+    assert torch.allclose(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5)
+
+
+def context_start(p: int, block_size: int) -> int:
+    """Where the context of position p starts: beyond the window, the cache alternates between block_size and
+    block_size - 1 characters (it is recomputed from the last block_size - 1 whenever it is full)."""
+    if p <= block_size:
+        return 0
+    return p - block_size if (p - block_size) % 2 == 0 else p - block_size + 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_autoregressive_generation_matches_uncached_scoring_beyond_the_window(temperature: float) -> None:
+    model, bs, L, P = causal_transformer().eval(), 16, 45, 3
+    canvas, fixed = prompt_canvas([1, 2, 3], L, 8)
+    B = 4
+    out = generate_autoregressive(
+        model, canvas.expand(B, -1).clone(), fixed.expand(B, -1), 8, bs, SamplingConfig(temperature=temperature),
+        RowGenerators.for_samples(5, 0, B),
+    )  # fmt: skip
+    assert out.forward_passes == L - P and out.nfe.tolist() == [L - P] * B  # NFE = characters generated
+    assert (out.tokens[:, :P] == torch.tensor([1, 2, 3])).all() and (out.tokens < 8).all()
+    with torch.inference_mode():
+        for p in range(P, L):
+            a = context_start(p, bs)
+            logits = model(out.tokens[:, a:p])[:, -1]  # (B, V) uncached
+            logp = logits.double().masked_fill(torch.arange(9) >= 8, -math.inf).log_softmax(-1)
+            expected = logp.gather(-1, out.tokens[:, p : p + 1]).squeeze(-1)
+            assert torch.allclose(out.logprobs[:, p], expected, atol=1e-5), p
+            if temperature == 0.0:
+                assert torch.equal(out.tokens[:, p], logp.argmax(-1)), p
+
+
+def test_autoregressive_samples_do_not_depend_on_the_batch_size_and_need_a_prefix() -> None:
+    model = causal_transformer().eval()
+    canvas, fixed = prompt_canvas([4], 30, 8)
+    config = SamplingConfig(temperature=0.9, top_k=5, top_p=0.9)
+
+    def batch(first: int, rows: int) -> Tensor:
+        generator = RowGenerators.for_samples(1, first, rows)
+        return generate_autoregressive(model, canvas.expand(rows, -1).clone(), fixed.expand(rows, -1), 8, 16, config,
+                                       generator).tokens  # fmt: skip
+
+    assert torch.equal(torch.cat([batch(i, 1) for i in range(6)]), torch.cat([batch(0, 4), batch(4, 2)]))
+    with pytest.raises(ValueError, match="at least one fixed"):
+        generate_autoregressive(model, torch.full((1, 5), 8), torch.zeros(1, 5, dtype=torch.bool), 8, 16, config,
+                                torch.Generator())  # fmt: skip
+    infill = torch.tensor([[True, False, True]])
+    with pytest.raises(ValueError, match="prefix"):
+        generate_autoregressive(model, torch.zeros(1, 3, dtype=torch.long), infill, 8, 16, config, torch.Generator())

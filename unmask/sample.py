@@ -32,6 +32,7 @@ from unmask.sampling import (
     SamplingConfig,
     StepEvent,
     generate,
+    generate_autoregressive,
     infill_canvas,
     placeholder_spans,
     plan_blocks,
@@ -225,6 +226,22 @@ class Judge:
         return values.tolist()
 
 
+KINDS = ("diffusion", "autoregressive", "block_diffusion")
+
+
+def checkpoint_kind(trained: Trained) -> str:
+    """How a language-model checkpoint generates: 'diffusion' (iterative unmasking of a canvas),
+    'autoregressive' (a causal model, one character per forward pass) or 'block_diffusion' (blocks of the
+    model's `diffusion_block` characters, left to right, each by iterative unmasking)."""
+    config = trained.model_config
+    if config.causal:
+        return "autoregressive"
+    block = config.diffusion_block
+    if trained.config.get("objective") == "block_diffusion" and block <= 0:
+        raise UserError(f"{trained.path}: objective block_diffusion but its model_config has no diffusion_block")
+    return "block_diffusion" if block > 0 else "diffusion"
+
+
 @dataclass
 class Setup:
     args: SampleArgs
@@ -233,6 +250,7 @@ class Setup:
     canvas: torch.Tensor  # (L,)
     fixed: torch.Tensor  # (L,) bool
     prompt_length: int  # characters of a prefix prompt (stripped before text metrics); 0 otherwise
+    kind: str = "diffusion"  # see checkpoint_kind
     corpus: sm.CorpusStats | None = None
     reference_ids: torch.Tensor | None = None  # (N, L) real validation windows
     judge: Judge | None = None
@@ -321,6 +339,35 @@ def _load_corpus(setup: Setup) -> None:
     setup.reference_ids = sample_windows(dataset.val, setup.length, setup.args.num_samples, generator)
 
 
+def _check_autoregressive(args: SampleArgs, trained: Trained) -> None:
+    """Refuse, in one line, what does not apply to left-to-right generation one character at a time."""
+    what = f"{trained.path} is an autoregressive checkpoint"
+    if args.infill is not None:
+        raise UserError(f"--infill: {what}, which sees no text to the right of a hole; use --prompt")
+    if args.sweep_steps is not None:
+        raise UserError(f"--sweep_steps={args.sweep_steps}: {what}; it takes one step per character")
+    if args.confidence_threshold is not None:
+        tau = args.confidence_threshold
+        raise UserError(f"--confidence_threshold={tau}: {what}; it commits one character per step")
+    if args.block_length is not None:
+        raise UserError(f"--block_length={args.block_length}: {what}; it generates one character at a time")
+    if args.critic_ckpt is not None:
+        raise UserError(f"--critic_ckpt={args.critic_ckpt}: {what}; there is nothing to re-mask")
+
+
+def _autoregressive_start(
+    trained: Trained, canvas: torch.Tensor, fixed: torch.Tensor, notes: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Without a prompt, a causal model (no beginning-of-text token) starts from a newline, as nanoGPT's
+    sample.py does; the newline is not counted as generated text."""
+    if "\n" not in trained.vocab.itos:
+        raise UserError(f"--prompt: {trained.path} is autoregressive and its vocabulary has no newline to start from")
+    canvas, fixed = canvas.clone(), fixed.clone()
+    canvas[0], fixed[0] = trained.vocab.encode("\n", source="--prompt")[0], True
+    notes.append("no prompt: the autoregressive samples continue a newline (nanoGPT's default start)")
+    return canvas, fixed, 1
+
+
 def build(args: SampleArgs) -> Setup:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -328,14 +375,17 @@ def build(args: SampleArgs) -> Setup:
     device = resolve_device(args.device)
     trained = load_trained(path, device)
     trained.require_head(("lm",), "unmask sample")
-    if trained.model_config.causal:
-        raise UserError(
-            f"{path}: an autoregressive (causal) checkpoint; unmask sample generates from unmasking checkpoints "
-            "(use it as --judge_ckpt instead)"
-        )
+    kind = checkpoint_kind(trained)
+    notes: list[str] = []
+    if kind == "autoregressive":
+        _check_autoregressive(args, trained)
     canvas, fixed, prompt_length = _build_canvas(args, trained)
-    _check_blocks(args, fixed, trained.model_config.block_size)
-    setup = Setup(args, trained, device, canvas, fixed, prompt_length)
+    if kind == "autoregressive":
+        if prompt_length == 0:
+            canvas, fixed, prompt_length = _autoregressive_start(trained, canvas, fixed, notes)
+    else:
+        _check_blocks(args, fixed, trained.model_config.block_size)
+    setup = Setup(args, trained, device, canvas, fixed, prompt_length, kind, notes=notes)
     if args.metrics:
         _load_corpus(setup)
     if args.judge_ckpt is not None:
@@ -405,7 +455,10 @@ def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None =
         if config.remasking == "critic" and setup.critic is not None:
             critic = CriticRemask(setup.critic.model, config.randomness_strength)
         generator = setup.generator(first, rows)
-        result = generate(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook, critic)
+        if setup.kind == "autoregressive":
+            result = generate_autoregressive(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook)
+        else:
+            result = generate(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook, critic)
         if setup.device.type == "cuda":
             torch.cuda.synchronize(setup.device)
         seconds += time.perf_counter() - t0
@@ -471,6 +524,12 @@ def describe(setup: Setup, config: SamplingConfig) -> str:
     t = setup.trained
     top_k = config.top_k or "off"
     top_p = config.top_p if config.top_p < 1 else "off"
+    if setup.kind == "autoregressive":
+        return (
+            f"checkpoint {t.path} (iter {t.iter_num}, autoregressive: one character per forward pass, KV cache); "
+            f"{setup.args.num_samples} samples x {setup.length} characters; temperature {config.temperature}, "
+            f"top_k {top_k}, top_p {top_p}; seed {setup.args.seed}"
+        )
     if config.confidence_threshold is None:
         steps = f"{config.schedule} schedule, {config.steps} steps"
     else:
@@ -511,6 +570,7 @@ def json_document(setup: Setup, run: SampleRun, metrics: dict[str, Any] | None) 
     return {
         "checkpoint": str(setup.trained.path),
         "iter_num": setup.trained.iter_num,
+        "kind": setup.kind,
         "settings": {**settings, **asdict(run.config), "length": setup.length},
         "samples": [
             {"text": text, "generated": text[setup.prompt_length :], "mean_self_logprob": lp, "nfe": nfe}

@@ -44,6 +44,8 @@ from typing import Protocol, TypeAlias
 import torch
 from torch import Tensor
 
+from unmask.model import KVCache
+
 SCHEDULES = ("linear", "cosine")
 REMASKING = ("low_confidence", "random", "margin", "entropy", "remask")
 _MASK64 = (1 << 64) - 1
@@ -636,6 +638,83 @@ def generate(
 
         denoiser.fill_block(b, block, logits_for)
     return denoiser.result()
+
+
+# --- autoregressive checkpoints -------------------------------------------------------------------------------
+
+
+class CachedModel(Protocol):
+    """A `unmask.model.Transformer`-like model: ids (B, T) -> logits (B, T, V), optionally through a KV cache."""
+
+    def __call__(self, idx: Tensor, *, cache: KVCache | None = None, update_cache: bool = False) -> Tensor: ...
+
+
+def prefix_length(fixed: Tensor) -> int:
+    """Length P of the fixed prefix of `fixed` (B, L), which must be the same in every row and the only fixed
+    text (positions >= P all free); raises ValueError otherwise."""
+    free = ~fixed[0]
+    P = int(free.int().argmax()) if bool(free.any()) else fixed.shape[1]
+    if not (fixed == fixed[:1]).all() or bool(fixed[0, P:].any()):
+        raise ValueError("left-to-right generation needs one fixed prefix, the same in every row, and nothing after it")
+    return P
+
+
+@torch.inference_mode()
+def generate_autoregressive(
+    model: CachedModel,
+    canvas: Tensor,
+    fixed: Tensor,
+    mask_id: int,
+    block_size: int,
+    config: SamplingConfig,
+    generator: Generators,
+    on_step: Callable[[StepEvent], None] | None = None,
+) -> Generation:
+    """Continue the fixed prefix of `canvas` (B, L) one character at a time with a causal model and a KV cache.
+
+    Each character is drawn from the tempered, top-k/top-p filtered next-character distribution (float64
+    Gumbel-max, `sample_categorical`); its log-probability is the untempered one. The prefix (at least one
+    character: the model has no beginning-of-text token) is fed once; each new character is then one forward
+    pass of length 1 against the cache, so NFE = characters generated. When the cache holds `block_size`
+    positions, it is recomputed from the last `block_size - 1` characters (RoPE keys are stored rotated by their
+    absolute positions, so the window cannot shift without recomputing), and generation goes on: every
+    character beyond the context sees the `block_size - 1` or `block_size` characters before it.
+    `config.steps`, `schedule`, `remasking`, `block_length` and `confidence_threshold` do not apply.
+    """
+    B, L = canvas.shape
+    P = prefix_length(fixed)
+    if P == 0:
+        raise ValueError("an autoregressive model needs at least one fixed character to continue")
+    x = canvas.clone()  # (B, L)
+    sampling_device = generator.device
+    logprobs = torch.zeros(B, L, dtype=torch.float64, device=sampling_device)  # (B, L)
+    banned: Tensor | None = None
+    cache = KVCache()
+    start = max(0, P - block_size)  # a prompt longer than the context: its last block_size characters
+    logits = model(x[:, start:P], cache=cache, update_cache=True)[:, -1]  # (B, V)
+    forward_passes = 1
+    for p in range(P, L):
+        if banned is None:
+            banned = torch.arange(logits.shape[-1], device=sampling_device) >= mask_id  # (V,)
+        token = sample_categorical(logits, banned, config.temperature, config.top_k, config.top_p, generator)  # (B,)
+        probs = model_probs(logits, banned, sampling_device)  # (B, V)
+        logprobs[:, p] = probs.gather(-1, token.unsqueeze(-1)).squeeze(-1).log()
+        x[:, p] = token.to(x.device)
+        if on_step is not None:
+            changed = torch.zeros_like(fixed)  # (B, L)
+            changed[:, p] = True
+            nfe = torch.full((B,), forward_passes, dtype=torch.long)
+            on_step(StepEvent(p - P, L - P, 0, x, changed, forward_passes, nfe))
+        if p == L - 1:
+            break
+        if cache.length == block_size:  # full: recompute from the last block_size - 1 characters, the new one included
+            cache = KVCache()
+            logits = model(x[:, p + 2 - block_size : p + 1], cache=cache, update_cache=True)[:, -1]  # (B, V)
+        else:
+            logits = model(x[:, p : p + 1], cache=cache, update_cache=True)[:, -1]  # (B, V)
+        forward_passes += 1
+    nfe = torch.full((B,), forward_passes, dtype=torch.long)
+    return Generation(x, logprobs, forward_passes, nfe)
 
 
 # --- canvases -------------------------------------------------------------------------------------------------
