@@ -717,6 +717,112 @@ def generate_autoregressive(
     return Generation(x, logprobs, forward_passes, nfe)
 
 
+# --- block-diffusion checkpoints ------------------------------------------------------------------------------
+
+
+def plan_diffusion_blocks(masked: Tensor, diffusion_block: int, block_size: int, steps: int | None) -> list[Block]:
+    """The blocks a block-diffusion model (block length K = `diffusion_block`) fills, left to right.
+
+    Blocks lie on the model's grid [jK, (j + 1)K) from canvas position 0 (the last one may be shorter), as in
+    training, where blocks start at the window's start; a grid block with nothing to fill is skipped (whole
+    prompt blocks: they only enter the cache). Steps are split across the blocks as in `plan_blocks`
+    (`steps=None`: as many as each block has positions, for confidence-threshold runs). The window
+    [window_start, end) is the block with as many whole blocks of left context as fit in `block_size`: its
+    start is a multiple of K, so the cached blocks keep the grid the model was trained on. O(L + n log n).
+    """
+    K = diffusion_block
+    if not 0 < K <= block_size:
+        raise ValueError(f"diffusion_block {K} must be in [1, block_size={block_size}]")
+    L = masked.shape[1]
+    per_position = masked.sum(dim=0).cpu()  # (L,) rows in which each position is to be filled
+    starts = torch.arange(0, L, K)  # (n,)
+    ends = (starts + K).clamp(max=L)  # (n,)
+    cumulative = torch.cat((torch.zeros(1, dtype=torch.long), per_position.cumsum(0)))  # (L + 1,)
+    weights = cumulative[ends] - cumulative[starts]  # (n,)
+    keep = weights > 0
+    span_starts, span_ends, span_weights = starts[keep].tolist(), ends[keep].tolist(), weights[keep].tolist()
+    if not span_starts:
+        return []
+    if steps is None:
+        step_counts = [e - s for s, e in zip(span_starts, span_ends, strict=True)]
+    else:
+        step_counts = split_steps(span_weights, steps)
+    blocks = []
+    for s, e, n_steps in zip(span_starts, span_ends, step_counts, strict=True):
+        window_start = -(-max(0, e - block_size) // K) * K  # the smallest multiple of K with e - start <= block_size
+        blocks.append(Block(s, e, n_steps, window_start, e))
+    return blocks
+
+
+def _cache_rows(cache: KVCache, rows: Tensor) -> KVCache:
+    """A cache holding only the batch rows `rows` (R,) of `cache` (copies; `cache` is unchanged)."""
+    sub = KVCache()
+    for layer, (keys, values) in enumerate(zip(cache.keys, cache.values, strict=True)):
+        sub.store(layer, keys[rows], values[rows])  # (R, H, S, D)
+    return sub
+
+
+@torch.inference_mode()
+def generate_block_diffusion(
+    model: CachedModel,
+    canvas: Tensor,
+    fixed: Tensor,
+    mask_id: int,
+    block_size: int,
+    diffusion_block: int,
+    config: SamplingConfig,
+    generator: Generators,
+    on_step: Callable[[StepEvent], None] | None = None,
+    remasking: Remasking | None = None,
+    use_cache: bool = True,
+) -> Generation:
+    """Fill `canvas` (B, L) with a block-diffusion model (Arriola et al. 2025, BD3-LM): block by block, left to
+    right, each block by iterative unmasking conditioned on the finished blocks before it.
+
+    Inside a block every remasking strategy, schedule and `confidence_threshold` works as in `generate`.
+    Finished blocks are fed clean into a `KVCache` once (`update_cache=True`, the training layout where clean
+    block b attends to clean blocks <= b); each denoising step then runs only the block's positions against the
+    cache. Whole blocks of a prompt are prefilled the same way, while a prompt's partial last block stays in the
+    canvas as fixed characters of the first generated block. Past `block_size` the window moves by whole blocks
+    and the cache is recomputed from the blocks that still fit. Fixed characters after the current block are not
+    seen while it is generated (the model is block-causal), which is why `unmask sample` refuses templates with
+    text beyond the first hole's block.
+
+    `use_cache=False` runs every step as one block-causal forward over the window instead (the reference the
+    cached path is tested against). `Generation.nfe` counts denoising passes; `forward_passes` also counts the
+    cache feeds (at most one per block).
+    """
+    B, L = canvas.shape
+    strategy = remasking if remasking is not None else make_remasking(config.remasking, config.randomness_strength)
+    x = torch.where(fixed, canvas, torch.full_like(canvas, mask_id))  # (B, L)
+    steps = None if config.confidence_threshold is not None else config.steps
+    blocks = plan_diffusion_blocks(~fixed, diffusion_block, block_size, steps)
+    denoiser = _Denoiser(x, fixed, mask_id, config, strategy, generator, on_step, sum(b.steps for b in blocks))
+    cache, cache_start = KVCache(), 0  # the cache holds canvas positions cache_start .. cache_start + length - 1
+    for b, block in enumerate(blocks):
+        s, e, start = block.start, block.end, block.window_start
+        if use_cache:
+            if start != cache_start:  # the window moved: the cached keys sit at the wrong RoPE positions
+                cache, cache_start = KVCache(), start
+            fed = cache_start + cache.length
+            if fed < s:
+                model(x[:, fed:s], cache=cache, update_cache=True)  # finished blocks, clean, in one pass
+                denoiser.forward_passes += 1
+
+            def cached(rows: Tensor, s: int = s, e: int = e, cache: KVCache = cache) -> Tensor:
+                rows_cache = cache if rows.numel() == B else _cache_rows(cache, rows)
+                return model(x[rows, s:e], cache=rows_cache)  # (R, n, V): the block against the cache
+
+            denoiser.fill_block(b, block, cached)
+        else:
+
+            def uncached(rows: Tensor, s: int = s, e: int = e, start: int = start) -> Tensor:
+                return model(x[rows, start:e])[:, s - start :]  # (R, n, V): block-causal over the window
+
+            denoiser.fill_block(b, block, uncached)
+    return denoiser.result()
+
+
 # --- canvases -------------------------------------------------------------------------------------------------
 
 
