@@ -154,6 +154,53 @@ def test_autoregressive_refusals(ar_run_dir: Path, capsys: pytest.CaptureFixture
     assert message in err and "is an autoregressive checkpoint" in err
 
 
+@pytest.fixture(scope="session")
+def bd_ckpt(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A (random) block-diffusion checkpoint, blocks of 8, block_size 32, as the trainer will record it."""
+    vocab = load_dataset(tiny_data / "tiny").vocab
+    config = ModelConfig(vocab_size=vocab.size, block_size=32, n_layer=1, n_head=2, n_embd=16, diffusion_block=8)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("block_diffusion") / "ckpt_unmasking_0.pt"
+    state = {
+        "format_version": 1,
+        "model": Transformer(config).state_dict(),
+        "model_config": dataclasses.asdict(config),
+        "vocab": list(vocab.itos),
+        "config": {"objective": "block_diffusion", "data_dir": str(tiny_data), "dataset": "tiny"},
+        "iter_num": 0,
+    }
+    torch.save(state, path)
+    return path
+
+
+def test_block_diffusion_checkpoint_samples_block_by_block(bd_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = (f"--ckpt={bd_ckpt}", "--prompt=The king", "--length=70", "--num_samples=3", "--remasking=low_confidence")
+    doc = sample(capsys, *flags, "--steps=16")
+    assert doc["kind"] == "block_diffusion"
+    assert all(len(s["text"]) == 70 and s["text"].startswith("The king") for s in doc["samples"])
+    assert all(MASK_GLYPH not in s["text"] and s["nfe"] == 16 for s in doc["samples"])
+    assert doc["speed"]["forward_passes"] == 16 + 8  # and one cache feed before each of the 8 blocks
+    one = sample(capsys, *flags, "--steps=16", "--batch_size=1")
+    assert [s["text"] for s in one["samples"]] == [s["text"] for s in doc["samples"]]
+    fast = sample(capsys, *flags, "--confidence_threshold=0")
+    assert [s["nfe"] for s in fast["samples"]] == [8, 8, 8]  # one step per block
+    template = "The __ k" + "_" * 10  # fixed text after a hole only inside its block of 8; then a free suffix
+    doc = sample(capsys, f"--ckpt={bd_ckpt}", f"--infill={template}", "--steps=6", "--metrics=False")
+    assert all(s["text"][:4] == "The " and s["text"][6:8] == " k" and len(s["text"]) == 18 for s in doc["samples"])
+    assert main(["sample", f"--ckpt={bd_ckpt}", "--length=24", "--num_samples=1", "--steps=3"]) == 0
+    assert "block diffusion: blocks of 8 left to right, KV cache" in capsys.readouterr().out
+
+
+def test_block_diffusion_refusals(bd_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = error(capsys, f"--ckpt={bd_ckpt}", "--infill=The __ king and the queen of rome")
+    assert (
+        "--infill: " in err
+        and "fixed text at position 8 lies after the block of the first hole (positions 0..7)" in err
+    )
+    assert "--block_length=4: " in error(capsys, f"--ckpt={bd_ckpt}", "--block_length=4")
+    assert "fewer steps than the 9 blocks" in error(capsys, f"--ckpt={bd_ckpt}", "--length=70", "--steps=5")
+
+
 def test_prompt_and_infill_characters_are_kept(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

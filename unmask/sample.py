@@ -1,4 +1,8 @@
-"""`unmask sample`: generate text from an unmasking checkpoint, with prompts, infilling, metrics and a sweep.
+"""`unmask sample`: generate text from a language-model checkpoint, with prompts, infilling, metrics and a sweep.
+
+Diffusion checkpoints (unmasking, mdlm) fill a canvas by iterative unmasking; autoregressive ones continue a
+prompt one character per forward pass with a KV cache; block-diffusion ones (`diffusion_block = K`) fill blocks of
+K left to right, each by iterative unmasking against a KV cache of the finished blocks.
 
 Parse (`SampleArgs`) -> build (`build`: checkpoint, canvas, reference data, judge) -> run (`run_samples`, then
 `report` or `sweep`). The maths lives in `unmask.sampling`, the metrics in `unmask.sample_metrics`; see
@@ -33,9 +37,11 @@ from unmask.sampling import (
     StepEvent,
     generate,
     generate_autoregressive,
+    generate_block_diffusion,
     infill_canvas,
     placeholder_spans,
     plan_blocks,
+    plan_diffusion_blocks,
     prompt_canvas,
 )
 
@@ -86,14 +92,16 @@ class SampleArgs:
     --schedule are unused. 0 fills a block per step; above 1, one position per step. Not with remask/critic."""
     block_length: int | None = None
     """Semi-autoregressive blocks of this many positions, left to right, steps split across them (default: one
-    block, or block_size / 2 when --length exceeds the model's block_size)."""
+    block, or block_size / 2 when --length exceeds the model's block_size). A block-diffusion checkpoint always
+    uses its own block length; an autoregressive one has no blocks."""
     prompt: str | None = None
     """Fixed text the samples start with (counts towards --length)."""
     prompt_file: str | None = None
     """Read the prompt from this UTF-8 file (used verbatim, final newline included)."""
     infill: str | None = None
     """Template whose runs of --placeholder are filled ("To be, or ______ to be" asks for 6 characters); the
-    template sets the length."""
+    template sets the length. Not for autoregressive checkpoints; for block-diffusion ones, fixed text after the
+    first hole must lie in that hole's block."""
     placeholder: str = "_"
     """The character marking positions to fill in --infill."""
     preset: Literal["guide"] | None = None
@@ -300,12 +308,40 @@ def _build_canvas(args: SampleArgs, trained: Trained) -> tuple[torch.Tensor, tor
     return canvas, fixed, len(ids)
 
 
-def _check_blocks(args: SampleArgs, fixed: torch.Tensor, block_size: int) -> None:
+def _check_block_diffusion(args: SampleArgs, trained: Trained, fixed: torch.Tensor) -> None:
+    """Refuse, in one line, what a block-causal model cannot do: other block lengths, and templates with fixed
+    text after the first hole's block (the hole would be filled without seeing it)."""
+    K, path = trained.model_config.diffusion_block, trained.path
+    if args.block_length is not None and args.block_length != K:
+        raise UserError(
+            f"--block_length={args.block_length}: {path} is a block-diffusion checkpoint; it generates in its own "
+            f"blocks of {K}"
+        )
+    if args.infill is None:
+        return
+    holes = (~fixed).nonzero().flatten()
+    next_block = (int(holes[0]) // K + 1) * K  # the first position after the first hole's block
+    later = fixed[next_block:].nonzero().flatten()
+    if later.numel():
+        raise UserError(
+            f"--infill: {path} is a block-diffusion checkpoint (blocks of {K}, filled left to right, each seeing only "
+            f"the blocks before it); the template's fixed text at position {next_block + int(later[0])} lies after "
+            f"the block of the first hole (positions {next_block - K}..{next_block - 1}), so that hole could not "
+            "see it: keep every fixed character after the first hole inside that block"
+        )
+
+
+def _check_blocks(args: SampleArgs, fixed: torch.Tensor, trained: Trained, kind: str) -> None:
+    block_size = trained.model_config.block_size
     if args.block_length is not None and args.block_length > block_size:
         raise UserError(f"--block_length={args.block_length}: longer than the model's block_size={block_size}")
     if args.confidence_threshold is not None:
         return  # adaptive steps: every block takes what it needs
-    needed = len(plan_blocks(~fixed.unsqueeze(0), block_size, args.block_length, None))
+    if kind == "block_diffusion":
+        K = trained.model_config.diffusion_block
+        needed = len(plan_diffusion_blocks(~fixed.unsqueeze(0), K, block_size, None))
+    else:
+        needed = len(plan_blocks(~fixed.unsqueeze(0), block_size, args.block_length, None))
     fewest = min(args.step_counts or (args.steps,))
     if fewest < needed:
         flag = f"--sweep_steps={args.sweep_steps}" if args.step_counts else f"--steps={args.steps}"
@@ -384,7 +420,9 @@ def build(args: SampleArgs) -> Setup:
         if prompt_length == 0:
             canvas, fixed, prompt_length = _autoregressive_start(trained, canvas, fixed, notes)
     else:
-        _check_blocks(args, fixed, trained.model_config.block_size)
+        if kind == "block_diffusion":
+            _check_block_diffusion(args, trained, fixed)
+        _check_blocks(args, fixed, trained, kind)
     setup = Setup(args, trained, device, canvas, fixed, prompt_length, kind, notes=notes)
     if args.metrics:
         _load_corpus(setup)
@@ -457,6 +495,11 @@ def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None =
         generator = setup.generator(first, rows)
         if setup.kind == "autoregressive":
             result = generate_autoregressive(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook)
+        elif setup.kind == "block_diffusion":
+            K = trained.model_config.diffusion_block
+            result = generate_block_diffusion(
+                trained.model, canvas, fixed, mask_id, block_size, K, config, generator, hook, critic
+            )
         else:
             result = generate(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook, critic)
         if setup.device.type == "cuda":
@@ -532,10 +575,15 @@ def describe(setup: Setup, config: SamplingConfig) -> str:
         )
     if config.confidence_threshold is None:
         steps = f"{config.schedule} schedule, {config.steps} steps"
+        if setup.kind == "block_diffusion":
+            steps += " split across the blocks"
     else:
         steps = f"confidence threshold {config.confidence_threshold} (adaptive steps)"
+    kind = ""
+    if setup.kind == "block_diffusion":
+        kind = f", block diffusion: blocks of {t.model_config.diffusion_block} left to right, KV cache"
     return (
-        f"checkpoint {t.path} (iter {t.iter_num}); {setup.args.num_samples} samples x {setup.length} characters; "
+        f"checkpoint {t.path} (iter {t.iter_num}{kind}); {setup.args.num_samples} samples x {setup.length} characters; "
         f"{config.remasking}, {steps}; temperature {config.temperature}, "
         f"top_k {top_k}, top_p {top_p}; seed {setup.args.seed}"
     )
