@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -307,6 +308,28 @@ def test_sweep_prints_a_table_and_writes_json(
     ]  # fmt: skip
     assert all(r["speed"]["forward_passes"] == r["steps"] * 1 for r in doc["rows"])
     assert all(len(r["texts"]) == 4 for r in doc["rows"])
+
+
+def test_sweep_writes_into_the_run_directory_and_never_overwrites(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    argv = ["sample", f"--out_dir={run}", "--sweep_steps=2", "--length=16", "--num_samples=2", "--metrics=False"]
+    assert main(argv) == 0 and main([*argv, "--seed=5"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {run / 'sweep_steps.json'}" in out and f"wrote {run / 'sweep_steps_2.json'}" in out
+    first, second = (
+        json.loads((run / "sweep_steps.json").read_text()),
+        json.loads((run / "sweep_steps_2.json").read_text()),
+    )
+    assert first["settings"]["seed"] == 1337 and second["settings"]["seed"] == 5
+    assert not list(tmp_path.glob("sweep_steps*.json")) and not list(run.glob(".*.tmp"))  # nothing in the cwd either
+    taken = tmp_path / "taken.json"
+    taken.write_text("keep me")
+    assert "--sweep_out=" in error(capsys, *argv[1:], f"--sweep_out={taken}")
+    assert taken.read_text() == "keep me"
 
 
 def test_out_of_vocabulary_characters_are_listed(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,9 +11,12 @@ docs/sampling.md for the strategies, defaults and a measured steps sweep.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -134,8 +137,9 @@ class SampleArgs:
     sweep_steps: str | None = None
     """Comma list of step counts (8,16,32,64,128): metrics and speed for every strategy in --remasking and every
     step count, printed as a table and written to --sweep_out."""
-    sweep_out: str = "sweep_steps.json"
-    """JSON file the sweep writes."""
+    sweep_out: str | None = None
+    """JSON file the sweep writes; it must not exist (default: sweep_steps.json in the checkpoint's run directory,
+    or sweep_steps_2.json, _3, ... when taken: an earlier sweep is never overwritten)."""
 
     strategies: tuple[str, ...] = field(default=(), init=False, repr=False)
     step_counts: tuple[int, ...] = field(default=(), init=False, repr=False)
@@ -695,6 +699,44 @@ def sweep(setup: Setup) -> list[dict[str, Any]]:
     return rows
 
 
+def write_new_file(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically and only if `path` does not exist (FileExistsError otherwise).
+
+    A temporary file in the same directory is fsynced and hard-linked to `path`: the link either creates the
+    whole file or fails because the name is taken, so neither a crash nor a concurrent writer leaves a partial
+    or overwritten file.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_sweep(args: SampleArgs, run_dir: Path, document: dict[str, Any]) -> Path:
+    """Write the sweep document to --sweep_out, or to the first free sweep_steps[_N].json of `run_dir`."""
+    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    if args.sweep_out is not None:
+        candidates: Any = [Path(args.sweep_out)]
+    else:
+        candidates = (run_dir / ("sweep_steps.json" if i == 1 else f"sweep_steps_{i}.json") for i in itertools.count(1))
+    for path in candidates:
+        try:
+            write_new_file(path, text)
+            return path
+        except FileExistsError:
+            if args.sweep_out is not None:
+                raise UserError(f"--sweep_out={args.sweep_out}: the file exists; give a new path") from None
+        except OSError as exc:
+            flag = f"--sweep_out={args.sweep_out}" if args.sweep_out is not None else f"--ckpt={run_dir}"
+            raise UserError(f"{flag}: cannot write {path} ({exc.strerror})") from None
+    raise AssertionError("unreachable: the default names never run out")
+
+
 def main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         print(
@@ -713,6 +755,8 @@ def main(argv: list[str]) -> int:
     setup = build(args)
 
     if args.step_counts:
+        if args.sweep_out is not None and Path(args.sweep_out).exists():  # refuse before the work, not after
+            raise UserError(f"--sweep_out={args.sweep_out}: the file exists; give a new path")
         rows = sweep(setup)
         document = {
             "checkpoint": str(setup.trained.path),
@@ -721,8 +765,7 @@ def main(argv: list[str]) -> int:
             "rows": rows,
             "notes": setup.notes,
         }
-        Path(args.sweep_out).write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"wrote {args.sweep_out}")
+        print(f"wrote {write_sweep(args, setup.trained.path.parent, document)}")
         return 0
 
     out = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the document only
