@@ -62,7 +62,7 @@ def sampler_only_ms(setup: Setup, config: SamplingConfig, logits: torch.Tensor) 
     for _ in range(5):
         t0 = time.perf_counter()
         mask_id, block_size = setup.trained.vocab.mask_id, setup.trained.model_config.block_size
-        generate(fake, canvas, fixed, mask_id, block_size, config, setup.generator())
+        generate(fake, canvas, fixed, mask_id, block_size, config, setup.generator(0, rows))
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
 

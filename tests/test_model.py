@@ -1,15 +1,18 @@
-"""Tests for unmask.model: shapes, attention direction, RoPE, tying, init, optimizer groups, learning."""
+"""Tests for unmask.model: shapes, attention direction, RoPE, tying, init, optimizer groups, learning, KV cache,
+block-causal masks, explicit masks and positions, the FlexAttention path."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from unmask.model import ModelConfig, Transformer, apply_rope, rope_cache
+from unmask.model import HAVE_FLEX, KVCache, ModelConfig, Transformer, apply_rope, block_causal_mask, rope_cache
 
 VOCAB = 11  # 10 characters + [MASK]
 MASK_ID = VOCAB - 1
@@ -257,3 +260,185 @@ def test_tiny_model_overfits_one_masked_batch() -> None:
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(VOCAB), rel=0.1)  # small init: near-uniform predictions
     assert losses[-1] < 0.1 * losses[0]
+
+
+def reference_hidden_states(model: Transformer, idx: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """The forward pass as it was before the KV-cache API, written out from the modules' weights."""
+    T = idx.shape[1]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    mask = None if pad is None else ~pad[:, None, None, :]
+    x = model.tok_emb(idx)
+    for block in model.blocks:
+        attn = block.attn  # type: ignore[union-attr]
+        h = block.ln1(x)  # type: ignore[operator]
+        B, _, C = h.shape
+        q, k, v = (t.view(B, T, attn.n_head, -1).transpose(1, 2) for t in attn.qkv(h).split(C, dim=-1))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attn.causal)
+        x = x + attn.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        x = x + block.mlp(block.ln2(x))  # type: ignore[operator]
+    return model.ln_f(x)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_without_new_arguments_is_bit_identical_to_the_reference(causal: bool) -> None:
+    model = tiny_model(causal=causal)
+    idx = random_tokens(3, 12)
+    with torch.no_grad():
+        assert torch.equal(model(idx), model.head(reference_hidden_states(model, idx)))
+        if not causal:
+            pad = torch.zeros(3, 12, dtype=torch.bool)
+            pad[0, 7:] = True
+            assert torch.equal(model.hidden_states(idx, pad), reference_hidden_states(model, idx, pad))
+
+
+def test_old_model_config_without_diffusion_block_loads_with_the_default() -> None:
+    fields = dataclasses.asdict(tiny_config())
+    del fields["diffusion_block"]  # a checkpoint written before the field existed
+    assert ModelConfig(**fields).diffusion_block == 0
+    with pytest.raises(ValueError, match="diffusion_block=4 needs causal=False"):
+        tiny_config(diffusion_block=4, causal=True)
+    with pytest.raises(ValueError, match="diffusion_block=-1"):
+        tiny_config(diffusion_block=-1)
+
+
+def test_block_causal_mask_entries() -> None:
+    mask = block_causal_mask(5, 2, torch.device("cpu"))
+    expected = torch.tensor([[j // 2 <= i // 2 for j in range(5)] for i in range(5)])
+    assert torch.equal(mask, expected)
+
+
+def test_block_diffusion_model_forward_is_block_causal() -> None:
+    model = tiny_model(diffusion_block=4)
+    diff = _logit_change_per_position(model, j=5)  # block 1 = positions 4..7
+    assert (diff[:4] == 0).all()  # block 0 never sees block 1
+    assert (diff[4:] > 1e-6).all()  # block 1 sees all of itself (both directions), block 2 sees block 1
+
+
+def _incremental_logits(model: Transformer, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    cache = KVCache()
+    pieces, start = [], 0
+    with torch.no_grad():
+        for size in chunks:
+            pieces.append(model(idx[:, start : start + size], cache=cache, update_cache=True))
+            start += size
+            assert cache.length == start
+    return torch.cat(pieces, dim=1)
+
+
+def test_causal_cache_equals_uncached_logits() -> None:
+    model = tiny_model(causal=True)
+    idx = random_tokens(3, 12)
+    with torch.no_grad():
+        full = model(idx)
+    for chunks in ([12], [1] * 12, [5, 1, 4, 2]):
+        assert torch.allclose(_incremental_logits(model, idx, chunks), full, atol=1e-5), chunks
+
+
+def test_block_diffusion_cache_equals_uncached_logits() -> None:
+    K = 4
+    model = tiny_model(diffusion_block=K)
+    idx = random_tokens(3, 12)
+    with torch.no_grad():
+        full = model(idx)  # block-causal over the clean sequence
+    # Block by block (the sampler's use), and a two-block prefill followed by one block.
+    for chunks in ([K, K, K], [2 * K, K]):
+        assert torch.allclose(_incremental_logits(model, idx, chunks), full, atol=1e-5), chunks
+    # A noisy block fed without update_cache attends to the cached clean blocks and to all of itself, which is the
+    # uncached model on [clean prefix ; noisy block]; the cache is left as it was.
+    noisy = idx.clone()
+    noisy[:, 8:11] = MASK_ID
+    cache = KVCache()
+    with torch.no_grad():
+        model(idx[:, :8], cache=cache, update_cache=True)
+        cached = model(noisy[:, 8:], cache=cache)
+        assert cache.length == 8
+        assert torch.allclose(cached, model(noisy)[:, 8:], atol=1e-5)
+
+
+def test_bidirectional_cache_attends_to_all_new_and_cached_positions() -> None:
+    model = tiny_model()
+    idx = random_tokens(2, 12)
+    cache = KVCache()
+    with torch.no_grad():
+        model(idx[:, :7], cache=cache, update_cache=True)
+        tail = model(idx[:, 7:], cache=cache)
+        # The new tokens see positions 0..11; the cached ones were computed without seeing the tail.
+        mask = torch.ones(12, 12, dtype=torch.bool)
+        mask[:7, 7:] = False
+        assert torch.allclose(tail, model(idx, attn_mask=mask)[:, 7:], atol=1e-5)
+
+
+def test_cache_crop_then_refeed() -> None:
+    model = tiny_model(causal=True)
+    idx = random_tokens(2, 12)
+    other = random_tokens(2, 12, seed=9)
+    cache = KVCache()
+    with torch.no_grad():
+        model(idx[:, :6], cache=cache, update_cache=True)
+        model(other[:, 6:10], cache=cache, update_cache=True)  # a branch to throw away
+        cache.crop(6)
+        assert cache.length == 6
+        again = model(idx[:, 6:], cache=cache, update_cache=True)
+        assert torch.allclose(again, model(idx)[:, 6:], atol=1e-5)
+    with pytest.raises(ValueError, match="crop length 13"):
+        cache.crop(13)
+
+
+def test_cache_argument_errors() -> None:
+    model = tiny_model(causal=True)
+    idx = random_tokens(1, 12)
+    cache = KVCache()
+    with torch.no_grad():
+        model(idx[:, :10], cache=cache, update_cache=True)
+        with pytest.raises(ValueError, match=r"cache.length=10 \+ 3 new positions exceeds block_size=12"):
+            model(idx[:, :3], cache=cache)
+        with pytest.raises(ValueError, match="update_cache=True needs a cache"):
+            model(idx, update_cache=True)
+        with pytest.raises(ValueError, match="uncached"):
+            model(idx[:, :2], cache=cache, pos=torch.arange(2))
+        with pytest.raises(ValueError, match="attn_mask must be a bool tensor"):
+            model(idx, attn_mask=torch.ones(12, 11, dtype=torch.bool))
+        with pytest.raises(ValueError, match="pos must lie in"):
+            model(idx, pos=torch.arange(12) + 1)
+
+
+def test_attn_mask_and_pos_run_two_copies_in_one_pass() -> None:
+    # [x ; x] with a block-diagonal mask and both copies at positions 0..T-1 must give each copy the logits of
+    # model(x): the layout block diffusion trains with, here with a sequence twice block_size long.
+    model = tiny_model(diffusion_block=4)
+    idx = random_tokens(2, 12)
+    T = 12
+    inner = block_causal_mask(T, 4, torch.device("cpu"))
+    mask = torch.zeros(2 * T, 2 * T, dtype=torch.bool)
+    mask[:T, :T] = inner
+    mask[T:, T:] = inner
+    with torch.no_grad():
+        both = model(torch.cat((idx, idx), dim=1), attn_mask=mask, pos=torch.arange(T).repeat(2))
+        single = model(idx)
+    assert torch.allclose(both[:, :T], single, atol=1e-5)
+    assert torch.allclose(both[:, T:], single, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAVE_FLEX, reason="FlexAttention needs PyTorch >= 2.5")
+def test_flex_attention_path_equals_sdpa_on_cpu() -> None:
+    # Off CUDA flex_attention runs eagerly (unfused) and, in torch 2.13, forward only ("does not support backward
+    # on CPU"): this checks that the BlockMask built from the boolean mask gives the logits and loss of SDPA.
+    model = tiny_model(diffusion_block=4)
+    idx = random_tokens(2, 12)
+    T = 12
+    mask = torch.zeros(2 * T, 2 * T, dtype=torch.bool)
+    mask[:T, :T] = block_causal_mask(T, 4, torch.device("cpu"))
+    mask[T:, :T] = torch.rand(T, T, generator=torch.Generator().manual_seed(5)) < 0.5
+    mask[T:, T:] = torch.eye(T, dtype=torch.bool)
+    targets = torch.cat((idx, idx), dim=1)
+    results = []
+    for backend in ("sdpa", "flex"):
+        model.attention_backend = backend
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logits = model(targets, attn_mask=mask, pos=torch.arange(T).repeat(2))
+        results.append((logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())))
+    assert model._flex_key is mask  # the flex path really ran (and cached the BlockMask of this mask)
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,121 @@ def test_same_seed_same_text_and_batches_cover_all_samples(run_dir: Path, capsys
     assert [s["text"] for s in a["samples"]] != [s["text"] for s in c["samples"]]
     assert len(a["samples"]) == 5 and a["speed"]["forward_passes"] == 3 * 4  # 3 batches
     assert a["metrics"] is None
+
+
+@pytest.mark.parametrize("remasking", ["random", "low_confidence", "remask"])
+def test_a_sample_does_not_depend_on_the_batch_size(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], remasking: str
+) -> None:
+    flags = (f"--out_dir={run_dir}", "--num_samples=8", "--length=40", "--steps=8", "--metrics=False", "--prompt=The")
+    texts = [
+        [s["text"] for s in sample(capsys, *flags, f"--remasking={remasking}", f"--batch_size={b}")["samples"]]
+        for b in (1, 3, 8)
+    ]
+    assert texts[0] == texts[1] == texts[2] and len(set(texts[0])) > 1
+
+
+def test_confidence_threshold_reports_nfe_per_sample(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = (f"--out_dir={run_dir}", "--num_samples=3", "--length=20", "--prompt=The", "--metrics=False")
+    doc = sample(capsys, *flags, "--confidence_threshold=0")
+    assert [s["nfe"] for s in doc["samples"]] == [1, 1, 1] and doc["speed"]["mean_nfe"] == 1.0
+    assert doc["settings"]["confidence_threshold"] == 0.0
+    doc = sample(capsys, *flags, "--confidence_threshold=1.5", "--remasking=low_confidence")
+    assert [s["nfe"] for s in doc["samples"]] == [17, 17, 17] and doc["speed"]["forward_passes"] == 17
+    doc = sample(capsys, *flags, "--confidence_threshold=0.2", "--length=80", "--block_length=16")
+    nfe = [s["nfe"] for s in doc["samples"]]
+    assert all(5 <= n <= 77 for n in nfe) and doc["speed"]["mean_nfe"] == pytest.approx(sum(nfe) / 3)
+    assert all(len(s["text"]) == 80 and MASK_GLYPH not in s["text"] for s in doc["samples"])
+    assert main(["sample", *flags, "--confidence_threshold=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "confidence threshold 0.5 (adaptive steps)" in out and "NFE per sample: mean " in out
+
+
+@pytest.fixture(scope="session")
+def ar_run_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """out_dir of a tiny autoregressive run (block_size 32) on the `tiny` dataset."""
+    out = tmp_path_factory.mktemp("sample_ar_run")
+    assert main(["train", *tiny_flags(tiny_data, out, objective="autoregressive")]) == 0
+    return out
+
+
+def test_autoregressive_checkpoint_samples_beyond_its_context(
+    ar_run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = (f"--out_dir={ar_run_dir}", "--prompt=The", "--length=80", "--num_samples=3", "--batch_size=2")
+    doc = sample(capsys, *flags, "--temperature=0.8", "--top_k=10", "--top_p=0.95")
+    assert doc["kind"] == "autoregressive"
+    assert all(len(s["text"]) == 80 and s["text"].startswith("The") for s in doc["samples"])
+    assert all(MASK_GLYPH not in s["text"] and s["nfe"] == 77 for s in doc["samples"])  # one pass per character
+    assert doc["speed"]["forward_passes"] == 2 * 77 and doc["metrics"]["samples"]["mean_self_logprob"] < 0
+    again = sample(capsys, *flags, "--temperature=0.8", "--top_k=10", "--top_p=0.95", "--batch_size=1")
+    assert [s["text"] for s in again["samples"]] == [s["text"] for s in doc["samples"]]
+    doc = sample(capsys, f"--out_dir={ar_run_dir}", "--length=20", "--num_samples=2", "--metrics=False")
+    assert all(s["text"].startswith("\n") and len(s["generated"]) == 19 for s in doc["samples"])
+    assert any("newline" in note for note in doc["notes"])
+    assert main(["sample", f"--out_dir={ar_run_dir}", "--length=40", "--num_samples=1", "--prompt=The"]) == 0
+    assert "autoregressive: one character per forward pass, KV cache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--infill=The ___ king", "--infill: "),
+        ("--sweep_steps=4,8", "--sweep_steps=4,8: "),
+        ("--confidence_threshold=0.5", "--confidence_threshold=0.5: "),
+        ("--block_length=8", "--block_length=8: "),
+    ],
+)
+def test_autoregressive_refusals(ar_run_dir: Path, capsys: pytest.CaptureFixture[str], flag: str, message: str) -> None:
+    err = error(capsys, f"--out_dir={ar_run_dir}", flag)
+    assert message in err and "is an autoregressive checkpoint" in err
+
+
+@pytest.fixture(scope="session")
+def bd_ckpt(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A (random) block-diffusion checkpoint, blocks of 8, block_size 32, as the trainer will record it."""
+    vocab = load_dataset(tiny_data / "tiny").vocab
+    config = ModelConfig(vocab_size=vocab.size, block_size=32, n_layer=1, n_head=2, n_embd=16, diffusion_block=8)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("block_diffusion") / "ckpt_unmasking_0.pt"
+    state = {
+        "format_version": 1,
+        "model": Transformer(config).state_dict(),
+        "model_config": dataclasses.asdict(config),
+        "vocab": list(vocab.itos),
+        "config": {"objective": "block_diffusion", "data_dir": str(tiny_data), "dataset": "tiny"},
+        "iter_num": 0,
+    }
+    torch.save(state, path)
+    return path
+
+
+def test_block_diffusion_checkpoint_samples_block_by_block(bd_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = (f"--ckpt={bd_ckpt}", "--prompt=The king", "--length=70", "--num_samples=3", "--remasking=low_confidence")
+    doc = sample(capsys, *flags, "--steps=16")
+    assert doc["kind"] == "block_diffusion"
+    assert all(len(s["text"]) == 70 and s["text"].startswith("The king") for s in doc["samples"])
+    assert all(MASK_GLYPH not in s["text"] and s["nfe"] == 16 for s in doc["samples"])
+    assert doc["speed"]["forward_passes"] == 16 + 8  # and one cache feed before each of the 8 blocks
+    one = sample(capsys, *flags, "--steps=16", "--batch_size=1")
+    assert [s["text"] for s in one["samples"]] == [s["text"] for s in doc["samples"]]
+    fast = sample(capsys, *flags, "--confidence_threshold=0")
+    assert [s["nfe"] for s in fast["samples"]] == [8, 8, 8]  # one step per block
+    template = "The __ k" + "_" * 10  # fixed text after a hole only inside its block of 8; then a free suffix
+    doc = sample(capsys, f"--ckpt={bd_ckpt}", f"--infill={template}", "--steps=6", "--metrics=False")
+    assert all(s["text"][:4] == "The " and s["text"][6:8] == " k" and len(s["text"]) == 18 for s in doc["samples"])
+    assert main(["sample", f"--ckpt={bd_ckpt}", "--length=24", "--num_samples=1", "--steps=3"]) == 0
+    assert "block diffusion: blocks of 8 left to right, KV cache" in capsys.readouterr().out
+
+
+def test_block_diffusion_refusals(bd_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = error(capsys, f"--ckpt={bd_ckpt}", "--infill=The __ king and the queen of rome")
+    assert (
+        "--infill: " in err
+        and "fixed text at position 8 lies after the block of the first hole (positions 0..7)" in err
+    )
+    assert "--block_length=4: " in error(capsys, f"--ckpt={bd_ckpt}", "--block_length=4")
+    assert "fewer steps than the 9 blocks" in error(capsys, f"--ckpt={bd_ckpt}", "--length=70", "--steps=5")
 
 
 def test_prompt_and_infill_characters_are_kept(
@@ -194,6 +310,28 @@ def test_sweep_prints_a_table_and_writes_json(
     assert all(len(r["texts"]) == 4 for r in doc["rows"])
 
 
+def test_sweep_writes_into_the_run_directory_and_never_overwrites(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    argv = ["sample", f"--out_dir={run}", "--sweep_steps=2", "--length=16", "--num_samples=2", "--metrics=False"]
+    assert main(argv) == 0 and main([*argv, "--seed=5"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {run / 'sweep_steps.json'}" in out and f"wrote {run / 'sweep_steps_2.json'}" in out
+    first, second = (
+        json.loads((run / "sweep_steps.json").read_text()),
+        json.loads((run / "sweep_steps_2.json").read_text()),
+    )
+    assert first["settings"]["seed"] == 1337 and second["settings"]["seed"] == 5
+    assert not list(tmp_path.glob("sweep_steps*.json")) and not list(run.glob(".*.tmp"))  # nothing in the cwd either
+    taken = tmp_path / "taken.json"
+    taken.write_text("keep me")
+    assert "--sweep_out=" in error(capsys, *argv[1:], f"--sweep_out={taken}")
+    assert taken.read_text() == "keep me"
+
+
 def test_out_of_vocabulary_characters_are_listed(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = error(capsys, f"--out_dir={run_dir}", "--prompt=The jazz§ king")
     assert err.endswith("--prompt: 3 character(s) not in the dataset's vocabulary of 39: 'j' 'z' '§'")
@@ -216,6 +354,11 @@ def test_out_of_vocabulary_characters_are_listed(run_dir: Path, capsys: pytest.C
         (("--preset=fast",), "--preset=fast"),
         (("--bogus=1",), "--bogus: unknown flag"),
         (("--threads=-1",), "--threads=-1: must be >= 0"),
+        (("--confidence_threshold=-0.1",), "--confidence_threshold=-0.1: must be >= 0"),
+        (("--length=1000001",), "--length=1000001: at most 1,000,000 characters per sample"),
+        (("--length=1000000000",), "--length=1000000000: at most 1,000,000"),
+        (("--confidence_threshold=0.9", "--remasking=remask"), "not with --remasking=remask"),
+        (("--confidence_threshold=0.9", "--sweep_steps=4,8"), "not with --sweep_steps"),
     ],
 )
 def test_bad_flags_are_one_line_errors(
@@ -237,7 +380,11 @@ def test_errors_that_need_the_checkpoint(
         capsys, f"--out_dir={run_dir}", "--length=80", "--steps=2"
     )
     assert "--infill: the template has no '_'" in error(capsys, f"--out_dir={run_dir}", "--infill=The king")
-    assert "autoregressive (causal) checkpoint" in error(capsys, f"--ckpt={causal_ckpt}")
+    # The longest canvas is planned at once (62,500 blocks of 16): the steps check answers without generating.
+    assert "--steps=64: fewer steps than the 62500 blocks" in error(capsys, f"--out_dir={run_dir}", "--length=1000000")
+    assert "is an autoregressive checkpoint, which sees no text to the right" in error(
+        capsys, f"--ckpt={causal_ckpt}", "--infill=The ___ king"
+    )
     assert "--ckpt=nope.pt: no such checkpoint file" in error(capsys, "--ckpt=nope.pt")
     assert f"--out_dir={tmp_path}: no ckpt_unmasking_" in error(capsys, f"--out_dir={tmp_path}")
     assert "give --ckpt=PATH or --out_dir=DIR" in error(capsys)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -11,25 +13,30 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from unmask.data import Vocab
-from unmask.model import ModelConfig, Transformer
+from unmask.model import KVCache, ModelConfig, Transformer
 from unmask.sampling import (
     REMASKING,
     SCHEDULES,
     EntropyRemask,
     Proposal,
+    Remasking,
+    RowGenerators,
     SamplingConfig,
     StepEvent,
     filter_logits,
     generate,
+    generate_autoregressive,
     infill_canvas,
     num_transfer_tokens,
     placeholder_spans,
     plan_blocks,
     prompt_canvas,
     sample_categorical,
+    sample_seed,
     select_top,
     split_steps,
 )
+from unmask.transfer.critic import CriticRemask
 
 MASK = 5  # fake vocabulary: ids 0..4 are characters, 5 is [MASK]
 
@@ -172,6 +179,39 @@ def test_blocks_start_after_the_prompt_and_windows_hold_left_context() -> None:
     assert [(b.start, b.end, b.steps, b.window_start, b.window_end) for b in one] == [(100, 200, 7, 0, 200)]
     with pytest.raises(ValueError, match="block_size"):
         plan_blocks(masked.unsqueeze(0), block_size=256, block_length=300, steps=64)
+
+
+def test_planning_a_million_characters_is_linear() -> None:
+    # A per-block pass over the canvas (the old planner) made this quadratic: minutes for 10^6 characters.
+    masked = (torch.arange(1_000_000) >= 6).unsqueeze(0)  # a 6-character prompt
+    blocks = plan_blocks(masked, block_size=256, block_length=None, steps=100_000)
+    assert len(blocks) == 7813 and sum(b.steps for b in blocks) == 100_000
+    assert (blocks[0].start, blocks[-1].end) == (6, 1_000_000)
+    assert all(b.window_end == max(b.end, 256) and b.window_end - b.window_start == 256 for b in blocks)
+    assert all(b.end - b.start == 128 for b in blocks[:-1])
+    adaptive = plan_blocks(masked, block_size=256, block_length=16, steps=None)  # 62,500 blocks
+    assert [b.steps for b in adaptive[:3]] == [16, 16, 16] and adaptive[-1].end == 1_000_000
+
+
+def test_split_steps_matches_one_at_a_time_apportionment() -> None:
+    def reference(weights: list[int], steps: int) -> list[int]:  # the textbook loop, quadratic
+        total = sum(weights)
+        owed = [steps * w for w in weights]
+        alloc = [max(1, o // total) for o in owed]
+        while sum(alloc) > steps:
+            alloc[max((i for i in range(len(alloc)) if alloc[i] > 1), key=lambda i: alloc[i] * total - owed[i])] -= 1
+        while sum(alloc) < steps:
+            alloc[max(range(len(alloc)), key=lambda i: owed[i] - alloc[i] * total)] += 1
+        return alloc
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 12, (), generator=g))
+        weights = torch.randint(1, 40, (n,), generator=g).tolist()
+        if int(torch.randint(0, 3, (), generator=g)) == 0:
+            weights[0] = 1000  # one block owed almost everything: the one-step minimum overshoots
+        steps = n + int(torch.randint(0, 30, (), generator=g))
+        assert split_steps(weights, steps) == reference(weights, steps), (weights, steps)
 
 
 def test_infill_windows_take_known_text_on_both_sides() -> None:
@@ -414,3 +454,224 @@ def test_overfit_model_mostly_reproduces_its_corpus(overfit_model: Transformer, 
     # An untrained model gets about 1 transition in 8 right; the trained one nearly all.
     assert sum(periodic_share(t) for t in texts) / len(texts) > 0.9, texts
     assert (out.logprobs <= 0).all() and out.logprobs.mean() > -0.5
+
+
+# --- per-sample generators: a sample does not depend on its batch ----------------------------------------------
+
+
+def tiny_transformer(vocab_size: int = 9, block_size: int = 16, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=16)
+    return Transformer(config).eval()
+
+
+def sample_in_batches(
+    model: Callable[[Tensor], Tensor],
+    batch_size: int,
+    config: SamplingConfig,
+    n: int = 8,
+    length: int = 40,
+    seed: int = 11,
+    remasking: Remasking | None = None,
+) -> tuple[Tensor, Tensor]:
+    """n samples from a 3-character prompt (block_size 16: several blocks and sliding windows), batch by batch."""
+    mask_id = 8
+    canvas, fixed = prompt_canvas([1, 2, 3], length, mask_id)
+    tokens, nfe = [], []
+    for first in range(0, n, batch_size):
+        rows = min(batch_size, n - first)
+        generator = RowGenerators.for_samples(seed, first, rows)
+        out = generate(
+            model, canvas.expand(rows, -1).clone(), fixed.expand(rows, -1), mask_id, 16, config, generator,
+            remasking=remasking,
+        )  # fmt: skip
+        tokens.append(out.tokens)
+        nfe.append(out.nfe)
+    return torch.cat(tokens), torch.cat(nfe)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SamplingConfig(steps=12, remasking="random"),
+        SamplingConfig(steps=12, remasking="low_confidence", temperature=0.8, top_k=4),
+        SamplingConfig(steps=9, remasking="margin", schedule="cosine", top_p=0.8),
+        SamplingConfig(steps=12, remasking="entropy", block_length=5),
+        SamplingConfig(steps=12, remasking="remask", randomness_strength=0.5),
+        SamplingConfig(remasking="low_confidence", confidence_threshold=0.2),
+        SamplingConfig(remasking="random", confidence_threshold=0.15, block_length=6),
+    ],
+    ids=lambda c: f"{c.remasking}-{c.confidence_threshold}",
+)
+def test_samples_do_not_depend_on_the_batch_size(config: SamplingConfig) -> None:
+    model = tiny_transformer()
+    one, nfe_one = sample_in_batches(model, 1, config)
+    for batch_size in (3, 8):
+        tokens, nfe = sample_in_batches(model, batch_size, config)
+        assert torch.equal(tokens, one), batch_size
+        assert torch.equal(nfe, nfe_one)
+    assert len({tuple(row) for row in one.tolist()}) > 1, "eight samples should not all be the same"
+
+
+def test_critic_samples_do_not_depend_on_the_batch_size() -> None:
+    torch.manual_seed(1)
+    critic = CriticRemask(Transformer(ModelConfig(9, 16, 1, 2, 16, head="token_binary")).eval(), 0.3)
+    config = SamplingConfig(steps=10)
+    one, _ = sample_in_batches(tiny_transformer(), 1, config, remasking=critic)
+    five, _ = sample_in_batches(tiny_transformer(), 5, config, remasking=critic)
+    assert torch.equal(one, five)
+
+
+def test_sample_seeds_are_distinct_and_generators_independent() -> None:
+    seeds = {sample_seed(s, i) for s in range(50) for i in range(200)}
+    assert len(seeds) == 50 * 200 and all(0 <= x < 2**64 for x in seeds)
+    a = RowGenerators.for_samples(3, 0, 4)
+    b = RowGenerators.for_samples(3, 2, 2)  # samples 2 and 3 of the same run
+    assert torch.equal(a.rand((5,))[2:], b.rand((5,)))
+    c = RowGenerators.for_samples(3, 0, 4)
+    c.rows(torch.tensor([1])).rand((7,))  # a row that draws moves only its own stream
+    after = c.rand((5,))
+    fresh = RowGenerators.for_samples(3, 0, 4).rand((5,))
+    assert torch.equal(after[[0, 2, 3]], fresh[[0, 2, 3]]) and not torch.equal(after[1], fresh[1])
+    with pytest.raises(ValueError, match="row generators"):
+        generate(FixedLogits(), torch.full((3, 4), MASK), torch.zeros(3, 4, dtype=torch.bool), MASK, 8,
+                 SamplingConfig(steps=2), RowGenerators.for_samples(0, 0, 2))  # fmt: skip
+
+
+# --- confidence-threshold (parallel) decoding -------------------------------------------------------------------
+
+
+class HalfSure(nn.Module):
+    """Even positions: character p % 5 with probability ~1; odd positions: uniform over the 5 characters (0.2)."""
+
+    def forward(self, idx: Tensor) -> Tensor:
+        B, T = idx.shape
+        logits = torch.zeros(B, T, MASK + 1)
+        pos = torch.arange(0, T, 2)
+        logits[:, pos, pos % MASK] = 20.0
+        logits[..., MASK] = 50.0  # banned: must not count as confidence
+        return logits
+
+
+def threshold_run(
+    model: nn.Module, config: SamplingConfig, length: int = 12, batch: int = 2, seed: int = 0
+) -> tuple[Tensor, list[StepEvent], Tensor, int]:
+    canvas, fixed = torch.full((batch, length), MASK), torch.zeros(batch, length, dtype=torch.bool)
+    events: list[StepEvent] = []
+    hook = lambda e: events.append(dataclasses.replace(e, canvas=e.canvas.clone(), changed=e.changed.clone()))  # noqa: E731
+    generator = RowGenerators.for_samples(seed, 0, batch)
+    out = generate(model, canvas, fixed, MASK, 1 << 20, config, generator, hook)
+    return out.tokens, events, out.nfe, out.forward_passes
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random", "margin"])
+def test_threshold_above_one_commits_one_position_per_step_as_the_schedule_would(remasking: str) -> None:
+    length = 12
+    tokens, events, nfe, passes = threshold_run(
+        FixedLogits(), SamplingConfig(remasking=remasking, confidence_threshold=1.0 + 1e-9, temperature=0.7)
+    )
+    assert all(e.changed.sum(dim=1).tolist() == [1, 1] for e in events)
+    assert nfe.tolist() == [length, length] and passes == length == len(events)
+    # The same draws as the schedule with one commit per step: identical samples.
+    same, _, _, _ = threshold_run(FixedLogits(), SamplingConfig(steps=length, remasking=remasking, temperature=0.7))
+    assert torch.equal(tokens, same)
+
+
+def test_threshold_zero_commits_a_whole_block_per_step() -> None:
+    tokens, events, nfe, passes = threshold_run(FixedLogits(), SamplingConfig(confidence_threshold=0.0))
+    assert len(events) == 1 and events[0].changed.all() and nfe.tolist() == [1, 1] and passes == 1
+    assert (tokens < MASK).all()
+    _, events, nfe, passes = threshold_run(FixedLogits(), SamplingConfig(confidence_threshold=0.0, block_length=5))
+    assert [e.block for e in events] == [0, 1, 2] and nfe.tolist() == [3, 3] and passes == 3
+    assert [int(e.changed[0].sum()) for e in events] == [5, 5, 2]
+
+
+@pytest.mark.parametrize(("block_length", "expected"), [(None, 1 + 6), (4, 3 * (1 + 2)), (3, 2 + 3 + 2 + 3)])
+def test_threshold_nfe_is_counted_exactly(block_length: int | None, expected: int) -> None:
+    # Step 1 of a block commits all its sure (even) positions; each later step one unsure (odd) one, the most
+    # probable drawn character first, leftmost on ties.
+    config = SamplingConfig(remasking="low_confidence", confidence_threshold=0.5, block_length=block_length)
+    tokens, events, nfe, passes = threshold_run(HalfSure(), config)
+    assert nfe.tolist() == [expected, expected] and passes == expected == len(events)
+    assert events[-1].nfe is not None and events[-1].nfe.tolist() == [expected, expected]
+    first = events[0].changed[0].nonzero().flatten().tolist()
+    assert first == list(range(0, block_length or 12, 2))
+    assert tokens[:, 0::2].tolist() == [[p % MASK for p in range(0, 12, 2)]] * 2 and (tokens < MASK).all()
+
+
+def test_threshold_nfe_adapts_per_sample_and_is_refused_for_refill_strategies() -> None:
+    model = tiny_transformer()
+    tokens, nfe = sample_in_batches(model, 4, SamplingConfig(remasking="low_confidence", confidence_threshold=0.13))
+    assert (nfe >= 3).all() and (nfe <= 37).all()  # 3 blocks of 16, 16, 5 masked positions (prompt of 3)
+    assert len(set(nfe.tolist())) > 1, "the per-sample count should adapt"
+    with pytest.raises(ValueError, match="refill"):
+        threshold_run(FixedLogits(), SamplingConfig(remasking="remask", confidence_threshold=0.5))
+
+
+# --- autoregressive checkpoints: KV cache, sliding window ---------------------------------------------------------
+
+
+def causal_transformer(block_size: int = 16) -> Transformer:
+    torch.manual_seed(2)
+    return Transformer(ModelConfig(vocab_size=9, block_size=block_size, n_layer=2, n_head=2, n_embd=16, causal=True))
+
+
+def test_cached_logits_equal_uncached_ones() -> None:
+    model = causal_transformer().eval()
+    x = torch.randint(0, 8, (3, 16), generator=torch.Generator().manual_seed(0))
+    cache = KVCache()
+    with torch.inference_mode():
+        steps = [model(x[:, :5], cache=cache, update_cache=True)[:, -1]]
+        steps += [model(x[:, t : t + 1], cache=cache, update_cache=True)[:, -1] for t in range(5, 16)]
+        full = model(x)  # (B, 16, V): causal, so position t sees exactly x[:, :t + 1]
+    assert cache.length == 16
+    assert torch.allclose(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5)
+
+
+def context_start(p: int, block_size: int) -> int:
+    """Where the context of position p starts: beyond the window, the cache alternates between block_size and
+    block_size - 1 characters (it is recomputed from the last block_size - 1 whenever it is full)."""
+    if p <= block_size:
+        return 0
+    return p - block_size if (p - block_size) % 2 == 0 else p - block_size + 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_autoregressive_generation_matches_uncached_scoring_beyond_the_window(temperature: float) -> None:
+    model, bs, L, P = causal_transformer().eval(), 16, 45, 3
+    canvas, fixed = prompt_canvas([1, 2, 3], L, 8)
+    B = 4
+    out = generate_autoregressive(
+        model, canvas.expand(B, -1).clone(), fixed.expand(B, -1), 8, bs, SamplingConfig(temperature=temperature),
+        RowGenerators.for_samples(5, 0, B),
+    )  # fmt: skip
+    assert out.forward_passes == L - P and out.nfe.tolist() == [L - P] * B  # NFE = characters generated
+    assert (out.tokens[:, :P] == torch.tensor([1, 2, 3])).all() and (out.tokens < 8).all()
+    with torch.inference_mode():
+        for p in range(P, L):
+            a = context_start(p, bs)
+            logits = model(out.tokens[:, a:p])[:, -1]  # (B, V) uncached
+            logp = logits.double().masked_fill(torch.arange(9) >= 8, -math.inf).log_softmax(-1)
+            expected = logp.gather(-1, out.tokens[:, p : p + 1]).squeeze(-1)
+            assert torch.allclose(out.logprobs[:, p], expected, atol=1e-5), p
+            if temperature == 0.0:
+                assert torch.equal(out.tokens[:, p], logp.argmax(-1)), p
+
+
+def test_autoregressive_samples_do_not_depend_on_the_batch_size_and_need_a_prefix() -> None:
+    model = causal_transformer().eval()
+    canvas, fixed = prompt_canvas([4], 30, 8)
+    config = SamplingConfig(temperature=0.9, top_k=5, top_p=0.9)
+
+    def batch(first: int, rows: int) -> Tensor:
+        generator = RowGenerators.for_samples(1, first, rows)
+        return generate_autoregressive(model, canvas.expand(rows, -1).clone(), fixed.expand(rows, -1), 8, 16, config,
+                                       generator).tokens  # fmt: skip
+
+    assert torch.equal(torch.cat([batch(i, 1) for i in range(6)]), torch.cat([batch(0, 4), batch(4, 2)]))
+    with pytest.raises(ValueError, match="at least one fixed"):
+        generate_autoregressive(model, torch.full((1, 5), 8), torch.zeros(1, 5, dtype=torch.bool), 8, 16, config,
+                                torch.Generator())  # fmt: skip
+    infill = torch.tensor([[True, False, True]])
+    with pytest.raises(ValueError, match="prefix"):
+        generate_autoregressive(model, torch.zeros(1, 3, dtype=torch.long), infill, 8, 16, config, torch.Generator())

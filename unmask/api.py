@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from unmask import elbo
 from unmask.data import Vocab
@@ -24,7 +23,7 @@ from unmask.errors import UserError
 from unmask.export import export_config, is_export_dir, load_export, split_tied
 from unmask.loading import Trained, load_trained, resolve_checkpoint
 from unmask.model import ModelConfig, Transformer
-from unmask.sampling import SamplingConfig, infill_canvas, placeholder_spans, prompt_canvas, sample_categorical
+from unmask.sampling import SamplingConfig
 
 DEFAULT_SEED = 1337  # `unmask sample`'s default
 SCORE_DRAWS = 16  # forward passes per window of a diffusion score (exact_k: k stratified over them)
@@ -99,18 +98,47 @@ class Model:
         rows = 1 if num_samples is None else num_samples
         if rows < 1:
             raise UserError(f"num_samples={num_samples}: must be at least 1")
-        generator = torch.Generator(device=self._sampling_device()).manual_seed(seed)
-        texts: list[str] = []
         if infill is not None and self.model_config.causal:
             raise UserError("--infill: an autoregressive model generates left to right only (no infilling)")
+        texts: list[str] = []
         for text in prompts:
-            if self.model_config.causal:
-                texts.extend(self._generate_causal(text, length, rows, generator, sampler_options))
-            else:
-                texts.extend(
-                    self._generate_diffusion(text, length, rows, infill, placeholder, generator, sampler_options)
-                )
+            texts.extend(self._generate(text, length, rows, infill, placeholder, seed, sampler_options))
         return texts[0] if num_samples is None and not isinstance(prompt, list) else texts
+
+    def _generate(
+        self,
+        prompt: str | None,
+        length: int | None,
+        rows: int,
+        infill: str | None,
+        placeholder: str,
+        seed: int,
+        options: dict[str, Any],
+    ) -> list[str]:
+        """`unmask sample`'s own setup and loop (same canvases, checks, per-sample generators), so a call gives the
+        texts the command prints for the same seed."""
+        from unmask.sample import build_from, run_samples, sampling_config
+
+        if self.model_config.causal:
+            other = sorted(set(options) - set(AR_OPTIONS))
+            if other:
+                raise UserError(
+                    f"{', '.join(other)}: not for an autoregressive model (it takes {', '.join(AR_OPTIONS)})"
+                )
+        canvas: dict[str, Any] = {"infill": infill, "placeholder": placeholder} if infill is not None else {}
+        if prompt:
+            canvas["prompt"] = prompt
+        if self.model_config.causal and not prompt:
+            # No prompt: `unmask sample` starts from a newline (nanoGPT's default), which is not part of the text.
+            canvas["length"] = (length or self.model_config.block_size) + 1
+        elif length is not None:
+            canvas["length"] = length
+        args = self._sample_args(options, num_samples=rows, seed=seed, metrics=False, **canvas)
+        setup = build_from(args, self.trained, self.device)
+        run = run_samples(setup, sampling_config(args, args.strategies[0], args.steps))
+        if setup.kind == "autoregressive" and not prompt:
+            return [t[setup.prompt_length :] for t in run.texts]  # the newline it started from is not text
+        return run.texts
 
     def _sampling_device(self) -> torch.device:
         # float64 draws are unsupported on MPS: sample on the CPU there (as `unmask sample` does).
@@ -126,92 +154,7 @@ class Model:
             options = {**GUIDE_PRESET, **options}
         return SampleArgs(**options, **canvas)  # validates like the command line (errors name the flag)
 
-    def _generate_diffusion(
-        self,
-        prompt: str | None,
-        length: int | None,
-        rows: int,
-        infill: str | None,
-        placeholder: str,
-        generator: torch.Generator,
-        options: dict[str, Any],
-    ) -> list[str]:
-        from unmask.sample import sampling_config
-        from unmask.sampling import generate
-        from unmask.transfer.critic import CriticRemask, load_critic
-
-        args = self._sample_args(
-            options, prompt=prompt, length=length, infill=infill, placeholder=placeholder, num_samples=rows
-        )
-        canvas, fixed = self._canvas(prompt, length, infill, placeholder)
-        config = sampling_config(args, args.strategies[0], args.steps)
-        remasking = None
-        if args.critic_ckpt is not None:
-            window = min(canvas.shape[0], self.model_config.block_size)
-            critic = load_critic(args.critic_ckpt, self.trained, window, self.device)
-            remasking = CriticRemask(critic.model, config.randomness_strength)
-        x = canvas.to(self.device).expand(rows, -1).clone()  # (B, L)
-        keep = fixed.to(self.device).expand(rows, -1)  # (B, L)
-        mask_id, block_size = self.vocab.mask_id, self.model_config.block_size
-        try:
-            result = generate(self.model, x, keep, mask_id, block_size, config, generator, None, remasking)
-        except ValueError as exc:  # e.g. fewer steps than blocks
-            raise UserError(f"--steps={args.steps}: {exc}") from None
-        return [self.vocab.decode(row) for row in result.tokens]
-
-    def _canvas(
-        self, prompt: str | None, length: int | None, infill: str | None, placeholder: str
-    ) -> tuple[Tensor, Tensor]:
-        """(canvas (L,), fixed (L,) bool) of a prompt, an infilling template or an empty canvas."""
-        vocab, mask_id = self.vocab, self.vocab.mask_id
-        if infill is not None:
-            if not placeholder_spans(infill, placeholder):
-                raise UserError(f"--infill: the template has no {placeholder!r} to fill (see --placeholder)")
-            known = iter(vocab.encode("".join(ch for ch in infill if ch != placeholder), source="--infill"))
-            return infill_canvas([None if ch == placeholder else next(known) for ch in infill], mask_id)
-        length = length or self.model_config.block_size
-        if not prompt:
-            return torch.full((length,), mask_id, dtype=torch.long), torch.zeros(length, dtype=torch.bool)
-        ids = vocab.encode(prompt, source="--prompt")
-        if len(ids) >= length:
-            raise UserError(f"--prompt: {len(ids)} characters leave nothing to generate in --length={length}")
-        return prompt_canvas(ids, length, mask_id)
-
     @torch.inference_mode()
-    def _generate_causal(
-        self,
-        prompt: str | None,
-        length: int | None,
-        rows: int,
-        generator: torch.Generator,
-        options: dict[str, Any],
-    ) -> list[str]:
-        """Left to right: each character drawn (float64 Gumbel-max, `sampling.sample_categorical`) given at most
-        block_size characters before it."""
-        other = sorted(set(options) - set(AR_OPTIONS))
-        if other:
-            raise UserError(f"{', '.join(other)}: not for an autoregressive model (it takes {', '.join(AR_OPTIONS)})")
-        args = self._sample_args(options, prompt=prompt, length=length, num_samples=rows)
-        vocab, block_size = self.vocab, self.model_config.block_size
-        length = length or block_size
-        seeded = not prompt
-        if seeded:
-            # No prompt: start, as nanoGPT's sampler does, from a newline (dropped from the result).
-            if "\n" not in vocab.itos:
-                raise UserError("prompt: an autoregressive model needs a prompt (its vocabulary has no newline)")
-            prompt, length = "\n", length + 1
-        ids = vocab.encode(prompt or "", source="--prompt")
-        if len(ids) >= length:
-            raise UserError(f"--prompt: {len(ids)} characters leave nothing to generate in --length={length}")
-        x = torch.tensor(ids, dtype=torch.long, device=self.device).expand(rows, -1).clone()  # (B, P)
-        banned = torch.arange(self.model_config.vocab_size, device=generator.device) >= vocab.mask_id  # (V,)
-        while x.shape[1] < length:
-            logits = self.model(x[:, -block_size:])[:, -1]  # (B, V)
-            drawn = sample_categorical(logits, banned, args.temperature, args.top_k, args.top_p, generator)  # (B,)
-            x = torch.cat([x, drawn.to(x.device)[:, None]], dim=1)
-        texts = [vocab.decode(row) for row in x]
-        return [t[1:] for t in texts] if seeded else texts
-
     # --- scoring --------------------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -1,4 +1,8 @@
-"""`unmask sample`: generate text from an unmasking checkpoint, with prompts, infilling, metrics and a sweep.
+"""`unmask sample`: generate text from a language-model checkpoint, with prompts, infilling, metrics and a sweep.
+
+Diffusion checkpoints (unmasking, mdlm) fill a canvas by iterative unmasking; autoregressive ones continue a
+prompt one character per forward pass with a KV cache; block-diffusion ones (`diffusion_block = K`) fill blocks of
+K left to right, each by iterative unmasking against a KV cache of the finished blocks.
 
 Parse (`SampleArgs`) -> build (`build`: checkpoint, canvas, reference data, judge) -> run (`run_samples`, then
 `report` or `sweep`). The maths lives in `unmask.sampling`, the metrics in `unmask.sample_metrics`; see
@@ -7,9 +11,12 @@ docs/sampling.md for the strategies, defaults and a measured steps sweep.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,18 +35,25 @@ from unmask.loading import Trained, load_trained, resolve_checkpoint
 from unmask.runtime import resolve_device
 from unmask.sampling import (
     REMASKING,
+    RowGenerators,
     SamplingConfig,
     StepEvent,
     generate,
+    generate_autoregressive,
+    generate_block_diffusion,
     infill_canvas,
     placeholder_spans,
     plan_blocks,
+    plan_diffusion_blocks,
     prompt_canvas,
 )
 
 # The parameter guide's "Generation & Output Parameters" recommendations (seed document 003).
 GUIDE_PRESET: dict[str, Any] = {"temperature": 0.6, "top_k": 20, "top_p": 0.85, "steps": 25}
 REFERENCE_SEED = 0  # real validation windows for the reference column: the same ones in every run
+# Longest canvas: 10^6 characters keep the (B, L) canvas, fixed mask and float64 log-probabilities at about 17 MB
+# per sample; far longer canvases would allocate gigabytes before the first forward pass.
+MAX_LENGTH = 1_000_000
 
 
 @dataclass
@@ -53,7 +67,7 @@ class SampleArgs:
     length: int | None = None
     """Characters per sample, prompt included (default: the model's block_size; with --infill: the template's
     length). Longer than block_size: generated block by block, each block in a window of block_size characters
-    holding as much text to its left as fits."""
+    holding as much text to its left as fits. At most 1,000,000."""
     steps: int = 64
     """Model calls to fill the canvas (steps without anything to commit are skipped)."""
     temperature: float = 1.0
@@ -74,23 +88,31 @@ class SampleArgs:
     critic_ckpt: str | None = None
     """--remasking=critic: a per-character classifier checkpoint (--binary_task=replaced_token) whose P(wrong)
     chooses the characters to re-mask."""
+    confidence_threshold: float | None = None
+    """Parallel decoding (Fast-dLLM): every step commits each masked position of the current block whose drawn
+    character has model probability >= this (untempered, as LLaDA's and Fast-dLLM's confidence), and at least
+    one (the one --remasking ranks first); forward passes then adapt to the model's certainty and --steps and
+    --schedule are unused. 0 fills a block per step; above 1, one position per step. Not with remask/critic."""
     block_length: int | None = None
     """Semi-autoregressive blocks of this many positions, left to right, steps split across them (default: one
-    block, or block_size / 2 when --length exceeds the model's block_size)."""
+    block, or block_size / 2 when --length exceeds the model's block_size). A block-diffusion checkpoint always
+    uses its own block length; an autoregressive one has no blocks."""
     prompt: str | None = None
     """Fixed text the samples start with (counts towards --length)."""
     prompt_file: str | None = None
     """Read the prompt from this UTF-8 file (used verbatim, final newline included)."""
     infill: str | None = None
     """Template whose runs of --placeholder are filled ("To be, or ______ to be" asks for 6 characters); the
-    template sets the length."""
+    template sets the length. Not for autoregressive checkpoints; for block-diffusion ones, fixed text after the
+    first hole must lie in that hole's block."""
     placeholder: str = "_"
     """The character marking positions to fill in --infill."""
     preset: Literal["guide"] | None = None
     """'guide': the parameter guide's generation values (temperature 0.6, top_k 20, top_p 0.85, 25 steps);
     flags given explicitly still win."""
     seed: int = 1337
-    """Seed of the sampling generator (results depend on it and on --batch_size)."""
+    """Seed of the sampling generators: sample i draws from its own generator, seeded from (seed, i), so a sample
+    depends on the seed and its index, not on --batch_size."""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
     batch_size: int = 16
@@ -118,8 +140,9 @@ class SampleArgs:
     sweep_steps: str | None = None
     """Comma list of step counts (8,16,32,64,128): metrics and speed for every strategy in --remasking and every
     step count, printed as a table and written to --sweep_out."""
-    sweep_out: str = "sweep_steps.json"
-    """JSON file the sweep writes."""
+    sweep_out: str | None = None
+    """JSON file the sweep writes; it must not exist (default: sweep_steps.json in the checkpoint's run directory,
+    or sweep_steps_2.json, _3, ... when taken: an earlier sweep is never overwritten)."""
 
     strategies: tuple[str, ...] = field(default=(), init=False, repr=False)
     step_counts: tuple[int, ...] = field(default=(), init=False, repr=False)
@@ -134,6 +157,10 @@ class SampleArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name}={value}: must be at least 1")
+        if self.length is not None and self.length > MAX_LENGTH:
+            raise UserError(f"--length={self.length}: at most {MAX_LENGTH:,} characters per sample")
+        if self.infill is not None and len(self.infill) > MAX_LENGTH:
+            raise UserError(f"--infill: a template of {len(self.infill):,} characters; at most {MAX_LENGTH:,}")
         if self.temperature < 0:
             raise UserError(f"--temperature={self.temperature}: must be >= 0 (0 is greedy)")
         if self.top_k < 0:
@@ -142,6 +169,9 @@ class SampleArgs:
             raise UserError(f"--top_p={self.top_p}: must be in (0, 1] (1 is off)")
         if not 0.0 <= self.randomness_strength <= 1.0:
             raise UserError(f"--randomness_strength={self.randomness_strength}: must be in [0, 1]")
+        tau = self.confidence_threshold
+        if tau is not None and not tau >= 0.0:  # `not >=` also refuses NaN
+            raise UserError(f"--confidence_threshold={tau}: must be >= 0 (0 commits a whole block per step)")
         if len(self.placeholder) != 1:
             raise UserError(f"--placeholder={self.placeholder}: must be a single character")
         self.strategies = tuple(s.strip() for s in self.remasking.split(","))
@@ -163,6 +193,15 @@ class SampleArgs:
                     raise UserError(f"--{flag}: not available with --sweep_steps (the sweep writes --sweep_out)")
         elif len(self.strategies) > 1:
             raise UserError(f"--remasking={self.remasking}: several strategies need --sweep_steps")
+        if tau is not None:
+            if self.sweep_steps is not None:
+                raise UserError(f"--confidence_threshold={tau}: not with --sweep_steps (the steps are adaptive)")
+            refill = [s for s in self.strategies if s in ("remask", "critic")]
+            if refill:
+                raise UserError(
+                    f"--confidence_threshold={tau}: not with --remasking={refill[0]} (it re-masks down the "
+                    "schedule's counts; threshold decoding needs a strategy that commits)"
+                )
         given = [f"--{n}" for n in ("prompt", "prompt_file", "infill") if getattr(self, n) is not None]
         if len(given) > 1:
             raise UserError(f"{' and '.join(given)}: give only one of them")
@@ -195,6 +234,22 @@ class Judge:
         return sm.diffusion_nll(model, x, vocab.mask_id, block_size, self.draws, generator).tolist()
 
 
+KINDS = ("diffusion", "autoregressive", "block_diffusion")
+
+
+def checkpoint_kind(trained: Trained) -> str:
+    """How a language-model checkpoint generates: 'diffusion' (iterative unmasking of a canvas),
+    'autoregressive' (a causal model, one character per forward pass) or 'block_diffusion' (blocks of the
+    model's `diffusion_block` characters, left to right, each by iterative unmasking)."""
+    config = trained.model_config
+    if config.causal:
+        return "autoregressive"
+    block = config.diffusion_block
+    if trained.config.get("objective") == "block_diffusion" and block <= 0:
+        raise UserError(f"{trained.path}: objective block_diffusion but its model_config has no diffusion_block")
+    return "block_diffusion" if block > 0 else "diffusion"
+
+
 @dataclass
 class Setup:
     args: SampleArgs
@@ -203,6 +258,7 @@ class Setup:
     canvas: torch.Tensor  # (L,)
     fixed: torch.Tensor  # (L,) bool
     prompt_length: int  # characters of a prefix prompt (stripped before text metrics); 0 otherwise
+    kind: str = "diffusion"  # see checkpoint_kind
     corpus: sm.CorpusStats | None = None
     reference_ids: torch.Tensor | None = None  # (N, L) real validation windows
     judge: Judge | None = None
@@ -213,10 +269,13 @@ class Setup:
     def length(self) -> int:
         return self.canvas.shape[0]
 
-    def generator(self) -> torch.Generator:
+    def generator(self, first: int = 0, count: int | None = None) -> RowGenerators:
+        """The generators of samples first .. first + count - 1 (default: all), one per sample, seeded from --seed
+        and the sample's index: a sample does not depend on --batch_size."""
         # float64 sampling is unsupported on MPS: sample on the CPU there.
         device = self.device if self.device.type in ("cpu", "cuda") else torch.device("cpu")
-        return torch.Generator(device=device).manual_seed(self.args.seed)
+        count = self.args.num_samples - first if count is None else count
+        return RowGenerators.for_samples(self.args.seed, first, count, device)
 
 
 def _read_prompt(args: SampleArgs) -> str | None:
@@ -249,10 +308,40 @@ def _build_canvas(args: SampleArgs, trained: Trained) -> tuple[torch.Tensor, tor
     return canvas, fixed, len(ids)
 
 
-def _check_blocks(args: SampleArgs, fixed: torch.Tensor, block_size: int) -> None:
+def _check_block_diffusion(args: SampleArgs, trained: Trained, fixed: torch.Tensor) -> None:
+    """Refuse, in one line, what a block-causal model cannot do: other block lengths, and templates with fixed
+    text after the first hole's block (the hole would be filled without seeing it)."""
+    K, path = trained.model_config.diffusion_block, trained.path
+    if args.block_length is not None and args.block_length != K:
+        raise UserError(
+            f"--block_length={args.block_length}: {path} is a block-diffusion checkpoint; it generates in its own "
+            f"blocks of {K}"
+        )
+    if args.infill is None:
+        return
+    holes = (~fixed).nonzero().flatten()
+    next_block = (int(holes[0]) // K + 1) * K  # the first position after the first hole's block
+    later = fixed[next_block:].nonzero().flatten()
+    if later.numel():
+        raise UserError(
+            f"--infill: {path} is a block-diffusion checkpoint (blocks of {K}, filled left to right, each seeing only "
+            f"the blocks before it); the template's fixed text at position {next_block + int(later[0])} lies after "
+            f"the block of the first hole (positions {next_block - K}..{next_block - 1}), so that hole could not "
+            "see it: keep every fixed character after the first hole inside that block"
+        )
+
+
+def _check_blocks(args: SampleArgs, fixed: torch.Tensor, trained: Trained, kind: str) -> None:
+    block_size = trained.model_config.block_size
     if args.block_length is not None and args.block_length > block_size:
         raise UserError(f"--block_length={args.block_length}: longer than the model's block_size={block_size}")
-    needed = len(plan_blocks(~fixed.unsqueeze(0), block_size, args.block_length, 1 << 30))
+    if args.confidence_threshold is not None:
+        return  # adaptive steps: every block takes what it needs
+    if kind == "block_diffusion":
+        K = trained.model_config.diffusion_block
+        needed = len(plan_diffusion_blocks(~fixed.unsqueeze(0), K, block_size, None))
+    else:
+        needed = len(plan_blocks(~fixed.unsqueeze(0), block_size, args.block_length, None))
     fewest = min(args.step_counts or (args.steps,))
     if fewest < needed:
         flag = f"--sweep_steps={args.sweep_steps}" if args.step_counts else f"--steps={args.steps}"
@@ -286,21 +375,59 @@ def _load_corpus(setup: Setup) -> None:
     setup.reference_ids = sample_windows(dataset.val, setup.length, setup.args.num_samples, generator)
 
 
+def _check_autoregressive(args: SampleArgs, trained: Trained) -> None:
+    """Refuse, in one line, what does not apply to left-to-right generation one character at a time."""
+    what = f"{trained.path} is an autoregressive checkpoint"
+    if args.infill is not None:
+        raise UserError(f"--infill: {what}, which sees no text to the right of a hole; use --prompt")
+    if args.sweep_steps is not None:
+        raise UserError(f"--sweep_steps={args.sweep_steps}: {what}; it takes one step per character")
+    if args.confidence_threshold is not None:
+        tau = args.confidence_threshold
+        raise UserError(f"--confidence_threshold={tau}: {what}; it commits one character per step")
+    if args.block_length is not None:
+        raise UserError(f"--block_length={args.block_length}: {what}; it generates one character at a time")
+    if args.critic_ckpt is not None:
+        raise UserError(f"--critic_ckpt={args.critic_ckpt}: {what}; there is nothing to re-mask")
+
+
+def _autoregressive_start(
+    trained: Trained, canvas: torch.Tensor, fixed: torch.Tensor, notes: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Without a prompt, a causal model (no beginning-of-text token) starts from a newline, as nanoGPT's
+    sample.py does; the newline is not counted as generated text."""
+    if "\n" not in trained.vocab.itos:
+        raise UserError(f"--prompt: {trained.path} is autoregressive and its vocabulary has no newline to start from")
+    canvas, fixed = canvas.clone(), fixed.clone()
+    canvas[0], fixed[0] = trained.vocab.encode("\n", source="--prompt")[0], True
+    notes.append("no prompt: the autoregressive samples continue a newline (nanoGPT's default start)")
+    return canvas, fixed, 1
+
+
 def build(args: SampleArgs) -> Setup:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_checkpoint(args.ckpt, args.out_dir)
     device = resolve_device(args.device)
-    trained = load_trained(path, device)
+    return build_from(args, load_trained(path, device), device)
+
+
+def build_from(args: SampleArgs, trained: Trained, device: torch.device) -> Setup:
+    """The sampling setup of a loaded model (`unmask sample`, and `unmask.load(...).generate`)."""
     trained.require_head(("lm",), "unmask sample")
-    if trained.model_config.causal:
-        raise UserError(
-            f"{path}: an autoregressive (causal) checkpoint; unmask sample generates from unmasking checkpoints "
-            "(use it as --judge_ckpt instead)"
-        )
+    kind = checkpoint_kind(trained)
+    notes: list[str] = []
+    if kind == "autoregressive":
+        _check_autoregressive(args, trained)
     canvas, fixed, prompt_length = _build_canvas(args, trained)
-    _check_blocks(args, fixed, trained.model_config.block_size)
-    setup = Setup(args, trained, device, canvas, fixed, prompt_length)
+    if kind == "autoregressive":
+        if prompt_length == 0:
+            canvas, fixed, prompt_length = _autoregressive_start(trained, canvas, fixed, notes)
+    else:
+        if kind == "block_diffusion":
+            _check_block_diffusion(args, trained, fixed)
+        _check_blocks(args, fixed, trained, kind)
+    setup = Setup(args, trained, device, canvas, fixed, prompt_length, kind, notes=notes)
     if args.metrics:
         _load_corpus(setup)
     if args.judge_ckpt is not None:
@@ -326,6 +453,11 @@ class SampleRun:
     seconds: float
     forward_passes: int
     generated_chars: int
+    nfe: list[int]  # per sample: model calls it took part in (adaptive with --confidence_threshold)
+
+    @property
+    def mean_nfe(self) -> float:
+        return sum(self.nfe) / len(self.nfe)
 
     @property
     def chars_per_second(self) -> float:
@@ -342,6 +474,7 @@ def sampling_config(args: SampleArgs, remasking: str, steps: int) -> SamplingCon
         top_k=args.top_k,
         top_p=args.top_p,
         block_length=args.block_length,
+        confidence_threshold=args.confidence_threshold,
     )
 
 
@@ -349,11 +482,11 @@ StepHook = Callable[[int, StepEvent], None]  # (index of the batch's first sampl
 
 
 def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None = None) -> SampleRun:
-    """Generate all samples in batches of --batch_size with one generator seeded by --seed; time generation only."""
+    """Generate all samples in batches of --batch_size, each from its own generator; time generation only."""
     args, trained = setup.args, setup.trained
-    generator = setup.generator()
     texts: list[str] = []
     logprobs: list[float] = []
+    nfe: list[int] = []
     seconds, forward_passes = 0.0, 0
     for first in range(0, args.num_samples, args.batch_size):
         rows = min(args.batch_size, args.num_samples - first)
@@ -367,16 +500,26 @@ def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None =
             from unmask.transfer.critic import CriticRemask
 
             critic = CriticRemask(setup.critic.model, config.randomness_strength)
-        result = generate(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook, critic)
+        generator = setup.generator(first, rows)
+        if setup.kind == "autoregressive":
+            result = generate_autoregressive(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook)
+        elif setup.kind == "block_diffusion":
+            K = trained.model_config.diffusion_block
+            result = generate_block_diffusion(
+                trained.model, canvas, fixed, mask_id, block_size, K, config, generator, hook, critic
+            )
+        else:
+            result = generate(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook, critic)
         if setup.device.type == "cuda":
             torch.cuda.synchronize(setup.device)
         seconds += time.perf_counter() - t0
         forward_passes += result.forward_passes
+        nfe.extend(result.nfe.tolist())
         texts.extend(trained.vocab.decode(row) for row in result.tokens)
         generated = (~fixed).to(result.logprobs.device)
         logprobs.extend(((result.logprobs * generated).sum(1) / generated.sum(1)).tolist())
     generated_chars = int((~setup.fixed).sum()) * args.num_samples
-    return SampleRun(config, texts, logprobs, seconds, forward_passes, generated_chars)
+    return SampleRun(config, texts, logprobs, seconds, forward_passes, generated_chars, nfe)
 
 
 def evaluate(setup: Setup, run: SampleRun) -> dict[str, Any]:
@@ -388,6 +531,7 @@ def evaluate(setup: Setup, run: SampleRun) -> dict[str, Any]:
         "speed": {
             "chars_per_second": run.chars_per_second,
             "forward_passes": run.forward_passes,
+            "mean_nfe": run.mean_nfe,
             "seconds": run.seconds,
             "generated_chars": run.generated_chars,
         },
@@ -431,9 +575,24 @@ def describe(setup: Setup, config: SamplingConfig) -> str:
     t = setup.trained
     top_k = config.top_k or "off"
     top_p = config.top_p if config.top_p < 1 else "off"
+    if setup.kind == "autoregressive":
+        return (
+            f"checkpoint {t.path} (iter {t.iter_num}, autoregressive: one character per forward pass, KV cache); "
+            f"{setup.args.num_samples} samples x {setup.length} characters; temperature {config.temperature}, "
+            f"top_k {top_k}, top_p {top_p}; seed {setup.args.seed}"
+        )
+    if config.confidence_threshold is None:
+        steps = f"{config.schedule} schedule, {config.steps} steps"
+        if setup.kind == "block_diffusion":
+            steps += " split across the blocks"
+    else:
+        steps = f"confidence threshold {config.confidence_threshold} (adaptive steps)"
+    kind = ""
+    if setup.kind == "block_diffusion":
+        kind = f", block diffusion: blocks of {t.model_config.diffusion_block} left to right, KV cache"
     return (
-        f"checkpoint {t.path} (iter {t.iter_num}); {setup.args.num_samples} samples x {setup.length} characters; "
-        f"{config.remasking}, {config.schedule} schedule, {config.steps} steps; temperature {config.temperature}, "
+        f"checkpoint {t.path} (iter {t.iter_num}{kind}); {setup.args.num_samples} samples x {setup.length} characters; "
+        f"{config.remasking}, {steps}; temperature {config.temperature}, "
         f"top_k {top_k}, top_p {top_p}; seed {setup.args.seed}"
     )
 
@@ -457,6 +616,7 @@ def report(setup: Setup, run: SampleRun, metrics: dict[str, Any] | None, out: IO
         f"on {setup.device.type}",
         file=out,
     )
+    print(f"NFE per sample: mean {run.mean_nfe:.2f} (min {min(run.nfe)}, max {max(run.nfe)})", file=out)
     for note in setup.notes:
         print(f"note: {note}", file=out)
 
@@ -466,20 +626,27 @@ def json_document(setup: Setup, run: SampleRun, metrics: dict[str, Any] | None) 
     return {
         "checkpoint": str(setup.trained.path),
         "iter_num": setup.trained.iter_num,
+        "kind": setup.kind,
         "settings": {**settings, **asdict(run.config), "length": setup.length},
         "samples": [
-            {"text": text, "generated": text[setup.prompt_length :], "mean_self_logprob": lp}
-            for text, lp in zip(run.texts, run.logprobs, strict=True)
+            {"text": text, "generated": text[setup.prompt_length :], "mean_self_logprob": lp, "nfe": nfe}
+            for text, lp, nfe in zip(run.texts, run.logprobs, run.nfe, strict=True)
         ],
         "metrics": metrics,
-        "speed": {"chars_per_second": run.chars_per_second, "forward_passes": run.forward_passes},
+        "speed": {
+            "chars_per_second": run.chars_per_second,
+            "forward_passes": run.forward_passes,
+            "mean_nfe": run.mean_nfe,
+        },
         "notes": setup.notes,
     }
 
 
 def step_printer(setup: Setup, out: IO[str]) -> StepHook:
     def show(first: int, event: StepEvent) -> None:
-        print(f"--- step {event.step + 1}/{event.steps} (block {event.block + 1}) ---", file=out)
+        # With a confidence threshold the planned count is only the most possible steps.
+        of = f"/<={event.steps}" if setup.args.confidence_threshold is not None else f"/{event.steps}"
+        print(f"--- step {event.step + 1}{of} (block {event.block + 1}) ---", file=out)
         for i, row in enumerate(event.canvas):
             print(f"[{first + i + 1}] {readable(setup.trained.vocab.decode(row))}", file=out)
 
@@ -494,6 +661,7 @@ def step_tracer(setup: Setup, file: IO[str]) -> StepHook:
             "steps": event.steps,
             "block": event.block,
             "forward_passes": event.forward_passes,
+            "nfe": None if event.nfe is None else event.nfe.tolist(),
             "changed": [row.nonzero().flatten().tolist() for row in event.changed],
             "canvas": [setup.trained.vocab.decode(row) for row in event.canvas],
         }
@@ -535,6 +703,44 @@ def sweep(setup: Setup) -> list[dict[str, Any]]:
     return rows
 
 
+def write_new_file(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically and only if `path` does not exist (FileExistsError otherwise).
+
+    A temporary file in the same directory is fsynced and hard-linked to `path`: the link either creates the
+    whole file or fails because the name is taken, so neither a crash nor a concurrent writer leaves a partial
+    or overwritten file.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_sweep(args: SampleArgs, run_dir: Path, document: dict[str, Any]) -> Path:
+    """Write the sweep document to --sweep_out, or to the first free sweep_steps[_N].json of `run_dir`."""
+    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    if args.sweep_out is not None:
+        candidates: Any = [Path(args.sweep_out)]
+    else:
+        candidates = (run_dir / ("sweep_steps.json" if i == 1 else f"sweep_steps_{i}.json") for i in itertools.count(1))
+    for path in candidates:
+        try:
+            write_new_file(path, text)
+            return path
+        except FileExistsError:
+            if args.sweep_out is not None:
+                raise UserError(f"--sweep_out={args.sweep_out}: the file exists; give a new path") from None
+        except OSError as exc:
+            flag = f"--sweep_out={args.sweep_out}" if args.sweep_out is not None else f"--ckpt={run_dir}"
+            raise UserError(f"{flag}: cannot write {path} ({exc.strerror})") from None
+    raise AssertionError("unreachable: the default names never run out")
+
+
 def main(argv: list[str]) -> int:
     def guide(flags: dict[str, Any]) -> dict[str, Any]:
         return {**GUIDE_PRESET, **flags} if flags.get("preset") == "guide" else flags
@@ -553,6 +759,8 @@ def main(argv: list[str]) -> int:
     setup = build(args)
 
     if args.step_counts:
+        if args.sweep_out is not None and Path(args.sweep_out).exists():  # refuse before the work, not after
+            raise UserError(f"--sweep_out={args.sweep_out}: the file exists; give a new path")
         rows = sweep(setup)
         document = {
             "checkpoint": str(setup.trained.path),
@@ -561,8 +769,7 @@ def main(argv: list[str]) -> int:
             "rows": rows,
             "notes": setup.notes,
         }
-        Path(args.sweep_out).write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"wrote {args.sweep_out}")
+        print(f"wrote {write_sweep(args, setup.trained.path.parent, document)}")
         return 0
 
     out = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the document only

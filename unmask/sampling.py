@@ -22,21 +22,101 @@ steps split across the blocks. When the canvas is longer than the model's `block
 mandatory and each block is generated inside a window of at most `block_size` positions, placed to hold as
 much known text (prompt, template, earlier blocks) as possible: see `plan_blocks`.
 
-Every random number comes from the explicit `generator`, and sampling happens on `generator.device`.
+Every random number comes from explicit generators, and sampling happens on their device. `RowGenerators` gives
+every sample (row) its own `torch.Generator`, seeded from the run's seed and the sample's index
+(`sample_seed`), and rows draw only from their own: a sample does not depend on the batch it is generated in.
+A single `torch.Generator` still works (one stream for the whole batch, as in LLaDA's reference code).
+
+`confidence_threshold` (Fast-dLLM, Wu et al. 2025) replaces the schedule by parallel decoding: each step commits
+every masked position of the current block whose drawn character has model probability >= the threshold, and at
+least one (the position the strategy ranks first), so the number of forward passes adapts to the model's
+certainty.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import torch
 from torch import Tensor
 
+from unmask.model import KVCache
+
 SCHEDULES = ("linear", "cosine")
 REMASKING = ("low_confidence", "random", "margin", "entropy", "remask")
+_MASK64 = (1 << 64) - 1
+
+
+# --- random streams -------------------------------------------------------------------------------------------
+
+
+def _splitmix64(z: int) -> int:
+    """The SplitMix64 finaliser (Steele, Lea & Flood 2014): a bijection of 64-bit integers that scatters nearby
+    inputs, so consecutive seeds or sample indices give unrelated generator seeds."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Seed of sample `index` of a run seeded with `seed` (a 64-bit integer; the pair determines it)."""
+    return _splitmix64((_splitmix64(seed & _MASK64) + index) & _MASK64)
+
+
+class RowGenerators:
+    """One `torch.Generator` per row of a batch; every draw for row b comes from generator b only.
+
+    Drawing `(n, ...)` per row instead of `(B, n, ...)` for the batch costs a Python loop over rows (B is a
+    sampling batch, 16 by default), and makes each sample independent of its batch companions and of the batch
+    size. Rows that skip a step (nothing to commit) draw nothing, so their streams do not move either.
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+        if not generators:
+            raise ValueError("RowGenerators needs at least one generator")
+        devices = {g.device for g in generators}
+        if len(devices) != 1:
+            raise ValueError(f"all generators must be on one device, got {sorted(map(str, devices))}")
+        self.generators = list(generators)
+
+    @classmethod
+    def for_samples(cls, seed: int, first: int, count: int, device: torch.device | str = "cpu") -> RowGenerators:
+        """Generators of samples first .. first + count - 1 of a run seeded with `seed`."""
+        return cls([torch.Generator(device=device).manual_seed(sample_seed(seed, first + i)) for i in range(count)])
+
+    @property
+    def device(self) -> torch.device:
+        return self.generators[0].device
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def rows(self, index: Tensor) -> RowGenerators:
+        """The generators of the rows in `index` (1-D long), in that order (they share state with these)."""
+        return RowGenerators([self.generators[i] for i in index.tolist()])
+
+    def rand(self, shape: Sequence[int]) -> Tensor:
+        """(B, *shape) float64 uniforms in [0, 1) on `self.device`, row b from generator b."""
+        return torch.stack(
+            [torch.rand(tuple(shape), dtype=torch.float64, generator=g, device=g.device) for g in self.generators]
+        )
+
+
+Generators: TypeAlias = torch.Generator | RowGenerators
+
+
+def uniform(shape: Sequence[int], generator: Generators) -> Tensor:
+    """float64 uniforms of `shape` on the generator's device; with `RowGenerators`, shape[0] is the batch."""
+    if isinstance(generator, RowGenerators):
+        if shape[0] != len(generator):
+            raise ValueError(f"{len(generator)} row generators for a batch of {shape[0]}")
+        return generator.rand(shape[1:])
+    return torch.rand(tuple(shape), dtype=torch.float64, generator=generator, device=generator.device)
 
 
 # --- how many positions per step ------------------------------------------------------------------------------
@@ -97,9 +177,11 @@ def sample_categorical(
     temperature: float,
     top_k: int,
     top_p: float,
-    generator: torch.Generator,
+    generator: Generators,
 ) -> Tensor:
     """One id per row of `logits` (..., V), never one where `banned` (V,) is True; float64 throughout.
+
+    With `RowGenerators`, the first axis of `logits` is the batch and row b's noise comes from generator b.
 
     Gumbel-max in float64 (the field's practice since Zheng et al. 2024, arXiv 2409.02908, showed that
     float32 Gumbel noise truncates small probabilities and lowers sample entropy; LLaDA's `add_gumbel_noise`
@@ -109,7 +191,7 @@ def sample_categorical(
     if temperature == 0:
         return scores.argmax(dim=-1)
     scores = filter_logits(scores / temperature, top_k, top_p)
-    u = torch.rand(scores.shape, dtype=torch.float64, generator=generator, device=generator.device)
+    u = uniform(scores.shape, generator)  # (..., V)
     gumbel = -torch.log(-torch.log(u))  # u = 0 gives -inf: that id simply loses
     return (scores + gumbel).argmax(dim=-1)
 
@@ -146,8 +228,8 @@ class Remasking(Protocol):
     name: str
     refill: bool
 
-    def confidence(self, proposal: Proposal, generator: torch.Generator) -> Tensor:
-        """(B, n) float64 on `generator.device`: higher = more sure."""
+    def confidence(self, proposal: Proposal, generator: Generators) -> Tensor:
+        """(B, n) float64 on `generator.device`: higher = more sure. Draw random numbers with `uniform`."""
         ...
 
 
@@ -166,7 +248,7 @@ class LowConfidence:
     name = "low_confidence"
     refill = False
 
-    def confidence(self, proposal: Proposal, generator: torch.Generator) -> Tensor:
+    def confidence(self, proposal: Proposal, generator: Generators) -> Tensor:
         return _chosen_probability(proposal)  # (B, n)
 
 
@@ -179,8 +261,8 @@ class RandomOrder:
     name = "random"
     refill = False
 
-    def confidence(self, proposal: Proposal, generator: torch.Generator) -> Tensor:
-        return torch.rand(proposal.tokens.shape, dtype=torch.float64, generator=generator, device=generator.device)
+    def confidence(self, proposal: Proposal, generator: Generators) -> Tensor:
+        return uniform(proposal.tokens.shape, generator)
 
 
 class Margin:
@@ -189,7 +271,7 @@ class Margin:
     name = "margin"
     refill = False
 
-    def confidence(self, proposal: Proposal, generator: torch.Generator) -> Tensor:
+    def confidence(self, proposal: Proposal, generator: Generators) -> Tensor:
         top2 = proposal.probs.topk(2, dim=-1).values  # (B, n, 2)
         return top2[..., 0] - top2[..., 1]
 
@@ -200,7 +282,7 @@ class Entropy:
     name = "entropy"
     refill = False
 
-    def confidence(self, proposal: Proposal, generator: torch.Generator) -> Tensor:
+    def confidence(self, proposal: Proposal, generator: Generators) -> Tensor:
         return -_entropy(proposal.probs)
 
 
@@ -221,10 +303,10 @@ class EntropyRemask:
             raise ValueError(f"randomness_strength must be in [0, 1], got {randomness_strength}")
         self.randomness_strength = randomness_strength
 
-    def confidence(self, proposal: Proposal, generator: torch.Generator) -> Tensor:
+    def confidence(self, proposal: Proposal, generator: Generators) -> Tensor:
         allowed = (proposal.probs > 0).sum(dim=-1).clamp(min=2)  # (B, n): non-special ids with mass
         entropy = _entropy(proposal.probs) / allowed.double().log()  # (B, n) in [0, 1]
-        noise = torch.rand(entropy.shape, dtype=torch.float64, generator=generator, device=generator.device)
+        noise = uniform(entropy.shape, generator)  # (B, n)
         s = self.randomness_strength
         return -(s * noise + (1.0 - s) * entropy)  # the highest re-masking score is the least confident
 
@@ -273,7 +355,9 @@ class Block:
 def split_steps(weights: list[int], steps: int) -> list[int]:
     """Steps per block in proportion to `weights`, at least one each, summing exactly to `steps`.
 
-    Largest remainder (Hamilton) apportionment in integer arithmetic: block i is owed steps * w_i / W.
+    Largest remainder (Hamilton) apportionment in integer arithmetic: block i is owed steps * w_i / W. The
+    corrections (one step at a time to the most under-served block, or from the most over-served one when the
+    one-step minimum overshot; ties to the leftmost) go through a heap: O(n log n) for n blocks.
     """
     n = len(weights)
     if steps < n:
@@ -283,10 +367,22 @@ def split_steps(weights: list[int], steps: int) -> list[int]:
     total = sum(weights)
     owed = [steps * w for w in weights]  # in units of 1 / total
     alloc = [max(1, o // total) for o in owed]
-    while sum(alloc) > steps:  # the one-step minimum overshot: take from the most over-served block
-        alloc[max((i for i in range(n) if alloc[i] > 1), key=lambda i: alloc[i] * total - owed[i])] -= 1
-    while sum(alloc) < steps:
-        alloc[max(range(n), key=lambda i: owed[i] - alloc[i] * total)] += 1
+    excess = sum(alloc) - steps
+    if excess > 0:  # only blocks above the minimum give a step back; steps >= n guarantees there are enough
+        over = [(owed[i] - alloc[i] * total, i) for i in range(n) if alloc[i] > 1]  # most over-served first
+        heapq.heapify(over)
+        for _ in range(excess):
+            _, i = heapq.heappop(over)
+            alloc[i] -= 1
+            if alloc[i] > 1:
+                heapq.heappush(over, (owed[i] - alloc[i] * total, i))
+    elif excess < 0:
+        under = [(alloc[i] * total - owed[i], i) for i in range(n)]  # most under-served first
+        heapq.heapify(under)
+        for _ in range(-excess):
+            _, i = heapq.heappop(under)
+            alloc[i] += 1
+            heapq.heappush(under, (alloc[i] * total - owed[i], i))
     return alloc
 
 
@@ -296,21 +392,27 @@ def default_block_length(length: int, block_size: int) -> int | None:
     return None if length <= block_size else max(1, block_size // 2)
 
 
-def plan_blocks(masked: Tensor, block_size: int, block_length: int | None, steps: int) -> list[Block]:
+def plan_blocks(masked: Tensor, block_size: int, block_length: int | None, steps: int | None) -> list[Block]:
     """Blocks over the span of masked positions of `masked` (B, L), and their model windows.
 
     Blocks are `block_length` positions wide, starting at the first masked position (so a prompt is never
     part of a block, as in LLaDA); blocks with nothing to fill are dropped. Steps are split across the blocks
-    in proportion to their masked positions (equal blocks get equal steps, as in LLaDA).
+    in proportion to their masked positions (equal blocks get equal steps, as in LLaDA); `steps=None` gives
+    each block as many steps as it has positions (the most a confidence-threshold run can take).
 
     The window (at most `block_size` wide, always containing the block) is placed where it holds the most
     known characters at the time the block is generated: fixed text anywhere, plus everything left of the
-    block, which earlier blocks have filled. Ties go to the leftmost window. For plain continuation this is
-    the block with as much text to its left as fits; for infilling it also takes template text on the right.
+    block, which earlier blocks have filled. Ties go to the leftmost window. That is always the window ending
+    at the block's end (or starting at 0): moving a window one position right trades a position left of the
+    block, known in all B rows, for one on the right known in at most B rows, so it never gains. For plain
+    continuation this is the block with as much text to its left as fits; for infilling near the start it
+    also takes template text on the right.
+
+    Planning is O(L + n log n) for n blocks: no per-block pass over the canvas.
     """
     B, L = masked.shape
-    any_masked = masked.any(dim=0)  # (L,)
-    where = any_masked.nonzero().flatten()
+    per_position = masked.sum(dim=0).cpu()  # (L,) rows in which each position is to be filled
+    where = per_position.nonzero().flatten()
     if where.numel() == 0:
         return []
     first, last = int(where[0]), int(where[-1]) + 1
@@ -318,21 +420,32 @@ def plan_blocks(masked: Tensor, block_size: int, block_length: int | None, steps
         block_length = default_block_length(L, block_size) or (last - first)
     if block_length > block_size:
         raise ValueError(f"block_length {block_length} exceeds the model's block_size {block_size}")
-    spans = [(s, min(s + block_length, last)) for s in range(first, last, block_length)]
-    spans = [(s, e) for s, e in spans if bool(any_masked[s:e].any())]
-    step_counts = split_steps([int(masked[:, s:e].sum()) for s, e in spans], steps)
-
+    starts = torch.arange(first, last, block_length)  # (n,)
+    ends = (starts + block_length).clamp(max=last)  # (n,)
+    cumulative = torch.cat((torch.zeros(1, dtype=torch.long), per_position.cumsum(0)))  # (L + 1,)
+    weights = cumulative[ends] - cumulative[starts]  # (n,) masked (row, position) pairs per block
+    keep = weights > 0
+    span_starts, span_ends, span_weights = starts[keep].tolist(), ends[keep].tolist(), weights[keep].tolist()
+    if steps is None:
+        step_counts = [e - s for s, e in zip(span_starts, span_ends, strict=True)]
+    else:
+        step_counts = split_steps(span_weights, steps)
     W = min(L, block_size)
-    known_fixed = (~masked).sum(dim=0).cpu()  # (L,) rows in which each position is known from the start
-    blocks = []
-    for (s, e), n_steps in zip(spans, step_counts, strict=True):
-        known = torch.where(torch.arange(L) < s, B, known_fixed)  # (L,)
-        cumulative = torch.cat((torch.zeros(1, dtype=torch.long), known.cumsum(0)))  # (L + 1,)
-        starts = torch.arange(max(0, e - W), min(s, L - W) + 1)  # candidate window starts
-        held = cumulative[starts + W] - cumulative[starts]
-        a = int(starts[int(held.argmax())])  # argmax returns the first maximum: the leftmost window
-        blocks.append(Block(s, e, n_steps, a, a + W))
-    return blocks
+    return [
+        Block(s, e, n_steps, max(0, e - W), max(0, e - W) + W)
+        for s, e, n_steps in zip(span_starts, span_ends, step_counts, strict=True)
+    ]
+
+
+def threshold_commit(p_drawn: Tensor, score: Tensor, masked: Tensor, threshold: float) -> Tensor:
+    """(B, n) bool: the masked positions to commit in one parallel-decoding step (Fast-dLLM, Wu et al. 2025).
+
+    Every masked position whose drawn character has probability `p_drawn` (B, n) >= `threshold`, plus the
+    masked position with the highest strategy `score` (B, n), so each row with a masked position commits at
+    least one and a block always finishes. threshold 0 commits everything; above 1, exactly one per step.
+    """
+    best = select_top(score, masked, torch.ones(masked.shape[0], dtype=torch.long, device=masked.device))
+    return (masked & (p_drawn >= threshold)) | best
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
@@ -348,6 +461,9 @@ class SamplingConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     block_length: int | None = None  # None: one block, or default_block_length for canvases over block_size
+    # None: the schedule's counts; a float: commit every masked position of the block whose drawn character has
+    # probability >= this, at least one per step (Fast-dLLM); `steps` and `schedule` are then unused.
+    confidence_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -355,11 +471,12 @@ class StepEvent:
     """Passed to `on_step` after every step that ran the model."""
 
     step: int  # 0-based, counted over all blocks
-    steps: int
+    steps: int  # planned steps (with a confidence threshold: the most possible, one per masked position)
     block: int
     canvas: Tensor  # (B, L) after the step (a view: copy it to keep it)
     changed: Tensor  # (B, L) bool: positions written or re-masked in this step
     forward_passes: int  # model calls so far
+    nfe: Tensor | None = None  # (B,) long: model calls so far that each sample took part in
 
 
 @dataclass
@@ -367,11 +484,124 @@ class Generation:
     tokens: Tensor  # (B, L) final canvas
     logprobs: Tensor  # (B, L) float64 on the generator's device: log p of each generated character when it was
     # written (0 where fixed)
-    forward_passes: int
+    forward_passes: int  # model calls for the batch
+    nfe: Tensor  # (B,) long, CPU: number of function evaluations per sample (model calls whose output it used)
 
 
 def _token_logprob(probs: Tensor, tokens: Tensor) -> Tensor:
     return probs.gather(-1, tokens.to(probs.device).unsqueeze(-1)).squeeze(-1).log()  # (B, n)
+
+
+LogitsFor = Callable[[Tensor], Tensor]  # rows (R,) -> logits (R, n, V) of the current block for those rows
+
+
+class _Denoiser:
+    """The state of one generation: canvas, log-probabilities, counters; fills one block at a time.
+
+    The model is reached through a `LogitsFor` per block, so windowed models and cached ones (block diffusion)
+    share the step logic. Only the rows that have something to do in a step are run and draw random numbers.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        fixed: Tensor,
+        mask_id: int,
+        config: SamplingConfig,
+        strategy: Remasking,
+        generator: Generators,
+        on_step: Callable[[StepEvent], None] | None,
+        total_steps: int,
+    ) -> None:
+        if config.confidence_threshold is not None:
+            if strategy.refill:
+                raise ValueError(f"confidence_threshold does not apply to the refill strategy {strategy.name!r}")
+            if config.confidence_threshold < 0:
+                raise ValueError(f"confidence_threshold must be >= 0, got {config.confidence_threshold}")
+        if isinstance(generator, RowGenerators) and len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} row generators for a batch of {x.shape[0]}")
+        B, L = x.shape
+        self.x, self.fixed, self.mask_id, self.config, self.strategy = x, fixed, mask_id, config, strategy
+        self.generator, self.on_step, self.total_steps = generator, on_step, total_steps
+        self.sampling_device = generator.device  # float64 lives here (MPS has none: the caller passes CPU ones)
+        self.logprobs = torch.zeros(B, L, dtype=torch.float64, device=self.sampling_device)  # (B, L)
+        self.nfe = torch.zeros(B, dtype=torch.long)  # (B,)
+        self.forward_passes = 0
+        self.step = 0
+        self.banned: Tensor | None = None
+
+    def result(self) -> Generation:
+        return Generation(self.x, self.logprobs, self.forward_passes, self.nfe)
+
+    def fill_block(self, b: int, block: Block, logits_for: LogitsFor) -> None:
+        x, config, strategy, mask_id = self.x, self.config, self.strategy, self.mask_id
+        s, e = block.start, block.end
+        offset = s - block.window_start
+        threshold = config.confidence_threshold
+        editable = ~self.fixed[:, s:e]  # (B, n): all masked at the start of the block
+        counts = remaining = None
+        if threshold is None:
+            counts = num_transfer_tokens(editable.sum(dim=1), block.steps, config.schedule)  # (B, S_b)
+            remaining = editable.sum(dim=1, keepdim=True) - counts.cumsum(dim=1)  # (B, S_b): masked after each step
+        for i in range(block.steps):
+            current = x[:, s:e]  # (B, n)
+            masked = editable & (current == mask_id)  # (B, n)
+            if threshold is not None:
+                active = masked.any(dim=1)  # (B,)
+                if not bool(active.any()):
+                    break  # the block is done: a threshold run takes only the steps it needs
+            elif strategy.refill:
+                active = editable.any(dim=1)
+            else:
+                assert counts is not None
+                active = counts[:, i] > 0
+            if not bool(active.any()):
+                self.step += 1  # nothing to commit in this step: skip the model
+                continue
+            rows = active.nonzero().flatten()  # (R,)
+            generator = self.generator.rows(rows) if isinstance(self.generator, RowGenerators) else self.generator
+            logits = logits_for(rows)  # (R, n, V)
+            self.forward_passes += 1
+            self.nfe[rows.cpu()] += 1
+            if self.banned is None:
+                # Special tokens are the ids from mask_id up; they are never drawn and carry probability 0.
+                self.banned = torch.arange(logits.shape[-1], device=self.sampling_device) >= mask_id  # (V,)
+            current, masked, row_editable = current[rows], masked[rows], editable[rows]  # (R, n)
+            drawn = sample_categorical(logits, self.banned, config.temperature, config.top_k, config.top_p, generator)
+            probs = model_probs(logits, self.banned, self.sampling_device)  # (R, n, V)
+            tokens = torch.where(masked, drawn.to(x.device), current)  # (R, n)
+            context = x[rows, block.window_start : block.window_end].clone()  # (R, W)
+            context[:, offset : offset + e - s] = tokens
+            proposal = Proposal(tokens, probs, masked, row_editable, context, offset)
+            confidence = strategy.confidence(proposal, generator).to(x.device)  # (R, n)
+            if strategy.refill:
+                assert remaining is not None
+                remask = select_top(-confidence, row_editable, remaining[rows, i])  # (R, n)
+                new = torch.where(remask, torch.full_like(tokens, mask_id), tokens)
+                written = masked & ~remask
+            else:
+                if threshold is not None:
+                    # Confidence for the threshold is the model's probability of the drawn character, as in
+                    # LLaDA's and Fast-dLLM's `x0_p` (untempered, whatever the strategy ranks by).
+                    p_drawn = _chosen_probability(proposal).to(x.device)  # (R, n)
+                    written = threshold_commit(p_drawn, confidence, masked, threshold)
+                else:
+                    assert counts is not None
+                    written = select_top(confidence, masked, counts[rows, i])  # (R, n)
+                new = torch.where(written, tokens, current)
+            token_logp = _token_logprob(probs, tokens)  # (R, n) on the sampling device
+            sampling_rows = rows.to(self.sampling_device)
+            self.logprobs[sampling_rows, s:e] = torch.where(
+                written.to(self.sampling_device), token_logp, self.logprobs[sampling_rows, s:e]
+            )
+            x[rows, s:e] = new
+            if self.on_step is not None:
+                changed = torch.zeros_like(self.fixed)  # (B, L)
+                changed[rows, s:e] = new != current
+                self.on_step(
+                    StepEvent(self.step, self.total_steps, b, x, changed, self.forward_passes, self.nfe.clone())
+                )
+            self.step += 1
 
 
 @torch.inference_mode()
@@ -382,66 +612,215 @@ def generate(
     mask_id: int,
     block_size: int,
     config: SamplingConfig,
-    generator: torch.Generator,
+    generator: Generators,
     on_step: Callable[[StepEvent], None] | None = None,
     remasking: Remasking | None = None,
 ) -> Generation:
     """Fill every non-fixed position of `canvas` (B, L); `model` maps ids (B, T) to logits (B, T, V).
 
-    `remasking` overrides `config.remasking` (e.g. a critic). Steps in which no row commits anything are
-    skipped without calling the model (they happen when a block has fewer masked positions than steps).
+    `generator`: `RowGenerators` (one per row: each sample independent of the batch) or one `torch.Generator`
+    for the whole batch. `remasking` overrides `config.remasking` (e.g. a critic). Steps in which no row commits
+    anything are skipped without calling the model (they happen when a block has fewer masked positions than
+    steps), and a row with nothing to commit in a step is left out of that step's model call and draws.
+    """
+    strategy = remasking if remasking is not None else make_remasking(config.remasking, config.randomness_strength)
+    x = torch.where(fixed, canvas, torch.full_like(canvas, mask_id))  # (B, L)
+    steps = None if config.confidence_threshold is not None else config.steps
+    blocks = plan_blocks(~fixed, block_size, config.block_length, steps)
+    total_steps = sum(block.steps for block in blocks)
+    denoiser = _Denoiser(x, fixed, mask_id, config, strategy, generator, on_step, total_steps)
+    for b, block in enumerate(blocks):
+        offset, n = block.start - block.window_start, block.end - block.start
+
+        def logits_for(rows: Tensor, block: Block = block, offset: int = offset, n: int = n) -> Tensor:
+            window = x[rows, block.window_start : block.window_end]  # (R, W)
+            return model(window)[:, offset : offset + n]  # (R, n, V)
+
+        denoiser.fill_block(b, block, logits_for)
+    return denoiser.result()
+
+
+# --- autoregressive checkpoints -------------------------------------------------------------------------------
+
+
+class CachedModel(Protocol):
+    """A `unmask.model.Transformer`-like model: ids (B, T) -> logits (B, T, V), optionally through a KV cache."""
+
+    def __call__(self, idx: Tensor, *, cache: KVCache | None = None, update_cache: bool = False) -> Tensor: ...
+
+
+def prefix_length(fixed: Tensor) -> int:
+    """Length P of the fixed prefix of `fixed` (B, L), which must be the same in every row and the only fixed
+    text (positions >= P all free); raises ValueError otherwise."""
+    free = ~fixed[0]
+    P = int(free.int().argmax()) if bool(free.any()) else fixed.shape[1]
+    if not (fixed == fixed[:1]).all() or bool(fixed[0, P:].any()):
+        raise ValueError("left-to-right generation needs one fixed prefix, the same in every row, and nothing after it")
+    return P
+
+
+@torch.inference_mode()
+def generate_autoregressive(
+    model: CachedModel,
+    canvas: Tensor,
+    fixed: Tensor,
+    mask_id: int,
+    block_size: int,
+    config: SamplingConfig,
+    generator: Generators,
+    on_step: Callable[[StepEvent], None] | None = None,
+) -> Generation:
+    """Continue the fixed prefix of `canvas` (B, L) one character at a time with a causal model and a KV cache.
+
+    Each character is drawn from the tempered, top-k/top-p filtered next-character distribution (float64
+    Gumbel-max, `sample_categorical`); its log-probability is the untempered one. The prefix (at least one
+    character: the model has no beginning-of-text token) is fed once; each new character is then one forward
+    pass of length 1 against the cache, so NFE = characters generated. When the cache holds `block_size`
+    positions, it is recomputed from the last `block_size - 1` characters (RoPE keys are stored rotated by their
+    absolute positions, so the window cannot shift without recomputing), and generation goes on: every
+    character beyond the context sees the `block_size - 1` or `block_size` characters before it.
+    `config.steps`, `schedule`, `remasking`, `block_length` and `confidence_threshold` do not apply.
+    """
+    B, L = canvas.shape
+    P = prefix_length(fixed)
+    if P == 0:
+        raise ValueError("an autoregressive model needs at least one fixed character to continue")
+    x = canvas.clone()  # (B, L)
+    sampling_device = generator.device
+    logprobs = torch.zeros(B, L, dtype=torch.float64, device=sampling_device)  # (B, L)
+    banned: Tensor | None = None
+    cache = KVCache()
+    start = max(0, P - block_size)  # a prompt longer than the context: its last block_size characters
+    logits = model(x[:, start:P], cache=cache, update_cache=True)[:, -1]  # (B, V)
+    forward_passes = 1
+    for p in range(P, L):
+        if banned is None:
+            banned = torch.arange(logits.shape[-1], device=sampling_device) >= mask_id  # (V,)
+        token = sample_categorical(logits, banned, config.temperature, config.top_k, config.top_p, generator)  # (B,)
+        probs = model_probs(logits, banned, sampling_device)  # (B, V)
+        logprobs[:, p] = probs.gather(-1, token.unsqueeze(-1)).squeeze(-1).log()
+        x[:, p] = token.to(x.device)
+        if on_step is not None:
+            changed = torch.zeros_like(fixed)  # (B, L)
+            changed[:, p] = True
+            nfe = torch.full((B,), forward_passes, dtype=torch.long)
+            on_step(StepEvent(p - P, L - P, 0, x, changed, forward_passes, nfe))
+        if p == L - 1:
+            break
+        if cache.length == block_size:  # full: recompute from the last block_size - 1 characters, the new one included
+            cache = KVCache()
+            logits = model(x[:, p + 2 - block_size : p + 1], cache=cache, update_cache=True)[:, -1]  # (B, V)
+        else:
+            logits = model(x[:, p : p + 1], cache=cache, update_cache=True)[:, -1]  # (B, V)
+        forward_passes += 1
+    nfe = torch.full((B,), forward_passes, dtype=torch.long)
+    return Generation(x, logprobs, forward_passes, nfe)
+
+
+# --- block-diffusion checkpoints ------------------------------------------------------------------------------
+
+
+def plan_diffusion_blocks(masked: Tensor, diffusion_block: int, block_size: int, steps: int | None) -> list[Block]:
+    """The blocks a block-diffusion model (block length K = `diffusion_block`) fills, left to right.
+
+    Blocks lie on the model's grid [jK, (j + 1)K) from canvas position 0 (the last one may be shorter), as in
+    training, where blocks start at the window's start; a grid block with nothing to fill is skipped (whole
+    prompt blocks: they only enter the cache). Steps are split across the blocks as in `plan_blocks`
+    (`steps=None`: as many as each block has positions, for confidence-threshold runs). The window
+    [window_start, end) is the block with as many whole blocks of left context as fit in `block_size`: its
+    start is a multiple of K, so the cached blocks keep the grid the model was trained on. O(L + n log n).
+    """
+    K = diffusion_block
+    if not 0 < K <= block_size:
+        raise ValueError(f"diffusion_block {K} must be in [1, block_size={block_size}]")
+    L = masked.shape[1]
+    per_position = masked.sum(dim=0).cpu()  # (L,) rows in which each position is to be filled
+    starts = torch.arange(0, L, K)  # (n,)
+    ends = (starts + K).clamp(max=L)  # (n,)
+    cumulative = torch.cat((torch.zeros(1, dtype=torch.long), per_position.cumsum(0)))  # (L + 1,)
+    weights = cumulative[ends] - cumulative[starts]  # (n,)
+    keep = weights > 0
+    span_starts, span_ends, span_weights = starts[keep].tolist(), ends[keep].tolist(), weights[keep].tolist()
+    if not span_starts:
+        return []
+    if steps is None:
+        step_counts = [e - s for s, e in zip(span_starts, span_ends, strict=True)]
+    else:
+        step_counts = split_steps(span_weights, steps)
+    blocks = []
+    for s, e, n_steps in zip(span_starts, span_ends, step_counts, strict=True):
+        window_start = -(-max(0, e - block_size) // K) * K  # the smallest multiple of K with e - start <= block_size
+        blocks.append(Block(s, e, n_steps, window_start, e))
+    return blocks
+
+
+def _cache_rows(cache: KVCache, rows: Tensor) -> KVCache:
+    """A cache holding only the batch rows `rows` (R,) of `cache` (copies; `cache` is unchanged)."""
+    sub = KVCache()
+    for layer, (keys, values) in enumerate(zip(cache.keys, cache.values, strict=True)):
+        sub.store(layer, keys[rows], values[rows])  # (R, H, S, D)
+    return sub
+
+
+@torch.inference_mode()
+def generate_block_diffusion(
+    model: CachedModel,
+    canvas: Tensor,
+    fixed: Tensor,
+    mask_id: int,
+    block_size: int,
+    diffusion_block: int,
+    config: SamplingConfig,
+    generator: Generators,
+    on_step: Callable[[StepEvent], None] | None = None,
+    remasking: Remasking | None = None,
+    use_cache: bool = True,
+) -> Generation:
+    """Fill `canvas` (B, L) with a block-diffusion model (Arriola et al. 2025, BD3-LM): block by block, left to
+    right, each block by iterative unmasking conditioned on the finished blocks before it.
+
+    Inside a block every remasking strategy, schedule and `confidence_threshold` works as in `generate`.
+    Finished blocks are fed clean into a `KVCache` once (`update_cache=True`, the training layout where clean
+    block b attends to clean blocks <= b); each denoising step then runs only the block's positions against the
+    cache. Whole blocks of a prompt are prefilled the same way, while a prompt's partial last block stays in the
+    canvas as fixed characters of the first generated block. Past `block_size` the window moves by whole blocks
+    and the cache is recomputed from the blocks that still fit. Fixed characters after the current block are not
+    seen while it is generated (the model is block-causal), which is why `unmask sample` refuses templates with
+    text beyond the first hole's block.
+
+    `use_cache=False` runs every step as one block-causal forward over the window instead (the reference the
+    cached path is tested against). `Generation.nfe` counts denoising passes; `forward_passes` also counts the
+    cache feeds (at most one per block).
     """
     B, L = canvas.shape
     strategy = remasking if remasking is not None else make_remasking(config.remasking, config.randomness_strength)
     x = torch.where(fixed, canvas, torch.full_like(canvas, mask_id))  # (B, L)
-    sampling_device = generator.device  # float64 lives here (MPS has none: the caller passes a CPU generator)
-    logprobs = torch.zeros(B, L, dtype=torch.float64, device=sampling_device)  # (B, L)
-    blocks = plan_blocks(~fixed, block_size, config.block_length, config.steps)
-    banned: Tensor | None = None
-    forward_passes, step = 0, 0
+    steps = None if config.confidence_threshold is not None else config.steps
+    blocks = plan_diffusion_blocks(~fixed, diffusion_block, block_size, steps)
+    denoiser = _Denoiser(x, fixed, mask_id, config, strategy, generator, on_step, sum(b.steps for b in blocks))
+    cache, cache_start = KVCache(), 0  # the cache holds canvas positions cache_start .. cache_start + length - 1
     for b, block in enumerate(blocks):
-        span = slice(block.start, block.end)
-        offset = block.start - block.window_start
-        editable = ~fixed[:, span]  # (B, n): all masked at the start of the block
-        counts = num_transfer_tokens(editable.sum(dim=1), block.steps, config.schedule)  # (B, S_b)
-        remaining = editable.sum(dim=1, keepdim=True) - counts.cumsum(dim=1)  # (B, S_b): masked after each step
-        for i in range(block.steps):
-            if not strategy.refill and not bool(counts[:, i].any()):
-                step += 1
-                continue
-            current = x[:, span]  # (B, n)
-            masked = editable & (current == mask_id)  # (B, n)
-            window = x[:, block.window_start : block.window_end]  # (B, W)
-            logits = model(window)[:, offset : offset + block.end - block.start]  # (B, n, V)
-            forward_passes += 1
-            if banned is None:
-                # Special tokens are the ids from mask_id up; they are never drawn and carry probability 0.
-                banned = torch.arange(logits.shape[-1], device=sampling_device) >= mask_id  # (V,)
-            drawn = sample_categorical(logits, banned, config.temperature, config.top_k, config.top_p, generator)
-            drawn = drawn.to(x.device)  # (B, n)
-            probs = model_probs(logits, banned, sampling_device)  # (B, n, V)
-            tokens = torch.where(masked, drawn, current)  # (B, n)
-            context = window.clone()
-            context[:, offset : offset + tokens.shape[1]] = tokens
-            proposal = Proposal(tokens, probs, masked, editable, context, offset)
-            confidence = strategy.confidence(proposal, generator).to(x.device)  # (B, n)
-            if strategy.refill:
-                remask = select_top(-confidence, editable, remaining[:, i])  # (B, n)
-                new = torch.where(remask, torch.full_like(tokens, mask_id), tokens)
-                written = masked & ~remask
-            else:
-                written = select_top(confidence, masked, counts[:, i])  # (B, n)
-                new = torch.where(written, tokens, current)
-            token_logp = _token_logprob(probs, tokens)  # (B, n) on the sampling device
-            logprobs[:, span] = torch.where(written.to(sampling_device), token_logp, logprobs[:, span])
-            changed = new != current
-            x[:, span] = new
-            if on_step is not None:
-                full_changed = torch.zeros_like(fixed)
-                full_changed[:, span] = changed
-                on_step(StepEvent(step, config.steps, b, x, full_changed, forward_passes))
-            step += 1
-    return Generation(x, logprobs, forward_passes)
+        s, e, start = block.start, block.end, block.window_start
+        if use_cache:
+            if start != cache_start:  # the window moved: the cached keys sit at the wrong RoPE positions
+                cache, cache_start = KVCache(), start
+            fed = cache_start + cache.length
+            if fed < s:
+                model(x[:, fed:s], cache=cache, update_cache=True)  # finished blocks, clean, in one pass
+                denoiser.forward_passes += 1
+
+            def cached(rows: Tensor, s: int = s, e: int = e, cache: KVCache = cache) -> Tensor:
+                rows_cache = cache if rows.numel() == B else _cache_rows(cache, rows)
+                return model(x[rows, s:e], cache=rows_cache)  # (R, n, V): the block against the cache
+
+            denoiser.fill_block(b, block, cached)
+        else:
+
+            def uncached(rows: Tensor, s: int = s, e: int = e, start: int = start) -> Tensor:
+                return model(x[rows, start:e])[:, s - start :]  # (R, n, V): block-causal over the window
+
+            denoiser.fill_block(b, block, uncached)
+    return denoiser.result()
 
 
 # --- canvases -------------------------------------------------------------------------------------------------

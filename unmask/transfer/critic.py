@@ -20,7 +20,7 @@ from torch import Tensor
 
 from unmask.errors import UserError
 from unmask.loading import Trained, load_trained, resolve_checkpoint
-from unmask.sampling import Proposal
+from unmask.sampling import Generators, Proposal, uniform
 
 
 class CriticRemask:
@@ -43,9 +43,9 @@ class CriticRemask:
         block = logits[:, proposal.offset : proposal.offset + n].double().softmax(dim=-1)[..., 1]  # (B, n)
         return block.to(proposal.probs.device)
 
-    def confidence(self, proposal: Proposal, generator: torch.Generator) -> Tensor:
+    def confidence(self, proposal: Proposal, generator: Generators) -> Tensor:
         p_wrong = self.p_wrong(proposal).to(generator.device)
-        noise = torch.rand(p_wrong.shape, dtype=torch.float64, generator=generator, device=generator.device)
+        noise = uniform(p_wrong.shape, generator)  # (B, n): per-sample streams with RowGenerators
         s = self.randomness_strength
         return -(s * noise + (1.0 - s) * p_wrong)  # the highest re-masking score is the least trusted
 

@@ -1,0 +1,217 @@
+"""Tests for unmask.block_diffusion: the training-layout mask, the loss, and the block NELBO estimators."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from unmask.block_diffusion import (
+    block_diffusion_attn_mask,
+    block_diffusion_loss,
+    block_diffusion_loss_from_masks,
+    block_nelbo,
+    block_nelbo_exact,
+    parse_mask_rate_window,
+    sample_block_masks,
+)
+from unmask.elbo import nelbo_exact, real_char_log_probs
+from unmask.errors import UserError
+from unmask.model import ModelConfig, Transformer
+
+VOCAB = 6  # 5 characters + [MASK]
+MASK_ID = VOCAB - 1
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_model(seed: int = 0, **overrides: object) -> Transformer:
+    """A 1-layer model with sharpened weights, so predictions depend clearly on the context."""
+    kwargs: dict[str, object] = dict(vocab_size=VOCAB, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**kwargs)).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(40.0)
+        for name, p in model.named_parameters():
+            if name.endswith("attn.qkv.weight"):
+                p.mul_(10.0)
+    return model
+
+
+def clean_rows(B: int, L: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, MASK_ID, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_attn_mask_entry_by_entry() -> None:
+    L, K = 5, 2  # blocks {0, 1}, {2, 3}, {4}
+    mask = block_diffusion_attn_mask(L, K)
+    assert mask.shape == (10, 10) and mask.dtype == torch.bool
+    for i in range(2 * L):
+        for j in range(2 * L):
+            bi, bj = (i % L) // K, (j % L) // K
+            if i < L and j < L:
+                expected = bi == bj  # noisy -> its own noisy block
+            elif i < L:
+                expected = bj < bi  # noisy -> clean blocks before
+            elif j >= L:
+                expected = bj <= bi  # clean -> clean, block-causal
+            else:
+                expected = False  # clean never sees noisy
+            assert bool(mask[i, j]) == expected, (i, j)
+    with pytest.raises(ValueError, match="K=0"):
+        block_diffusion_attn_mask(4, 0)
+
+
+def test_sample_block_masks_one_rate_per_block_in_the_window() -> None:
+    B, L, K = 6, 12, 4
+    g = torch.Generator().manual_seed(0)
+    selected, t = sample_block_masks(B, L, K, g, mask_rate_window=(0.3, 0.8))
+    assert selected.shape == t.shape == (B, L)
+    per_block = t.view(B, L // K, K)
+    assert torch.equal(per_block, per_block[..., :1].expand_as(per_block))  # constant within a block
+    assert (t > 0.3).all() and (t <= 0.8).all()
+    # Stratified: the B * n_blocks rates fall one in each of the equal strata of (0.3, 0.8].
+    rates = per_block[..., 0].flatten().sort().values
+    n = rates.numel()
+    strata = ((rates - 0.3) / 0.5 * n).ceil().long() - 1
+    assert torch.equal(strata, torch.arange(n))
+    # The masked fraction follows t: a big batch at a fixed rate.
+    sel, _ = sample_block_masks(400, L, K, torch.Generator().manual_seed(1), mask_rate_window=(0.25, 0.25))
+    assert sel.float().mean().item() == pytest.approx(0.25, abs=0.02)
+
+
+def test_parse_mask_rate_window() -> None:
+    assert parse_mask_rate_window("0.3,0.8") == (0.3, 0.8)
+    for bad in ("0.8,0.3", "0,0", "0.2", "a,b", "-0.1,0.5", "0.5,1.5"):
+        with pytest.raises(UserError, match="--mask_rate_window="):
+            parse_mask_rate_window(bad)
+
+
+def _loop_over_blocks_loss(
+    model: Transformer, clean: torch.Tensor, selected: torch.Tensor, t: torch.Tensor, K: int
+) -> torch.Tensor:
+    """The loss by one forward pass per block: [clean prefix ; noisy block] under the model's block-causal mask."""
+    B, L = clean.shape
+    noisy = clean.masked_fill(selected, MASK_ID)
+    total = torch.zeros((), dtype=torch.float32)
+    for start in range(0, L, K):
+        end = min(start + K, L)
+        idx = torch.cat((clean[:, :start], noisy[:, start:end]), dim=1)  # (B, end)
+        sel = torch.zeros_like(idx, dtype=torch.bool)
+        sel[:, start:] = selected[:, start:end]
+        if not sel.any():
+            continue
+        logp = real_char_log_probs(model(idx, positions=sel), MASK_ID)  # (N, V), row-major like the targets
+        targets = clean[:, start:end][selected[:, start:end]]  # (N,)
+        nll = -logp.gather(1, targets[:, None]).squeeze(1)  # (N,)
+        total = total + (nll / t[:, start:end][selected[:, start:end]]).sum()
+    return total / (B * L)
+
+
+@pytest.mark.parametrize(("L", "K"), [(12, 4), (11, 4), (12, 1), (12, 12)])
+def test_vectorised_loss_equals_a_loop_over_blocks(L: int, K: int) -> None:
+    model = tiny_model(diffusion_block=K)
+    clean = clean_rows(3, L)
+    g = torch.Generator().manual_seed(3)
+    selected, t = sample_block_masks(3, L, K, g)
+    with torch.no_grad():
+        vectorised = block_diffusion_loss_from_masks(model, clean, selected, t, MASK_ID, K)
+        looped = _loop_over_blocks_loss(model, clean, selected, t, K)
+        # block_diffusion_loss draws the same masks from the same generator state.
+        again = block_diffusion_loss(model, clean, MASK_ID, K, torch.Generator().manual_seed(3))
+    assert vectorised.item() > 0
+    assert torch.allclose(vectorised, looped, rtol=1e-5, atol=1e-6)
+    assert torch.equal(again, vectorised)
+
+
+def test_loss_gradient_flows_to_every_parameter() -> None:
+    model = tiny_model(diffusion_block=4).train()
+    clean = clean_rows(4, 12)
+    loss = block_diffusion_loss(model, clean, MASK_ID, 4, torch.Generator().manual_seed(0), (0.2, 0.9))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_loss_expectation_is_the_block_nelbo_per_character() -> None:
+    # Over (0, 1], E[loss] = block NELBO / L: average many draws of the training loss against the enumeration.
+    model = tiny_model(diffusion_block=3)
+    L, K = 6, 3
+    clean = clean_rows(2, L)
+    exact = block_nelbo_exact(model, clean, MASK_ID, K).mean().item() / L
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        losses = torch.stack([block_diffusion_loss(model, clean, MASK_ID, K, g) for _ in range(3000)]).double()
+    se = losses.std().item() / 3000**0.5
+    assert abs(losses.mean().item() - exact) < 5 * se, (losses.mean().item(), exact, se)
+
+
+@pytest.mark.parametrize("estimator", ["exact_k", "stratified_t", "antithetic_t"])
+@pytest.mark.parametrize(("L", "K"), [(6, 3), (7, 3)])
+def test_block_nelbo_estimators_are_unbiased(estimator: str, L: int, K: int) -> None:
+    model = tiny_model(diffusion_block=K)
+    clean = clean_rows(2, L)
+    exact = block_nelbo_exact(model, clean, MASK_ID, K)  # (2,)
+    nats, se = block_nelbo(model, clean, MASK_ID, K, 600, torch.Generator().manual_seed(1), estimator)
+    assert nats.shape == se.shape == (2,)
+    assert (se > 0).all()
+    assert ((nats - exact).abs() < 5 * se).all(), (nats, exact, se)
+
+
+def test_block_nelbo_exact_k_is_exact_when_each_block_has_one_subset_per_size() -> None:
+    # Blocks of 2: k = 1 has two subsets, k = 2 one. With draws = 2 the strata fix k = 1, 2, so only the k = 1
+    # subset is random; averaging over the 2 x 2 possible k = 1 choices per block must give the exact value.
+    model = tiny_model(diffusion_block=2)
+    clean = clean_rows(1, 4)
+    exact = block_nelbo_exact(model, clean, MASK_ID, 2)
+    estimates = torch.stack(
+        [block_nelbo(model, clean, MASK_ID, 2, 2, torch.Generator().manual_seed(s))[0] for s in range(400)]
+    )
+    values = estimates.unique()
+    assert values.numel() == 4  # the four equally likely k = 1 subset combinations, all seen in 400 draws
+    assert values.mean().item() == pytest.approx(exact.item(), abs=1e-6)
+
+
+def test_block_length_one_is_the_teacher_forced_nll() -> None:
+    # K = 1: position i is predicted from [MASK] at i and the clean prefix. Reference: L separate forward passes of
+    # a causal model on clean[:i] + [MASK] (its own fused causal attention, no explicit mask or positions).
+    model = tiny_model(causal=True)
+    L = 8
+    clean = clean_rows(3, L)
+    expected = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(L):
+            idx = torch.cat((clean[:, :i], torch.full((3, 1), MASK_ID)), dim=1)  # (3, i + 1)
+            logp = real_char_log_probs(model(idx)[:, -1], MASK_ID)  # (3, V)
+            expected -= logp.gather(1, clean[:, i : i + 1]).squeeze(1).double()
+    assert torch.allclose(block_nelbo_exact(model, clean, MASK_ID, 1), expected, atol=1e-5)
+    nats, se = block_nelbo(model, clean, MASK_ID, 1, 3, torch.Generator().manual_seed(0))
+    assert torch.allclose(nats, expected, atol=1e-5)  # k = 1 always: the estimator has no noise
+    assert torch.allclose(se, torch.zeros(3, dtype=torch.float64), atol=1e-6)
+
+
+def test_block_length_l_is_the_mdlm_bound() -> None:
+    model = tiny_model()  # bidirectional: elbo.nelbo_exact masks the sequence in place
+    L = 6
+    clean = clean_rows(2, L)
+    mdlm = nelbo_exact(model, clean, MASK_ID)
+    assert torch.allclose(block_nelbo_exact(model, clean, MASK_ID, L), mdlm, atol=1e-5)
+    # An intermediate block length is a different (here: larger or smaller, but not equal) bound.
+    assert not torch.allclose(block_nelbo_exact(model, clean, MASK_ID, 3), mdlm, atol=1e-3)
+
+
+def test_argument_errors() -> None:
+    model = tiny_model(diffusion_block=4)
+    with pytest.raises(ValueError, match="clean must be"):
+        block_diffusion_loss(model, clean_rows(2, 8).float(), MASK_ID, 4, torch.Generator())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown estimator"):
+        block_nelbo(model, clean_rows(2, 8), MASK_ID, 4, 2, torch.Generator(), "bogus")

@@ -1,0 +1,134 @@
+"""Block-diffusion sampling: blocks on the model's grid, a KV cache of the finished blocks, prompts and windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from unmask.model import KVCache, ModelConfig, Transformer
+from unmask.sampling import (
+    RowGenerators,
+    SamplingConfig,
+    generate_block_diffusion,
+    plan_diffusion_blocks,
+    prompt_canvas,
+)
+
+MASK, V, K, BLOCK_SIZE = 8, 9, 4, 16  # ids 0..7 are characters, 8 is [MASK]
+
+
+def bd_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=V, block_size=BLOCK_SIZE, n_layer=2, n_head=2, n_embd=16, diffusion_block=K)
+    return Transformer(config).eval()
+
+
+class Recording(torch.nn.Module):
+    """Wraps a model and records (input length, cache length before the call, update_cache) of every call."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+        self.calls: list[tuple[int, int | None, bool]] = []
+
+    def forward(self, idx: Tensor, *, cache: KVCache | None = None, update_cache: bool = False) -> Tensor:
+        self.calls.append((idx.shape[1], None if cache is None else cache.length, update_cache))
+        return self.model(idx, cache=cache, update_cache=update_cache)
+
+
+def test_cached_block_logits_equal_the_block_causal_forward() -> None:
+    model = bd_model()
+    x = torch.randint(0, MASK, (3, 16), generator=torch.Generator().manual_seed(0))
+    noisy = x.clone()
+    noisy[:, [12, 14, 15]] = MASK  # the current block, partly masked
+    cache = KVCache()
+    with torch.inference_mode():
+        model(x[:, :8], cache=cache, update_cache=True)  # two finished blocks in one pass
+        model(x[:, 8:12], cache=cache, update_cache=True)  # and one more
+        cached = model(noisy[:, 12:16], cache=cache)  # (B, 4, V)
+        full = model(noisy)  # block-causal: the blocks before see neither the noisy block nor each other's future
+    assert cache.length == 12
+    assert torch.allclose(cached, full[:, 12:16], atol=1e-5)
+
+
+def test_blocks_lie_on_the_grid_and_windows_keep_whole_blocks() -> None:
+    masked = (torch.arange(40) >= 6).unsqueeze(0)  # a 6-character prompt: block 0 is all prompt, block 1 half
+    blocks = plan_diffusion_blocks(masked, K, BLOCK_SIZE, steps=27)
+    assert [(b.start, b.end) for b in blocks] == [(4 * j, 4 * j + 4) for j in range(1, 10)]
+    assert sum(b.steps for b in blocks) == 27 and blocks[0].steps == 2  # 2 positions to fill, the others 4
+    for b in blocks:
+        assert b.window_start % K == 0 and b.window_end == b.end and b.end - b.window_start <= BLOCK_SIZE
+        assert b.window_start == 0 or b.end - b.window_start > BLOCK_SIZE - K  # as many whole blocks as fit
+    assert [b.window_start for b in blocks[-3:]] == [16, 20, 24]
+    short = plan_diffusion_blocks((torch.arange(10) >= 2).unsqueeze(0), 4, 16, None)
+    assert [(b.start, b.end, b.steps) for b in short] == [(0, 4, 4), (4, 8, 4), (8, 10, 2)]
+    with pytest.raises(ValueError, match="diffusion_block"):
+        plan_diffusion_blocks(masked, 32, 16, None)
+
+
+def bd_samples(
+    config: SamplingConfig, use_cache: bool, batch_size: int = 4, n: int = 4, length: int = 40, model: object = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    canvas, fixed = prompt_canvas([1, 2, 3, 4, 5, 6], length, MASK)
+    tokens, logprobs, nfe = [], [], []
+    for first in range(0, n, batch_size):
+        rows = min(batch_size, n - first)
+        out = generate_block_diffusion(
+            model or bd_model(), canvas.expand(rows, -1).clone(), fixed.expand(rows, -1), MASK, BLOCK_SIZE, K,
+            config, RowGenerators.for_samples(3, first, rows), use_cache=use_cache,
+        )  # fmt: skip
+        tokens.append(out.tokens)
+        logprobs.append(out.logprobs)
+        nfe.append(out.nfe)
+    return torch.cat(tokens), torch.cat(logprobs), torch.cat(nfe)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SamplingConfig(steps=34, remasking="random"),
+        SamplingConfig(steps=17, remasking="low_confidence", schedule="cosine", temperature=0.8),
+        SamplingConfig(steps=20, remasking="margin", top_k=4),
+        SamplingConfig(steps=34, remasking="entropy", top_p=0.8),
+        SamplingConfig(steps=34, remasking="remask", randomness_strength=0.5),
+        SamplingConfig(remasking="low_confidence", confidence_threshold=0.14),
+    ],
+    ids=lambda c: f"{c.remasking}-{c.schedule}-{c.confidence_threshold}",
+)
+def test_sampling_with_and_without_the_cache_gives_identical_samples(config: SamplingConfig) -> None:
+    cached, cached_lp, cached_nfe = bd_samples(config, use_cache=True)
+    plain, plain_lp, plain_nfe = bd_samples(config, use_cache=False)
+    assert torch.equal(cached, plain) and torch.equal(cached_nfe, plain_nfe)
+    assert torch.allclose(cached_lp, plain_lp, atol=1e-5)
+    assert (cached[:, :6] == torch.tensor([1, 2, 3, 4, 5, 6])).all() and (cached < MASK).all()
+    assert len({tuple(row) for row in cached.tolist()}) > 1
+    one, _, _ = bd_samples(config, use_cache=True, batch_size=1)  # rows finishing at different times included
+    assert torch.equal(one, cached)
+
+
+def test_prompt_blocks_are_prefilled_and_finished_blocks_fed_once() -> None:
+    model = Recording(bd_model())
+    out = bd_samples(SamplingConfig(steps=34), use_cache=True, n=2, length=40, model=model)  # one per position
+    # Block 0 (all prompt) goes into the cache, block 1 starts with the prompt's 2 last characters fixed.
+    assert model.calls[:4] == [(4, 0, True), (4, 4, False), (4, 4, False), (4, 4, True)]
+    feeds = [c for c in model.calls if c[2]]
+    assert len(feeds) == 9  # one feed before each of the 9 generated blocks
+    # Up to position 16 the cache grows by one block per feed; then the window moves by a block each time and
+    # the cache is rebuilt from the 3 whole blocks that fit with the new one (12 positions, from an empty cache).
+    assert [c[1] for c in feeds] == [0, 4, 8, 0, 0, 0, 0, 0, 0]
+    assert [c[0] for c in feeds] == [4, 4, 4, 12, 12, 12, 12, 12, 12]
+    assert out[2].tolist() == [34, 34]  # NFE counts denoising passes only
+    assert len(model.calls) == 34 + 9
+
+
+def test_a_prompt_longer_than_the_context_is_cached_from_its_last_whole_blocks() -> None:
+    model = Recording(bd_model())
+    prompt = [i % MASK for i in range(21)]  # 5 whole blocks and one character
+    canvas, fixed = prompt_canvas(prompt, 32, MASK)
+    out = generate_block_diffusion(
+        model, canvas.unsqueeze(0), fixed.unsqueeze(0), MASK, BLOCK_SIZE, K, SamplingConfig(steps=11),
+        RowGenerators.for_samples(0, 0, 1),
+    )  # fmt: skip
+    assert model.calls[0] == (12, 0, True)  # blocks 2..4 (positions 8..19): with block 5, 16 positions
+    assert out.tokens[0, :21].tolist() == prompt and (out.tokens < MASK).all()
