@@ -215,3 +215,22 @@ def test_argument_errors() -> None:
         block_diffusion_loss(model, clean_rows(2, 8).float(), MASK_ID, 4, torch.Generator())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown estimator"):
         block_nelbo(model, clean_rows(2, 8), MASK_ID, 4, 2, torch.Generator(), "bogus")
+
+
+def test_tiny_model_learns_with_the_block_diffusion_loss() -> None:
+    # Rows count up mod 5 from a random start: every masked character follows from the clean block before it,
+    # or from its noisy neighbours, at known offsets. The loss must fall well below its starting value.
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=VOCAB, block_size=16, n_layer=1, n_head=2, n_embd=32, diffusion_block=4))
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.optimizer_groups(0.0), lr=1e-2)
+    losses = []
+    for _ in range(80):
+        clean = (torch.randint(0, MASK_ID, (16, 1), generator=g) + torch.arange(16)) % MASK_ID  # (16, 16)
+        loss = block_diffusion_loss(model, clean, MASK_ID, 4, g, (0.1, 1.0))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.4 * sum(losses[:10]) / 10  # measured: 1.64 -> 0.41 nats per character

@@ -442,3 +442,16 @@ def test_flex_attention_path_equals_sdpa_on_cpu() -> None:
     assert model._flex_key is mask  # the flex path really ran (and cached the BlockMask of this mask)
     assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+def test_attn_mask_is_combined_with_pad() -> None:
+    model = tiny_model()
+    idx = random_tokens(2, 12)
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[1, 9:] = True
+    everything = torch.ones(12, 12, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.allclose(model(idx, pad=pad, attn_mask=everything), model(idx, pad=pad), atol=1e-6)
+        # and the explicit mask still applies: position 0 seeing only itself is not the padded-only answer
+        only_self = torch.eye(12, dtype=torch.bool)
+        assert not torch.allclose(model(idx, pad=pad, attn_mask=only_self), model(idx, pad=pad), atol=1e-3)

@@ -21,8 +21,9 @@ Vectorised layout. Instead of one forward pass per block, the network sees [x_t 
 RoPE positions 0..L-1) under the mask of `block_diffusion_attn_mask`: a noisy position of block b attends to the
 noisy positions of its own block and to the clean positions of blocks < b; a clean position attends block-causally
 to the clean copy. Noisy blocks never see each other, so all B block terms come out of one pass whose cost is about
-that of an autoregressive step on 2L tokens (the BD3-LM training algorithm). At sampling time the clean copy is the
-KV cache: a `Transformer` with `diffusion_block = K` run on a clean sequence is exactly the clean half.
+that of an autoregressive step on 2L tokens (the BD3-LM training algorithm); the last clean block is attended
+by no noisy position, so the pass leaves it out (`training_attn_mask`): 2L - K tokens. At sampling time the clean
+copy is the KV cache: a `Transformer` with `diffusion_block = K` run on a clean sequence is the clean half.
 
 Likelihoods drop the [MASK] logit before the softmax (MDLM's zero-masking, the SUBS parameterisation): [MASK] is
 never a target. Randomness comes only from explicit generators, created on the device of the data.
@@ -67,6 +68,20 @@ def block_diffusion_attn_mask(L: int, K: int, device: torch.device | str = "cpu"
     if L <= 0 or K <= 0:
         raise ValueError(f"L={L} and K={K} must be positive")
     return _attn_mask(L, K, _device(device))
+
+
+def clean_context_length(L: int, K: int) -> int:
+    """Clean positions the training layout needs: all but the last block, which no noisy position attends to."""
+    return K * ((L - 1) // K)
+
+
+@functools.lru_cache(maxsize=32)
+def training_attn_mask(L: int, K: int, device: torch.device) -> Tensor:
+    """`block_diffusion_attn_mask` without the rows/columns of the last clean block: (L + C, L + C), C =
+    `clean_context_length(L, K)`. That block is attended only by itself, so dropping it changes no noisy logit
+    and saves K of the 2L positions (12% of the tokens at L = 64, K = 16). Cached; read-only."""
+    n = L + clean_context_length(L, K)
+    return block_diffusion_attn_mask(L, K, device)[:n, :n].contiguous()
 
 
 def _block_ids(L: int, K: int, device: torch.device) -> Tensor:
@@ -136,15 +151,17 @@ def block_masked_log_probs(
 ) -> Tensor:
     """log p(x_i | noisy block of i, clean blocks before) at the selected positions, (N,) float32, row-major.
 
-    One forward pass over [x_t ; x_0] (B, 2L) with `block_diffusion_attn_mask`, logits only at the masked noisy
-    positions, [MASK] dropped from the softmax.
+    One forward pass over [x_t ; x_0] (B, L + C) with the block-diffusion mask, C = `clean_context_length`
+    (the last clean block is left out: nothing noisy attends to it), logits only at the masked noisy positions,
+    [MASK] dropped from the softmax.
     """
     B, L = clean.shape
+    C = clean_context_length(L, block_length)
     noisy = clean.masked_fill(selected, mask_id)  # (B, L): x_t
-    idx = torch.cat((noisy, clean), dim=1)  # (B, 2L)
-    positions = torch.cat((selected, torch.zeros_like(selected)), dim=1)  # (B, 2L): masked noisy positions
-    pos = torch.arange(L, device=clean.device).repeat(2)  # (2L,): both copies at 0..L-1
-    mask = block_diffusion_attn_mask(L, block_length, clean.device)  # (2L, 2L)
+    idx = torch.cat((noisy, clean[:, :C]), dim=1)  # (B, L + C)
+    positions = torch.cat((selected, selected.new_zeros(B, C)), dim=1)  # (B, L + C): masked noisy positions
+    pos = torch.cat((torch.arange(L, device=clean.device), torch.arange(C, device=clean.device)))  # (L + C,)
+    mask = training_attn_mask(L, block_length, clean.device)  # (L + C, L + C)
     logits = model(idx, positions=positions, attn_mask=mask, pos=pos)  # (N, V)
     logp = real_char_log_probs(logits, mask_id)  # (N, V)
     return logp.gather(1, clean[selected][:, None]).squeeze(1)  # (N,)
