@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +236,51 @@ def test_tiny_model_learns_with_the_block_diffusion_loss() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < 0.4 * sum(losses[:10]) / 10  # measured: 1.64 -> 0.41 nats per character
+
+
+# --- the objective through the trainer and the CLI ------------------------------------------------------------
+
+
+def test_block_diffusion_trains_resumes_and_samples_from_the_cli(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import run_records, tiny_flags
+    from unmask.cli import main
+
+    flags = [*tiny_flags(tiny_data, tmp_path / "bd", objective="block_diffusion", max_iters=8), "--diffusion_block=4"]
+    assert main(["train", *flags, "--mask_rate_window=0.2,0.9"]) == 0
+    evals = run_records(tmp_path / "bd", "eval")
+    assert all(math.isfinite(r["val_bpc"]) and r["val_loss"] == r["val_nats_per_char"] for r in evals)
+    ckpt = torch.load(tmp_path / "bd" / "ckpt_unmasking_8.pt", weights_only=True)
+    assert ckpt["model_config"]["diffusion_block"] == 4 and ckpt["config"]["objective"] == "block_diffusion"
+    assert ckpt["config"]["mask_rate_window"] == [0.2, 0.9]
+    # Resume is bit for bit: 8 straight steps equal 4 + resume + 4.
+    split = tmp_path / "split"
+    split_flags = [*tiny_flags(tiny_data, split, objective="block_diffusion", max_iters=4), "--diffusion_block=4"]
+    assert main(["train", *split_flags, "--mask_rate_window=0.2,0.9"]) == 0
+    assert main(["train", "--init_from=resume", f"--out_dir={split}", "--max_iters=8"]) == 0
+    resumed = torch.load(split / "ckpt_unmasking_8.pt", weights_only=True)
+    assert all(torch.equal(ckpt["model"][k], resumed["model"][k]) for k in ckpt["model"])
+    capsys.readouterr()
+    assert main(["sample", f"--out_dir={tmp_path / 'bd'}", "--num_samples=2", "--length=40", "--metrics=False"]) == 0
+    assert "block" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--objective=block_diffusion"], "--diffusion_block=0: --objective=block_diffusion needs a block length"),
+        (["--objective=block_diffusion", "--diffusion_block=5"], "that divides --block_size=32"),
+        (["--diffusion_block=4"], "--diffusion_block=4: needs --objective=block_diffusion"),
+        (["--objective=block_diffusion", "--diffusion_block=4", "--mask_rate_window=0.9,0.2"], "--mask_rate_window"),
+    ],
+)
+def test_block_diffusion_flag_errors(
+    flags: list[str], message: str, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import tiny_flags
+    from unmask.cli import main
+
+    assert main(["train", *tiny_flags(tiny_data, tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -16,7 +16,7 @@ from unmask.errors import UserError
 from unmask.runtime import check_device_name
 from unmask.stages import DEFAULT_STAGES, Stage, parse_stages
 
-ObjectiveName = Literal["unmasking", "mdlm", "autoregressive"]
+ObjectiveName = Literal["unmasking", "mdlm", "autoregressive", "block_diffusion"]
 # Flags that define the learning-rate schedule: a resume that changes one changes the rest of the run's schedule.
 SCHEDULE_FLAGS = (
     "max_iters",
@@ -79,6 +79,13 @@ class TrainConfig:
     """'unmasking': masked CE through the stage curriculum; 'mdlm': the continuous-time masked-diffusion ELBO
     (t ~ U(eps, 1), linear schedule); 'autoregressive': causal attention and next-character targets (a nanoGPT
     baseline). Every objective logs val_bpc (ELBO for diffusion, exact NLL for autoregressive)."""
+    diffusion_block: int = 0
+    """--objective=block_diffusion: the block length K (divides block_size). Each block is a masked-diffusion
+    model of K characters conditioned on the clean blocks before it (Arriola et al. 2025, BD3-LM): K = 1 is an
+    autoregressive model, K = block_size is MDLM. Committed blocks are KV-cached exactly when sampling."""
+    mask_rate_window: tuple[float, float] = (0.0, 1.0)
+    """--objective=block_diffusion: LO,HI: each block's training mask rate t ~ U(LO, HI] (BD3-LM's clipped schedule,
+    a variance reduction). Evaluation always integrates t over (0, 1], so val_bpc stays a bound."""
     zero_masking: bool = True
     """mdlm and autoregressive: drop the [MASK] logit from the softmax of the training loss (MDLM's zero-masking,
     the SUBS parameterisation): [MASK] is never a target, so no probability is spent on it; validation CE then
@@ -258,10 +265,30 @@ class TrainConfig:
             raise UserError(
                 f"--label_smoothing={self.label_smoothing} applies to --objective=unmasking only (got {self.objective})"
             )
+        self._check_block_diffusion()
         self._check_transfer()
         if not (math.isfinite(self.stage_duration_scale) and self.stage_duration_scale > 0):
             raise UserError(f"--stage_duration_scale={self.stage_duration_scale} must be a finite number > 0")
         check_device_name(self.device)
+
+    def _check_block_diffusion(self) -> None:
+        try:
+            lo, hi = (float(v) for v in self.mask_rate_window)
+        except (TypeError, ValueError):
+            raise UserError(f"--mask_rate_window={self.mask_rate_window}: expected LO,HI such as 0.3,0.8") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi <= 1.0 and hi > 0.0):
+            raise UserError(f"--mask_rate_window={lo},{hi}: need 0 <= LO <= HI <= 1 and HI > 0")
+        self.mask_rate_window = (lo, hi)
+        if self.objective != "block_diffusion":
+            if self.diffusion_block:
+                raise UserError(f"--diffusion_block={self.diffusion_block}: needs --objective=block_diffusion")
+            return
+        K = self.diffusion_block
+        if K < 1 or self.block_size % K:
+            raise UserError(
+                f"--diffusion_block={K}: --objective=block_diffusion needs a block length K >= 1 that divides "
+                f"--block_size={self.block_size}"
+            )
 
     def _check_transfer(self) -> None:
         try:

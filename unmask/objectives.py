@@ -35,6 +35,7 @@ from torch import Tensor
 
 from unmask import validation
 from unmask.batches import Batch, BatchSource, SelectionPool
+from unmask.block_diffusion import block_diffusion_loss
 from unmask.config import TrainConfig
 from unmask.curriculum import Curriculum, CurriculumState
 from unmask.data import Dataset, Vocab, check_split_length, load_dataset
@@ -569,3 +570,52 @@ class Autoregressive(LanguageModel):
 
     def report_lines(self, m: dict[str, Any]) -> list[str]:
         return [f"  val bpc: {m['val_bpc']:.4f} (exact NLL), epochs {m['epochs']:.3f}"]
+
+
+@register("block_diffusion")
+class BlockDiffusion(LanguageModel):
+    """Masked diffusion inside blocks of K characters, autoregressive across blocks (`unmask.block_diffusion`):
+    one forward pass over [noisy ; clean] per micro-batch; validated by the block negative ELBO."""
+
+    def __init__(self, inputs: RunInputs) -> None:
+        super().__init__(inputs)
+        cfg = self.cfg
+        val_source = BatchSource(self.data.val, self.window, self.rt.device, self.paragraphs["val"])
+        n_val = cfg.eval_iters * cfg.batch_size
+        self.val_windows = val_source.clean(n_val, torch.Generator().manual_seed(validation.VALIDATION_SEED))
+
+    def model_fields(self) -> dict[str, Any]:
+        return {"causal": False, "diffusion_block": self.cfg.diffusion_block}
+
+    def loss(
+        self, model: torch.nn.Module, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool
+    ) -> tuple[Tensor, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        windows = self.train_source.clean(cfg.batch_size, data_gen)
+        seconds = time.perf_counter() - t0
+        # Evaluations' fresh batches integrate over the full (0, 1], like val_bpc, whatever the training window.
+        window = cfg.mask_rate_window if training else (0.0, 1.0)
+        with self.rt.autocast():
+            return block_diffusion_loss(
+                model, windows, self.vocab.mask_id, cfg.diffusion_block, mask_gen, window
+            ), seconds
+
+    def validate(self, model: torch.nn.Module) -> dict[str, Any]:
+        cfg = self.cfg
+        metrics = validation.block_diffusion_val_bpc(
+            model, self.val_windows, self.vocab.mask_id, cfg.diffusion_block, cfg.elbo_draws, cfg.batch_size, self.rt
+        )
+        return {"val_loss": metrics["val_nats_per_char"], **metrics}
+
+    def start_lines(self, resumed_at: int | None) -> list[str]:
+        cfg = self.cfg
+        return [
+            *super().start_lines(resumed_at),
+            f"block diffusion: blocks of {cfg.diffusion_block} characters, training mask rate t ~ "
+            f"U({cfg.mask_rate_window[0]}, {cfg.mask_rate_window[1]}]",
+            f"Validation set: {len(self.val_windows)} windows of {cfg.block_size} characters (seed 42)",
+        ]
+
+    def report_lines(self, m: dict[str, Any]) -> list[str]:
+        return [f"  val bpc: {m['val_bpc']:.4f} (block ELBO, K={self.cfg.diffusion_block}), epochs {m['epochs']:.3f}"]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from unmask.batches import Batch, BatchSource
+from unmask.block_diffusion import block_nelbo
 from unmask.curriculum import split_evenly
 from unmask.elbo import nelbo_estimate, real_char_log_probs
 from unmask.masking import num_masked, random_k_subsets
@@ -191,3 +192,28 @@ def autoregressive_val(
     nats = float(sums[1] / sums[2])
     val_loss = nats if zero_masking else float(sums[0] / sums[2])  # the training loss of the same windows
     return {"val_loss": val_loss, "val_nats_per_char": nats, "val_bpc": nats / math.log(2)}
+
+
+@torch.no_grad()
+def block_diffusion_val_bpc(
+    model: torch.nn.Module,
+    clean: torch.Tensor,
+    mask_id: int,
+    block_length: int,
+    draws: int,
+    batch_size: int,
+    runtime: Runtime,
+) -> dict[str, float]:
+    """Block negative ELBO (exact_k per block) in bits per character over fixed windows (B, T), same draws at
+    every evaluation (the generator is re-seeded), sharded over DDP ranks."""
+    gen = torch.Generator(device=runtime.device).manual_seed(_BPC_SEED + runtime.rank)
+    sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # nats, characters
+    rows = torch.arange(runtime.rank, clean.shape[0], runtime.world_size, device=runtime.device)
+    for chunk in rows.split(batch_size):
+        with runtime.autocast():
+            nats, _ = block_nelbo(model, clean[chunk], mask_id, block_length, draws, gen)  # (b,) per sequence
+        sums[0] += nats.double().sum()
+        sums[1] += chunk.numel() * clean.shape[1]
+    runtime.all_reduce_sum(sums)
+    nats_per_char = float(sums[0] / sums[1])
+    return {"val_bpc": nats_per_char / math.log(2), "val_nats_per_char": nats_per_char}
