@@ -22,7 +22,7 @@ from unmask.binary import binary_metrics
 from unmask.errors import UserError
 from unmask.flags import format_help, parse_flags
 from unmask.labeled_text import LabeledText, encode_texts, read_labeled
-from unmask.loading import Trained, load_trained, resolve_checkpoint
+from unmask.loading import Trained, read_trained
 from unmask.runtime import resolve_device
 
 USAGE = "unmask classify (--ckpt=PATH | --out_dir=DIR) --input=FILE [--json]"
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch_size={args.batch_size}: must be at least 1")
     path = Path(args.input)
-    trained = load_trained(resolve_checkpoint(args.ckpt, args.out_dir), resolve_device(args.device))
+    trained = read_trained(args.ckpt, args.out_dir, resolve_device(args.device))
     trained.require_head(("token_binary", "sequence_binary"), "unmask classify")
     records = read_labeled(path, "--input", labels_required=False)
 

@@ -24,7 +24,7 @@ from unmask.critic import CriticRemask, load_critic
 from unmask.data import Dataset, load_dataset, sample_windows
 from unmask.errors import UserError
 from unmask.flags import format_help, parse_flags
-from unmask.loading import Trained, load_trained, resolve_checkpoint
+from unmask.loading import Trained, read_trained
 from unmask.runtime import resolve_device
 from unmask.sampling import (
     REMASKING,
@@ -293,9 +293,9 @@ def _load_corpus(setup: Setup) -> None:
 def build(args: SampleArgs) -> Setup:
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = resolve_checkpoint(args.ckpt, args.out_dir)
     device = resolve_device(args.device)
-    trained = load_trained(path, device)
+    trained = read_trained(args.ckpt, args.out_dir, device)
+    path = trained.path
     trained.require_head(("lm",), "unmask sample")
     if trained.model_config.causal:
         raise UserError(
@@ -308,7 +308,7 @@ def build(args: SampleArgs) -> Setup:
     if args.metrics:
         _load_corpus(setup)
     if args.judge_ckpt is not None:
-        judge = load_trained(resolve_checkpoint(args.judge_ckpt, None, flag_prefix="judge_"), device)
+        judge = read_trained(args.judge_ckpt, None, device, flag_prefix="judge_")
         judge.require_head(("lm",), "--judge_ckpt")
         setup.judge = Judge(judge, args.judge_draws)
     if args.critic_ckpt is not None:
