@@ -176,7 +176,7 @@ _PROBABILITIES = ("target_masked_ratio", "p1_probability", "p2_probability", "ma
 # (more spans than characters cannot be placed).
 _COUNTS = {"val_loss_stale_count": (1, 10**6), "iters": (1, 10**12), "spans_count": (1, 2**20)}
 # Positive number keys: (0, upper].
-_POSITIVE = {"epochs": 10**6, "lr_factor": 1000.0}
+_POSITIVE = {"epochs": 1e6, "lr_factor": 1000.0}
 MAX_STAGES = 1024
 
 
@@ -196,15 +196,19 @@ def _check_value(name: str, value: Any, where: str) -> Any:
     if name in _COUNTS:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{where}: {name} must be an integer, got {value!r}")
-        lo, hi = _COUNTS[name]
-        if not lo <= value <= hi:
+        least, most = _COUNTS[name]
+        if value < least:
+            raise UserError(f"{where}: {name}={value} must be >= {least}")
+        if value > most:
             shown = value if len(str(value)) <= 24 else f"<{len(str(value))} digits>"
-            raise UserError(f"{where}: {name}={shown} must be in [{lo}, {hi:,}]")
+            raise UserError(f"{where}: {name}={shown} must be <= {most:,}")
         return value
     if name in _POSITIVE:
         number = _number(value, where, name)
-        if not 0 < number <= _POSITIVE[name]:
-            raise UserError(f"{where}: {name}={value} must be in (0, {_POSITIVE[name]:,g}]")
+        if number <= 0:
+            raise UserError(f"{where}: {name}={value} must be > 0")
+        if number > _POSITIVE[name]:
+            raise UserError(f"{where}: {name}={value} must be <= {_POSITIVE[name]:,g}")
         return number
     if name == "masking_rate_range":
         if not isinstance(value, (list, tuple)) or len(value) != 2:
