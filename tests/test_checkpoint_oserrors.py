@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -199,3 +202,45 @@ def test_sweep_temp_files_removes_only_interrupted_writes(tmp_path: Path) -> Non
     assert ck.sweep_temp_files(tmp_path) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, ".dir.x.tmp"])
     assert ck.sweep_temp_files(tmp_path) == 0 and ck.sweep_temp_files(tmp_path / "absent") == 0
+
+
+def test_rewriting_an_iteration_never_pairs_the_new_file_with_the_old_sidecar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resumed from an older checkpoint, a run writes ckpt_12 again; killed before the new sidecar, the new file
+    must still load (the old sidecar would call it damaged)."""
+    ck.save_checkpoint(tmp_path, 12, _state(12), {"iter": 12})
+    _inject(monkeypatch, "replace", errno.ENOSPC, only="ckpt_unmasking_12.json")  # the sidecar write never lands
+    with pytest.raises(UserError):
+        ck.save_checkpoint(tmp_path, 12, _state(13), {"iter": 12})
+    monkeypatch.undo()
+    assert torch.equal(ck.load_checkpoint(tmp_path / "ckpt_unmasking_12.pt")["model"]["w"], _state(13)["model"]["w"])
+
+
+WRITER = """
+import sys, torch
+from pathlib import Path
+from unmask import checkpoint as ck
+out = Path(sys.argv[1])
+for i in range(1, 100000):
+    state = {"model": {"w": torch.full((300_000,), float(i))}, "iter_num": i}
+    ck.save_checkpoint(out, i, state, {"iter": i}, keep_last=3)
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_while_writing_leaves_only_intact_checkpoints(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout is not None
+    for _ in range(3):  # three checkpoints done, the fourth being written
+        assert proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    found = ck.list_checkpoints(tmp_path)
+    assert found
+    for it, path in found:  # with or without its sidecar, every file under a final name is whole
+        assert ck.load_checkpoint(path)["iter_num"] == it
+    left = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert ck.sweep_temp_files(tmp_path) == len(left)
+    assert _no_temp_files(tmp_path)

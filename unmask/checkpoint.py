@@ -182,6 +182,9 @@ def save_checkpoint(
     torch.save(full, buffer)
     payload = buffer.getvalue()
     earlier = "the previous checkpoints are intact" if list_checkpoints(out_dir) else "no checkpoint was written"
+    # A sidecar left under this name (an iteration written again after a resume from an older checkpoint) would
+    # describe the old file: remove it first, so a kill before the new sidecar leaves a file its digest verifies.
+    _remove_quietly(path.with_suffix(".json"))
     atomic_write_bytes(path, payload, kept=earlier)
     integrity = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
     atomic_write_json(
