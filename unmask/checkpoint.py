@@ -77,8 +77,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _os_reason(exc: OSError) -> str:
-    """`disk full (ENOSPC)`-style text for the errors a write meets in practice."""
+def describe_os_error(exc: OSError) -> str:
+    """`no space left on the device (ENOSPC)`-style text for an OSError (also for other writers, e.g. the
+    metrics log)."""
     plain = {
         errno.ENOSPC: "no space left on the device",
         errno.EDQUOT: "disk quota exceeded",
@@ -124,7 +125,7 @@ def atomic_write_bytes(path: Path, data: bytes, kept: str | None = None) -> None
         _remove_quietly(tmp)
         if kept is None:
             kept = "its previous version is unchanged" if path.exists() else "nothing was written"
-        raise UserError(f"{path}: cannot write: {_os_reason(exc)}; {kept}") from None
+        raise UserError(f"{path}: cannot write: {describe_os_error(exc)}; {kept}") from None
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -269,7 +270,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except OSError as exc:
-        raise UserError(f"{path}: cannot read checkpoint ({_os_reason(exc)})") from None
+        raise UserError(f"{path}: cannot read checkpoint ({describe_os_error(exc)})") from None
     damage = _sidecar_problem(path, payload)
     if damage is not None:
         raise UserError(f"{path}: damaged checkpoint ({damage})")
@@ -316,7 +317,7 @@ def _sidecar_problem(path: Path, payload: bytes) -> str | None:
     except FileNotFoundError:
         return None  # a kill between the two writes, or a copied .pt: the file's own digest decides
     except (OSError, UnicodeDecodeError) as exc:
-        reason = _os_reason(exc) if isinstance(exc, OSError) else "not UTF-8"
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else "not UTF-8"
         return f"its sidecar {side.name} cannot be read: {reason}"
     try:
         record = json.loads(text)
