@@ -1,24 +1,39 @@
-"""Checkpoint files: atomic writes, `weights_only=True` loads, JSON sidecars, rotation.
+"""Checkpoint files: atomic writes, `weights_only=True` loads, self-verifying payloads, JSON sidecars, rotation.
 
 A checkpoint `out_dir/ckpt_unmasking_{iter}.pt` is a plain dict of tensors and primitive containers (see
-docs/architecture.md for the keys), so `torch.load(weights_only=True)` reads it and nothing is unpickled. It is
-written to a temporary file in the same directory, fsynced and renamed, so a crash never leaves a partial file
-under the final name. A human-readable JSON sidecar (`ckpt_unmasking_{iter}.json`) repeats the metadata and
-records the payload's size and sha256: loading checks them, which catches damage that still unpickles (a flipped
-byte) as well as truncation. Resuming from the newest checkpoint falls back to the next older one, with a warning,
-when the newest is damaged; a checkpoint named explicitly must be intact (docs/origin.md §4.2).
+docs/architecture.md for the keys), so `torch.load(weights_only=True)` reads it and nothing is unpickled.
+
+Integrity has two layers. Since format 2 the file verifies itself: `integrity` holds a sha256 over every value of
+the dict (each tensor's dtype, shape and bytes, every other value's type and repr, in the dict's order; see
+`payload_digest`), recomputed on every load, so a flipped byte is caught even when the sidecar is missing (a kill
+between the two writes, or a copied .pt). The human-readable JSON sidecar (`ckpt_unmasking_{iter}.json`) repeats
+the metadata and records the whole file's size and sha256, checked too when present; a sidecar that is not what
+unmask writes makes the checkpoint count as damaged. Format 1 files (no digest) still load, verified by their
+sidecar only. Before any model is allocated, the architecture a checkpoint declares (`model_config`) is compared
+with the tensors actually in it.
+
+Every load goes through `load_checkpoint` (one file, which must be intact) or `read_checkpoint` (a file, or a run
+directory whose newest intact checkpoint is taken, each damaged newer one reported in one warning line).
+
+Files are written to a temporary file in the same directory (created with the process umask, like any file),
+fsynced and renamed, so a crash never leaves a partial file under the final name; `sweep_temp_files` removes the
+temporary files a killed writer left. A write that fails (disk full, quota, read-only or forbidden directory) is
+one `UserError` naming the path and saying what was kept. (docs/origin.md §4.2 has the fallback rule.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
+import itertools
 import json
 import os
+import pickle
 import re
 import sys
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +43,25 @@ from unmask.errors import UserError
 
 PREFIX = "ckpt_unmasking_"
 _NAME = re.compile(rf"^{PREFIX}(\d+)\.pt$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the `integrity` digest inside the file; 1: verified by the sidecar only
+DIGEST_KEY = "integrity"
+DIGEST_SCHEME = "unmask-sha256-values-1"
+# Temporary files of `atomic_write_bytes`: `.{final name}.{tag}.tmp` (the tag was random before, pid.counter now).
+_TEMP = re.compile(r"^\..+\.[^.]+\.tmp$")
+_temp_counter = itertools.count()
+
+Warn = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def checkpoint_path(out_dir: Path, iter_num: int) -> Path:
     return out_dir / f"{PREFIX}{iter_num}.pt"
+
+
+# --- writing ------------------------------------------------------------------------------------------------------
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -42,28 +71,95 @@ def _fsync_dir(directory: Path) -> None:
         return  # not supported on this platform (e.g. Windows)
     try:
         os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the rename itself already happened
     finally:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def describe_os_error(exc: OSError) -> str:
+    """`no space left on the device (ENOSPC)`-style text for an OSError (also for other writers, e.g. the
+    metrics log)."""
+    plain = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+    }
+    code = exc.errno if isinstance(exc.errno, int) else None
+    name = errno.errorcode.get(code, "") if code is not None else ""
+    text = plain.get(code) if code is not None else None
+    text = text or exc.strerror or str(exc) or type(exc).__name__
+    return f"{text} ({name})" if name else text
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new temporary file next to `path`, opened for writing. `os.open` with mode 0o666 lets the kernel apply the
+    umask, as for any file the user creates (mkstemp would force 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{os.getpid()}-{next(_temp_counter)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue  # left by an earlier process with the same pid
+
+
+def atomic_write_bytes(path: Path, data: bytes, kept: str | None = None) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one.
+
+    An OSError (disk full, quota, read-only or forbidden directory) removes the temporary file and becomes one
+    UserError naming `path` and saying what was kept (`kept`, default: the previous file under that name)."""
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        _remove_quietly(tmp)
+        if kept is None:
+            kept = "its previous version is unchanged" if path.exists() else "nothing was written"
+        raise UserError(f"{path}: cannot write: {describe_os_error(exc)}; {kept}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise
     _fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def _remove_quietly(tmp: Path | None) -> None:
+    if tmp is None:
+        return
+    with contextlib.suppress(OSError):  # the directory refuses changes: sweep_temp_files removes it at a run start
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, obj: Any, kept: str | None = None) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), kept)
+
+
+def sweep_temp_files(out_dir: Path) -> int:
+    """Remove the temporary files interrupted writes left in `out_dir` (`.NAME.TAG.tmp`); returns how many.
+
+    Call it at run start, before this run writes anything: a writer killed between creating its temporary file and
+    renaming it leaves one behind, and nothing else ever removes it."""
+    if not out_dir.is_dir():
+        return 0
+    removed = 0
+    for entry in out_dir.iterdir():
+        if not _TEMP.match(entry.name) or not entry.is_file() or entry.is_symlink():
+            continue
+        try:
+            entry.unlink()
+        except OSError:
+            continue  # not ours to remove (permissions): leave it
+        removed += 1
+    return removed
 
 
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -77,25 +173,39 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 def save_checkpoint(
     out_dir: Path, iter_num: int, state: dict[str, Any], sidecar: dict[str, Any], keep_last: int = 0
 ) -> Path:
-    """Atomically write checkpoint + sidecar, then delete all but the `keep_last` newest (0 keeps all)."""
+    """Atomically write checkpoint (with its `integrity` digest) + sidecar, then delete all but the `keep_last`
+    newest (0 keeps all). A failed write is one UserError; the checkpoints written before are intact."""
     path = checkpoint_path(out_dir, iter_num)
+    full: dict[str, Any] = {"format_version": FORMAT_VERSION, **state}
+    full.pop(DIGEST_KEY, None)
+    full[DIGEST_KEY] = {"scheme": DIGEST_SCHEME, "sha256": payload_digest(full)}
     buffer = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    torch.save(full, buffer)
     payload = buffer.getvalue()
-    atomic_write_bytes(path, payload)
+    earlier = "the previous checkpoints are intact" if list_checkpoints(out_dir) else "no checkpoint was written"
+    # A sidecar left under this name (an iteration written again after a resume from an older checkpoint) would
+    # describe the old file: remove it first, so a kill before the new sidecar leaves a file its digest verifies.
+    _remove_quietly(path.with_suffix(".json"))
+    atomic_write_bytes(path, payload, kept=earlier)
     integrity = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
     atomic_write_json(
-        path.with_suffix(".json"), {"format_version": FORMAT_VERSION, "file": path.name, **integrity, **sidecar}
+        path.with_suffix(".json"),
+        {"format_version": FORMAT_VERSION, "file": path.name, **integrity, **sidecar},
+        kept=f"{path.name} was written and verifies itself without it; the previous checkpoints are intact",
     )
     if keep_last > 0:
         for _, old in list_checkpoints(out_dir)[:-keep_last]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".json").unlink(missing_ok=True)
+            _remove_quietly(old)
+            _remove_quietly(old.with_suffix(".json"))
     return path
 
 
+# --- finding and reading ----------------------------------------------------------------------------------------
+
+
 def find_checkpoint(out_dir: Path, ckpt_filename: str | None = None) -> Path:
-    """The checkpoint to resume from: `ckpt_filename` in `out_dir`, else the newest one there."""
+    """The checkpoint to resume from: `ckpt_filename` in `out_dir`, else the newest one there (not verified: use
+    `load_for_resume` / `read_checkpoint` to load)."""
     if ckpt_filename is not None:
         path = out_dir / ckpt_filename
         if not path.is_file():
@@ -108,7 +218,7 @@ def find_checkpoint(out_dir: Path, ckpt_filename: str | None = None) -> Path:
 
 
 def load_for_resume(
-    out_dir: Path, ckpt_filename: str | None = None, warn: Callable[[str], None] | None = None
+    out_dir: Path, ckpt_filename: str | None = None, warn: Warn | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """(path, checkpoint) to resume from. A named file must load; otherwise the newest intact checkpoint is taken,
     and every damaged newer one is reported through `warn` (default: a line on stderr)."""
@@ -116,54 +226,239 @@ def load_for_resume(
         path = find_checkpoint(out_dir, ckpt_filename)
         return path, load_checkpoint(path)
     find_checkpoint(out_dir)  # the "no checkpoint" error
-    warn = warn or (lambda line: print(line, file=sys.stderr))
+    return _newest_intact(out_dir, "--init_from=resume", warn)
+
+
+def read_checkpoint(
+    source: Path, flag: str, warn: Warn | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]]:
+    """The one checkpoint reader: (path, verified checkpoint dict) from a file or a run directory.
+
+    A file must be intact. A run directory gives its newest intact checkpoint; each damaged newer one is reported
+    in one line through `warn` (default: stderr), as `train --init_from=resume` does. `flag` (e.g.
+    `--ckpt=out/run`) starts the errors about `source` itself."""
+    if source.is_dir():
+        if not list_checkpoints(source):
+            raise UserError(f"{flag}: no {PREFIX}<iter>.pt checkpoint there")
+        return _newest_intact(source, flag, warn, map_location)
+    if not source.is_file():
+        raise UserError(f"{flag}: no such checkpoint file or run directory")
+    return source, load_checkpoint(source, map_location)
+
+
+def _newest_intact(
+    run_dir: Path, flag: str, warn: Warn | None, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]]:
+    warn = warn or _stderr
     problems = []
-    for _, path in reversed(list_checkpoints(out_dir)):
+    for _, path in reversed(list_checkpoints(run_dir)):
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, map_location)
         except UserError as exc:
             problems.append(str(exc))
             warn(f"warning: {exc}; trying the previous checkpoint")
             continue
         return path, ckpt
-    raise UserError(f"--init_from=resume: no intact checkpoint in {out_dir} ({'; '.join(problems)})")
+    raise UserError(f"{flag}: no intact checkpoint in {run_dir} ({'; '.join(problems)})")
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with `weights_only=True`; unreadable, damaged or foreign files are a user error naming the file."""
+    """Load one file with `weights_only=True` and verify it (sidecar, digest, declared architecture); unreadable,
+    damaged or foreign files are a user error naming the file."""
     try:
         payload = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except OSError as exc:
-        raise UserError(f"{path}: cannot read checkpoint ({exc.strerror})") from None
-    damage = _integrity_problem(path, payload)
+        raise UserError(f"{path}: cannot read checkpoint ({describe_os_error(exc)})") from None
+    damage = _sidecar_problem(path, payload)
     if damage is not None:
         raise UserError(f"{path}: damaged checkpoint ({damage})")
     try:
         ckpt = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
-    except Exception as exc:  # corrupt, truncated, unsafe (a pickle that is not plain data) or not a torch file
-        raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # corrupt, truncated, not a torch file, or a pickle that is not plain data
+        found = re.search(r"GLOBAL\s+([\w.]+)", str(exc))
+        if isinstance(exc, pickle.UnpicklingError) and found:
+            raise UserError(
+                f"{path}: refused: it holds Python objects beyond tensors and plain data ({found.group(1)}), which "
+                "loading would have to execute; unmask reads only weights_only checkpoints"
+            ) from None
+        raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {_torch_reason(exc)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "format_version" not in ckpt:
         raise UserError(f"{path}: not an unmask checkpoint")
-    if ckpt["format_version"] > FORMAT_VERSION:
+    damage = _digest_problem(ckpt) or _model_problem(ckpt)
+    if damage is not None:
+        raise UserError(f"{path}: damaged checkpoint ({damage})")
+    version = ckpt["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(
-            f"{path}: checkpoint format {ckpt['format_version']} is newer than this unmask "
-            f"({FORMAT_VERSION}); upgrade unmask"
+            f"{path}: checkpoint format {version} is newer than this unmask ({FORMAT_VERSION}); upgrade unmask"
         )
     return ckpt
 
 
-def _integrity_problem(path: Path, payload: bytes) -> str | None:
-    """Size and sha256 against the sidecar written with the file; None when they match or there is no record."""
+def _torch_reason(exc: Exception) -> str:
+    """The specific line of a torch.load error, without torch's advice to pass weights_only=False (running the
+    file's code is never the fix unmask suggests)."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "weights_only")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    specific = [line for line in lines if not any(a in line for a in advice)]
+    return (specific or ["not a plain-data torch file"])[0][:200]
+
+
+def _sidecar_problem(path: Path, payload: bytes) -> str | None:
+    """Size and sha256 against the sidecar written with the file; None when they match or there is no sidecar.
+
+    A sidecar that exists but is not what `save_checkpoint` writes (not JSON, not an object, `bytes` not an
+    integer, `sha256` not 64 hex digits, keys missing) is a problem too: the checkpoint then counts as damaged."""
+    side = path.with_suffix(".json")
     try:
-        record = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # no sidecar (a crash between the two writes, or a copied .pt): the load itself must succeed
-    if not isinstance(record, dict) or "sha256" not in record:
-        return None  # written before checksums were recorded
-    if len(payload) != record.get("bytes"):
-        return f"{len(payload):,} bytes, its sidecar recorded {record.get('bytes'):,}"
-    if hashlib.sha256(payload).hexdigest() != record["sha256"]:
+        text = side.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None  # a kill between the two writes, or a copied .pt: the file's own digest decides
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else "not UTF-8"
+        return f"its sidecar {side.name} cannot be read: {reason}"
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return f"its sidecar {side.name} is not JSON"
+    if not isinstance(record, dict):
+        return f"its sidecar {side.name} is not a JSON object"
+    size, digest = record.get("bytes"), record.get("sha256")
+    if "bytes" not in record or "sha256" not in record:
+        missing = [k for k in ("bytes", "sha256") if k not in record]
+        return f"its sidecar {side.name} lacks {' and '.join(repr(k) for k in missing)}"
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"its sidecar {side.name} has a malformed 'bytes' field ({size!r:.40})"
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        return f"its sidecar {side.name} has a malformed 'sha256' field ({digest!r:.40})"
+    if len(payload) != size:
+        return f"{len(payload):,} bytes, its sidecar recorded {size:,}"
+    if hashlib.sha256(payload).hexdigest() != digest:
         return "sha256 differs from the one its sidecar recorded"
     return None
+
+
+def _digest_problem(ckpt: dict[str, Any]) -> str | None:
+    """The file's own digest (format 2) against its content; format 1 files have none."""
+    record = ckpt.get(DIGEST_KEY)
+    if record is None:
+        if ckpt["format_version"] == 1:
+            return None  # written before digests: verified by its sidecar alone
+        return f"format {ckpt['format_version']!r} without the {DIGEST_KEY!r} digest it requires"
+    if not (
+        isinstance(record, dict) and record.get("scheme") == DIGEST_SCHEME and isinstance(record.get("sha256"), str)
+    ):
+        return f"its {DIGEST_KEY!r} record is malformed"
+    if payload_digest(ckpt) != record["sha256"]:
+        return "its content differs from the digest stored in it"
+    return None
+
+
+def payload_digest(state: Mapping[str, Any]) -> str:
+    """sha256 over every value of a checkpoint dict except the digest itself.
+
+    Tensors contribute their dtype, shape and raw bytes; dicts, lists and tuples their length and items in order
+    (pickle keeps dict order, so the saved and the loaded dict hash alike); other values their type and repr
+    (repr of a float round-trips exactly). Every piece is tagged and length-prefixed, so different structures never
+    feed the same byte stream."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != DIGEST_KEY})
+    return h.hexdigest()
+
+
+def _piece(h: Any, tag: bytes, data: bytes) -> None:
+    h.update(tag + len(data).to_bytes(8, "little") + data)
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy()  # the element bytes, without a copy
+        _piece(h, b"T", f"{t.dtype}|{tuple(t.shape)}|{raw.size}".encode())  # the size delimits the bytes below
+        h.update(raw.data)
+    elif isinstance(value, Mapping):
+        _piece(h, b"D", str(len(value)).encode())
+        for key, item in value.items():
+            _feed(h, key)
+            _feed(h, item)
+    elif isinstance(value, (list, tuple)):
+        _piece(h, b"L" if isinstance(value, list) else b"U", str(len(value)).encode())
+        for item in value:
+            _feed(h, item)
+    else:
+        _piece(h, b"S", f"{type(value).__qualname__}|{value!r}".encode())
+
+
+# --- declared architecture against the tensors --------------------------------------------------------------------
+
+MAX_BLOCK_SIZE = 2**20  # TrainConfig's bound on --block_size: the RoPE tables are allocated for block_size
+
+
+def _model_problem(ckpt: dict[str, Any]) -> str | None:
+    """The architecture `model_config` declares against the tensors in `model`, checked before anything is
+    allocated: a small file declaring a huge model would otherwise allocate that model (tens of GB) and only then
+    fail in load_state_dict. Checkpoints without a model_config (not for inference) are left alone."""
+    from unmask.model import ModelConfig  # here: model.py is heavy to import for `prepare`
+
+    declared, state = ckpt.get("model_config"), ckpt["model"]
+    if declared is None:
+        return None
+    if not isinstance(declared, dict) or not isinstance(state, dict):
+        return "model_config or model is not a dict"
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "model holds values that are not tensors"
+    try:
+        cfg = ModelConfig(**declared)
+    except (TypeError, ValueError) as exc:
+        return f"model_config is invalid: {exc}"
+    emb = state.get("tok_emb.weight")
+    if emb is None or emb.dim() != 2:
+        return "model has no tok_emb.weight matrix"
+    if tuple(emb.shape) != (cfg.vocab_size, cfg.n_embd):
+        return (
+            f"model_config declares vocab_size={cfg.vocab_size}, n_embd={cfg.n_embd} but tok_emb.weight is "
+            f"{emb.shape[0]} x {emb.shape[1]}"
+        )
+    layers = {int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))}
+    if len(layers) != cfg.n_layer or layers != set(range(len(layers))):  # never build range(n_layer)
+        return f"model_config declares n_layer={cfg.n_layer} but the file holds weights of {len(layers)} layer(s)"
+    if cfg.block_size > MAX_BLOCK_SIZE:
+        return f"model_config declares block_size={cfg.block_size}, beyond the limit of {MAX_BLOCK_SIZE:,}"
+    saved = ckpt.get("config")
+    if isinstance(saved, dict):
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
+            if key in saved and saved[key] != declared.get(key):
+                return f"config {key}={saved[key]!r:.40} but model_config {key}={declared.get(key)!r:.40}"
+    expected = declared_shapes(cfg)
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    diffs = [f"{k}: missing" for k in expected if k not in found]
+    diffs += [f"{k}: not in the declared model" for k in found if k not in expected]
+    diffs += [f"{k}: {found[k]} vs declared {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+    if diffs:
+        more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        return f"its tensors do not match the declared model_config: {'; '.join(diffs[:3])}{more}"
+    return None
+
+
+def declared_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of `unmask.model.Transformer(cfg)`, computed without building it (a meta-device build
+    costs seconds of one-time initialisation, a real one the memory a damaged file claims). A test compares it with
+    the real module for every head and `bias`, so it cannot drift from model.py unnoticed."""
+    C, V = cfg.n_embd, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (V, C)}
+    linears = {"attn.qkv": (3 * C, C), "attn.proj": (C, C), "mlp.fc": (4 * C, C), "mlp.proj": (C, 4 * C)}
+    for i in range(cfg.n_layer):
+        for name, shape in (("ln1", (C,)), *linears.items(), ("ln2", (C,))):
+            shapes[f"blocks.{i}.{name}.weight"] = shape
+            if cfg.bias:
+                shapes[f"blocks.{i}.{name}.bias"] = (shape[0],)
+    shapes["ln_f.weight"] = (C,)
+    if cfg.bias:
+        shapes["ln_f.bias"] = (C,)
+    if cfg.head == "lm":
+        shapes["head.weight"] = (V, C)  # tied to tok_emb, but a state dict lists it under both names
+    else:
+        shapes["head.weight"], shapes["head.bias"] = (2, C), (2,)
+    return shapes

@@ -225,6 +225,38 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "keep_last"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name}={getattr(self, name)} must be >= 0")
+        # Upper bounds no real run comes near: a typo such as --max_iters=5e9 written as 5000000000000000 or
+        # --n_layer=100000 fails here in one line instead of hanging or trying to allocate terabytes.
+        upper: dict[str, int | float] = {
+            "max_iters": 10**12,
+            "warmup_iters": 10**12,
+            "lr_decay_iters": 10**12,
+            "lr_restart_period": 10**12,
+            "eval_interval": 10**12,
+            "log_interval": 10**12,
+            "eval_iters": 10**6,
+            "keep_last": 10**6,
+            "elbo_draws": 10**4,
+            "n_layer": 1024,
+            "n_head": 1024,
+            "n_embd": 2**16,
+            "block_size": 2**20,
+            "batch_size": 2**20,
+            "gradient_accumulation_steps": 2**20,
+            "seed": 2**63 - 1,
+            "learning_rate": 10.0,
+            "weight_decay": 100.0,
+            "grad_clip": 1e6,
+            "adam_eps": 1.0,
+            "stage_duration_scale": 1e6,
+        }
+        for name, bound in upper.items():
+            value = getattr(self, name)
+            if value is not None and value > bound:
+                shown = value if len(str(value)) <= 24 else f"<{len(str(value))} digits>"
+                raise UserError(f"--{name}={shown} is too large (at most {bound:,})")
+        if self.seed < 0:
+            raise UserError(f"--seed={self.seed} must be >= 0")
         if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
             raise UserError(f"--lr_decay_iters={self.lr_decay_iters} must be >= 1")
         if self.lr_restart_period < 0:

@@ -22,7 +22,7 @@ from unmask.command import parse_command
 from unmask.data import load_dataset
 from unmask.elbo import DEFAULT_ESTIMATOR, ESTIMATOR_DESCRIPTIONS, Estimator, split_likelihood, split_window_offsets
 from unmask.errors import UserError
-from unmask.loading import Trained, load_trained, resolve_checkpoint
+from unmask.loading import Trained, read_trained
 from unmask.runtime import Runtime, resolve_device
 from unmask.stages import parse_stages
 from unmask.validation import build_validation_set, evaluate_batches
@@ -112,9 +112,9 @@ def _finite(value: Any) -> Any:
 def evaluate(args: EvalArgs) -> dict[str, Any]:
     """Run the evaluation described by `args`; returns the report as a JSON-able dict."""
     _validate(args)
-    path = resolve_checkpoint(args.ckpt, args.out_dir)
     device = resolve_device(args.device)
-    trained = load_trained(path, device)
+    trained = read_trained(args.ckpt, args.out_dir, device)
+    path = trained.path
     trained.require_head(("lm",), "unmask eval (a likelihood in bits per character)")
     cfg = trained.config
     if args.data_dir is None and "data_dir" not in cfg:

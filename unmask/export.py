@@ -41,10 +41,11 @@ CARD_FILE = "README.md"
 # sampled); only the keys a run's config actually has are exported.
 OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
     "unmasking": ("unmasking_stages", "validation_stages", "use_all_stages_for_training", "label_smoothing"),
-    "mdlm": ("elbo_draws",),
-    "autoregressive": (),
+    "mdlm": ("elbo_draws", "zero_masking", "mdlm_estimator"),
+    "autoregressive": ("zero_masking",),
+    "block_diffusion": ("diffusion_block", "mask_rate_window", "elbo_draws"),
 }
-COMMON_OBJECTIVE_PARAMS = ("diffusion_block", "block_length")
+COMMON_OBJECTIVE_PARAMS = ("block_length",)
 
 
 @dataclass

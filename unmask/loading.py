@@ -42,30 +42,52 @@ class Trained:
         raise UserError(f"{self.path}: {_HEAD_NAMES[self.head]}; {use} needs {needed}")
 
 
-def resolve_checkpoint(ckpt: str | None, out_dir: str | None, flag_prefix: str = "") -> Path:
-    """`--ckpt=PATH` wins (a run directory there means its newest checkpoint); else the newest checkpoint in
-    `--out_dir`; one of them is required."""
+def checkpoint_source(ckpt: str | None, out_dir: str | None, flag_prefix: str = "") -> tuple[Path, str]:
+    """(file or run directory, the flag that named it): `--ckpt=PATH` wins, else `--out_dir`; one is required."""
     if ckpt is not None:
-        path = Path(ckpt)
-        if path.is_dir():
-            return _newest(path, f"--{flag_prefix}ckpt={ckpt}")
-        if not path.is_file():
-            raise UserError(f"--{flag_prefix}ckpt={ckpt}: no such checkpoint file or run directory")
-        return path
+        return Path(ckpt), f"--{flag_prefix}ckpt={ckpt}"
     if out_dir is None:
         raise UserError(f"give --{flag_prefix}ckpt=PATH or --out_dir=DIR")
-    return _newest(Path(out_dir), f"--out_dir={out_dir}")
+    return Path(out_dir), f"--out_dir={out_dir}"
 
 
-def _newest(run_dir: Path, flag: str) -> Path:
-    found = ckpt_io.list_checkpoints(run_dir)
-    if not found:
-        raise UserError(f"{flag}: no {ckpt_io.PREFIX}<iter>.pt checkpoint there")
-    return found[-1][1]
+def resolve_checkpoint(ckpt: str | None, out_dir: str | None, flag_prefix: str = "") -> Path:
+    """`--ckpt=PATH` wins (a run directory there means its newest checkpoint); else the newest checkpoint in
+    `--out_dir`; one of them is required. Nothing is verified: `read_trained` loads with the fallback past a
+    damaged newest checkpoint."""
+    source, flag = checkpoint_source(ckpt, out_dir, flag_prefix)
+    if source.is_dir():
+        found = ckpt_io.list_checkpoints(source)
+        if not found:
+            raise UserError(f"{flag}: no {ckpt_io.PREFIX}<iter>.pt checkpoint there")
+        return found[-1][1]
+    if not source.is_file():
+        raise UserError(f"{flag}: no such checkpoint file or run directory")
+    return source
+
+
+def read_trained(
+    ckpt: str | None,
+    out_dir: str | None,
+    device: torch.device | str = "cpu",
+    flag_prefix: str = "",
+    warn: ckpt_io.Warn | None = None,
+) -> Trained:
+    """The model `--{flag_prefix}ckpt` / `--out_dir` name, verified: a file must be intact; a run directory gives
+    its newest intact checkpoint, each damaged newer one reported in one warning line (`warn`, default stderr),
+    exactly as `train --init_from=resume` falls back."""
+    source, flag = checkpoint_source(ckpt, out_dir, flag_prefix)
+    path, payload = ckpt_io.read_checkpoint(source, flag, warn)
+    return trained_from(path, payload, device)
 
 
 def load_trained(path: Path, device: torch.device | str = "cpu") -> Trained:
-    ckpt = ckpt_io.load_checkpoint(path)
+    """The model in the checkpoint file `path`, which must be intact."""
+    return trained_from(path, ckpt_io.load_checkpoint(path), device)
+
+
+def trained_from(path: Path, ckpt: dict[str, Any], device: torch.device | str = "cpu") -> Trained:
+    """A `Trained` from a checkpoint dict `unmask.checkpoint` has verified (digest, declared model vs tensors)."""
     try:
         model_config = ModelConfig(**ckpt["model_config"])
         vocab = Vocab(tuple(ckpt["vocab"]))

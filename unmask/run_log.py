@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from unmask.checkpoint import atomic_write_bytes, describe_os_error
 from unmask.errors import UserError
 
 
@@ -54,21 +55,47 @@ class RunLog:
             "time": round(now, 3),
             "elapsed_s": round(now - self.opened, 3),
         }
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as exc:
+            raise UserError(
+                f"{self.path}: cannot write: {describe_os_error(exc)}; the checkpoints are intact"
+            ) from None
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=int(values["iter"]))
 
     def truncate_after(self, iter_num: int) -> None:
-        """On resume, drop records written after the checkpoint's iteration (they are about to be redone)."""
+        """On resume, drop the records written after the checkpoint's iteration (they are about to be redone).
+
+        The file is never rewritten in place: the kept records go to a temporary file that replaces it atomically,
+        so a kill at any moment leaves either the old file or the new one. A torn last line (a write cut short,
+        e.g. by a full disk) is dropped with a one-line warning; a damaged line elsewhere is an error naming it.
+        """
         if not (self.enabled and self.path.exists()):
             return
-        kept = [
-            line
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("iter", 0) <= iter_num
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        lines = self.path.read_text(encoding="utf-8", errors="replace").split("\n")
+        complete, tail = lines[:-1], lines[-1]  # the text after the last newline: "" unless a write was cut short
+        kept = []
+        for number, line in enumerate(complete, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(complete) and not tail:
+                    tail = line
+                    break
+                raise UserError(f"{self.path}:{number}: not a JSON record; repair or remove that line") from None
+            if record.get("iter", 0) <= iter_num:
+                kept.append(line)
+        if tail.strip():
+            self.print(
+                f"warning: {self.path}: dropped a torn last line ({len(tail)} characters of an unfinished record)"
+            )
+        atomic_write_bytes(
+            self.path, "".join(line + "\n" for line in kept).encode("utf-8"), kept="the old metrics.jsonl"
+        )
 
     def close(self) -> None:
         if self._wandb is not None:

@@ -31,7 +31,7 @@ from unmask.animate import Recorder, animation_html, readable, write_animation
 from unmask.command import parse_command
 from unmask.data import Dataset, load_dataset, sample_windows
 from unmask.errors import UserError
-from unmask.loading import Trained, load_trained, resolve_checkpoint
+from unmask.loading import Trained, read_trained
 from unmask.runtime import resolve_device
 from unmask.sampling import (
     REMASKING,
@@ -407,9 +407,8 @@ def _autoregressive_start(
 def build(args: SampleArgs) -> Setup:
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = resolve_checkpoint(args.ckpt, args.out_dir)
     device = resolve_device(args.device)
-    return build_from(args, load_trained(path, device), device)
+    return build_from(args, read_trained(args.ckpt, args.out_dir, device), device)
 
 
 def build_from(args: SampleArgs, trained: Trained, device: torch.device) -> Setup:
@@ -431,7 +430,7 @@ def build_from(args: SampleArgs, trained: Trained, device: torch.device) -> Setu
     if args.metrics:
         _load_corpus(setup)
     if args.judge_ckpt is not None:
-        judge = load_trained(resolve_checkpoint(args.judge_ckpt, None, flag_prefix="judge_"), device)
+        judge = read_trained(args.judge_ckpt, None, device, flag_prefix="judge_")
         judge.require_head(("lm",), "--judge_ckpt")
         setup.judge = Judge(judge, args.judge_draws)
     if args.critic_ckpt is not None:

@@ -172,8 +172,12 @@ DEFAULT_STAGES: tuple[Stage, ...] = (
 )
 
 _PROBABILITIES = ("target_masked_ratio", "p1_probability", "p2_probability", "max_masked_ratio")
-_COUNTS = ("val_loss_stale_count", "iters", "spans_count")
-_POSITIVE = ("epochs", "lr_factor")
+# Integer keys: inclusive range. iters matches TrainConfig's --max_iters bound, spans_count its --block_size bound
+# (more spans than characters cannot be placed).
+_COUNTS = {"val_loss_stale_count": (1, 10**6), "iters": (1, 10**12), "spans_count": (1, 2**20)}
+# Positive number keys: (0, upper].
+_POSITIVE = {"epochs": 1e6, "lr_factor": 1000.0}
+MAX_STAGES = 1024
 
 
 def _number(value: Any, where: str, name: str) -> float:
@@ -192,13 +196,19 @@ def _check_value(name: str, value: Any, where: str) -> Any:
     if name in _COUNTS:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{where}: {name} must be an integer, got {value!r}")
-        if value < 1:
-            raise UserError(f"{where}: {name}={value} must be >= 1")
+        least, most = _COUNTS[name]
+        if value < least:
+            raise UserError(f"{where}: {name}={value} must be >= {least}")
+        if value > most:
+            shown = value if len(str(value)) <= 24 else f"<{len(str(value))} digits>"
+            raise UserError(f"{where}: {name}={shown} must be <= {most:,}")
         return value
     if name in _POSITIVE:
         number = _number(value, where, name)
         if number <= 0:
             raise UserError(f"{where}: {name}={value} must be > 0")
+        if number > _POSITIVE[name]:
+            raise UserError(f"{where}: {name}={value} must be <= {_POSITIVE[name]:,g}")
         return number
     if name == "masking_rate_range":
         if not isinstance(value, (list, tuple)) or len(value) != 2:
@@ -253,4 +263,6 @@ def parse_stages(raw: Any, name: str) -> tuple[Stage, ...]:
         raise UserError(f"{name}: expected a list of stage dicts, got {type(raw).__name__}")
     if not raw:
         raise UserError(f"{name}: the list of stages is empty")
+    if len(raw) > MAX_STAGES:
+        raise UserError(f"{name}: {len(raw):,} stages, more than {MAX_STAGES}")
     return tuple(parse_stage(item, f"{name}[{i}]") for i, item in enumerate(raw))

@@ -176,7 +176,13 @@ class Trainer:
         """Create out_dir and config.json; a resumed run keeps its metrics.jsonl up to the checkpoint, a new one
         starts it afresh."""
         if self.rt.is_master:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"{self.out_dir}: cannot create: {ckpt_io.describe_os_error(exc)}") from None
+            swept = ckpt_io.sweep_temp_files(self.out_dir)
+            if swept:
+                self.log.print(f"removed {swept} temporary file(s) left by interrupted writes in {self.out_dir}")
             ckpt_io.atomic_write_json(self.out_dir / "config.json", {**self.cfg.to_dict(), **environment_record()})
             if self.resumed:
                 self.log.truncate_after(self.iter_num)

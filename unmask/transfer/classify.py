@@ -20,7 +20,7 @@ import torch
 
 from unmask.command import parse_command
 from unmask.errors import UserError
-from unmask.loading import Trained, load_trained, resolve_checkpoint
+from unmask.loading import Trained, read_trained
 from unmask.runtime import resolve_device
 from unmask.transfer.binary import binary_metrics
 from unmask.transfer.labeled_text import LabeledText, encode_texts, read_labeled
@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch_size={args.batch_size}: must be at least 1")
     path = Path(args.input)
-    trained = load_trained(resolve_checkpoint(args.ckpt, args.out_dir), resolve_device(args.device))
+    trained = read_trained(args.ckpt, args.out_dir, resolve_device(args.device))
     trained.require_head(("token_binary", "sequence_binary"), "unmask classify")
     records = read_labeled(path, "--input", labels_required=False)
 

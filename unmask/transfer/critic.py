@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from unmask.errors import UserError
-from unmask.loading import Trained, load_trained, resolve_checkpoint
+from unmask.loading import Trained, read_trained
 from unmask.sampling import Generators, Proposal, uniform
 
 
@@ -53,7 +53,7 @@ class CriticRemask:
 def load_critic(value: str, sampler: Trained, window: int, device: torch.device) -> Trained:
     """The critic checkpoint for `sampler`: a per-character classifier with the same vocabulary that can read
     windows of `window` characters."""
-    critic = load_trained(resolve_checkpoint(value, None, flag_prefix="critic_"), device)
+    critic = read_trained(value, None, device, flag_prefix="critic_")
     critic.require_head(("token_binary",), "--critic_ckpt")
     if critic.vocab != sampler.vocab:
         raise UserError(

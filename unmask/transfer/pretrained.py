@@ -59,15 +59,7 @@ def is_transfer_start(values: dict[str, Any], explicit: frozenset[str]) -> bool:
 
 def load_pretrained(value: str) -> Pretrained:
     """The checkpoint file, or the newest checkpoint of a run directory; it must be a bidirectional LM."""
-    path = Path(value)
-    if path.is_dir():
-        found = ckpt_io.list_checkpoints(path)
-        if not found:
-            raise UserError(f"{_FLAG}={value}: no {ckpt_io.PREFIX}<iter>.pt checkpoint in this directory")
-        path = found[-1][1]
-    elif not path.is_file():
-        raise UserError(f"{_FLAG}={value}: no such checkpoint file")
-    ckpt = ckpt_io.load_checkpoint(path)
+    path, ckpt = ckpt_io.read_checkpoint(Path(value), f"{_FLAG}={value}")
     try:
         model_config = dict(ckpt["model_config"])
         vocab = Vocab(tuple(ckpt["vocab"]))
