@@ -171,10 +171,16 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(
-    out_dir: Path, iter_num: int, state: dict[str, Any], sidecar: dict[str, Any], keep_last: int = 0
+    out_dir: Path,
+    iter_num: int,
+    state: dict[str, Any],
+    sidecar: dict[str, Any],
+    keep_last: int = 0,
+    own: Callable[[], list[Path]] | None = None,
 ) -> Path:
     """Atomically write checkpoint (with its `integrity` digest) + sidecar, then delete all but the `keep_last`
-    newest (0 keeps all). A failed write is one UserError; the checkpoints written before are intact."""
+    newest (0 keeps all) of `own()`: the run's own checkpoints, oldest written first (default: every checkpoint
+    in out_dir by iteration). A failed write is one UserError; the checkpoints written before are intact."""
     path = checkpoint_path(out_dir, iter_num)
     full: dict[str, Any] = {"format_version": FORMAT_VERSION, **state}
     full.pop(DIGEST_KEY, None)
@@ -194,7 +200,8 @@ def save_checkpoint(
         kept=f"{path.name} was written and verifies itself without it; the previous checkpoints are intact",
     )
     if keep_last > 0:
-        for _, old in list_checkpoints(out_dir)[:-keep_last]:
+        candidates = own() if own is not None else [p for _, p in list_checkpoints(out_dir)]
+        for old in candidates[:-keep_last]:
             _remove_quietly(old)
             _remove_quietly(old.with_suffix(".json"))
     return path
@@ -218,15 +225,21 @@ def find_checkpoint(out_dir: Path, ckpt_filename: str | None = None) -> Path:
 
 
 def load_for_resume(
-    out_dir: Path, ckpt_filename: str | None = None, warn: Warn | None = None
+    out_dir: Path,
+    ckpt_filename: str | None = None,
+    warn: Warn | None = None,
+    candidates: list[Path] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """(path, checkpoint) to resume from. A named file must load; otherwise the newest intact checkpoint is taken,
-    and every damaged newer one is reported through `warn` (default: a line on stderr)."""
+    """(path, checkpoint) to resume from. A named file must load; otherwise the first intact one of `candidates`
+    (the run's own checkpoints, newest written first; default: every checkpoint, highest iteration first), every
+    damaged one before it reported through `warn` (default: a line on stderr)."""
     if ckpt_filename is not None:
         path = find_checkpoint(out_dir, ckpt_filename)
         return path, load_checkpoint(path)
     find_checkpoint(out_dir)  # the "no checkpoint" error
-    return _newest_intact(out_dir, "--init_from=resume", warn)
+    if candidates is None:
+        return _newest_intact(out_dir, "--init_from=resume", warn)
+    return _first_intact(candidates, out_dir, "--init_from=resume", warn)
 
 
 def read_checkpoint(
@@ -249,9 +262,15 @@ def read_checkpoint(
 def _newest_intact(
     run_dir: Path, flag: str, warn: Warn | None, map_location: str | torch.device = "cpu"
 ) -> tuple[Path, dict[str, Any]]:
+    return _first_intact([p for _, p in reversed(list_checkpoints(run_dir))], run_dir, flag, warn, map_location)
+
+
+def _first_intact(
+    paths: list[Path], run_dir: Path, flag: str, warn: Warn | None, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]]:
     warn = warn or _stderr
     problems = []
-    for _, path in reversed(list_checkpoints(run_dir)):
+    for path in paths:
         try:
             ckpt = load_checkpoint(path, map_location)
         except UserError as exc:

@@ -51,6 +51,9 @@ class TrainConfig:
     init_from: Literal["scratch", "resume"] = "scratch"
     """'scratch' starts a new run; 'resume' continues from the newest complete checkpoint in out_dir (with
     --pretrained_checkpoint_path: starts a new run from that checkpoint's weights instead)."""
+    overwrite: bool = False
+    """A new run in an out_dir that holds another run's files is refused; True deletes those files first
+    (checkpoints, sidecars, metrics.jsonl, config.json, run.json)."""
     ckpt_filename: str | None = None
     """With --init_from=resume: a checkpoint file name in out_dir instead of the newest."""
     eval_interval: int = 200

@@ -1,7 +1,8 @@
 """The run log: console lines, `metrics.jsonl` (one JSON record per log and eval line), optional wandb.
 
-Only rank 0 writes. Every record carries `time` (Unix seconds, wall clock) and `elapsed_s` (seconds since this
-process opened the log). wandb is imported lazily and only when `--wandb_log=True`.
+Only rank 0 writes. Every record carries the `run_id`, `time` (Unix seconds, wall clock) and `elapsed_s` (seconds
+since this process opened the log). The file is only ever appended to, or replaced atomically on resume. wandb is
+imported lazily and only when `--wandb_log=True`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ def _jsonable(value: Any) -> Any:
 
 
 class RunLog:
-    def __init__(self, out_dir: Path, enabled: bool, wandb_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, out_dir: Path, enabled: bool, wandb_config: dict[str, Any] | None = None, run_id: str | None = None
+    ) -> None:
         self.enabled = enabled
+        self.run_id = run_id
         self.opened = time.time()
         self.path = out_dir / "metrics.jsonl"
         self._wandb: Any = None
@@ -52,6 +56,7 @@ class RunLog:
         rec = {
             "kind": kind,
             **{k: _jsonable(v) for k, v in values.items()},
+            **({"run_id": self.run_id} if self.run_id else {}),
             "time": round(now, 3),
             "elapsed_s": round(now - self.opened, 3),
         }

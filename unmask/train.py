@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from unmask import checkpoint as ckpt_io
+from unmask import run_dir
 from unmask.config import SCHEDULE_FLAGS, TrainConfig, differing_fields
 from unmask.flags import available_presets, format_help, load_preset, parse_flags
 
@@ -42,7 +43,10 @@ def build_train_run(argv: list[str]) -> TrainRun:
     if values.get("init_from") != "resume":
         return TrainRun(TrainConfig.from_dict(values))
     out_dir = Path(values.get("out_dir", TrainConfig.out_dir))
-    path, checkpoint = ckpt_io.load_for_resume(out_dir, values.get("ckpt_filename"))
+    run_id, candidates = run_dir.resume_candidates(out_dir)
+    path, checkpoint = ckpt_io.load_for_resume(
+        out_dir, values.get("ckpt_filename"), candidates=candidates if run_id is not None else None
+    )
     saved = checkpoint["config"]
     cfg = TrainConfig.from_dict({**saved, **values})
     changed = differing_fields({k: v for k, v in values.items() if k in flags}, saved, SCHEDULE_FLAGS)

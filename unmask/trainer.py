@@ -16,6 +16,7 @@ import math
 import signal
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from unmask import checkpoint as ckpt_io
+from unmask import run_dir
 from unmask.config import TrainConfig, differing_fields
 from unmask.errors import UserError
 from unmask.model import ModelConfig, Transformer
@@ -57,8 +59,14 @@ class Trainer:
         """`pretrained` (an `unmask.transfer.pretrained.Pretrained`): a new run from those weights."""
         self.cfg, self.rt = cfg, runtime
         self.out_dir = Path(cfg.out_dir)
-        self.log = RunLog(self.out_dir, runtime.is_master, cfg.to_dict() if cfg.wandb_log else None)
         self.resumed = checkpoint is not None
+        if not self.resumed:
+            run_dir.check_new_run(self.out_dir, cfg.overwrite)  # every rank, before any rank writes (DDP syncs)
+        # The run id: kept by a resume, new otherwise (also for a run that starts from pretrained weights).
+        saved_id = None if checkpoint is None else checkpoint.get("run_id")
+        self.run_id = saved_id if isinstance(saved_id, str) else run_dir.new_run_id()
+        self.lock = run_dir.RunLock(self.out_dir)
+        self.log = RunLog(self.out_dir, runtime.is_master, cfg.to_dict() if cfg.wandb_log else None, self.run_id)
         # Per-rank streams: different data on every rank, reproducible for a seed.
         self.data_gen = torch.Generator().manual_seed(cfg.seed + runtime.rank)
         self.mask_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + MASK_SEED_OFFSET + runtime.rank)
@@ -94,6 +102,7 @@ class Trainer:
         self.eval_seconds = 0.0  # the last evaluation's wall time, for the ETA
         self.started = time.time()
         self.last_checkpoint: Path | None = None
+        self.seq = 1  # the write sequence number of the next checkpoint (set from out_dir when the run opens)
 
     # --- construction -----------------------------------------------------------------------------------------
 
@@ -130,6 +139,12 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train to `max_iters` (or until the objective says it is finished); returns the last eval's metrics."""
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict[str, Any]:
         self.start()
         metrics: dict[str, Any] = {}
         with StopSignal() as stop:
@@ -180,10 +195,18 @@ class Trainer:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"{self.out_dir}: cannot create: {ckpt_io.describe_os_error(exc)}") from None
+            self.lock.acquire(self.run_id)  # held until the run ends; a second run on out_dir is refused
+            if not self.resumed and self.cfg.overwrite:
+                removed = run_dir.remove_run_files(self.out_dir)
+                if removed:
+                    self.log.print(f"--overwrite=True: removed {removed} file(s) of the previous run in {self.out_dir}")
             swept = ckpt_io.sweep_temp_files(self.out_dir)
             if swept:
                 self.log.print(f"removed {swept} temporary file(s) left by interrupted writes in {self.out_dir}")
-            ckpt_io.atomic_write_json(self.out_dir / "config.json", {**self.cfg.to_dict(), **environment_record()})
+            run_dir.write_manifest(self.out_dir, self.run_id)
+            self.seq = run_dir.next_seq(self.out_dir, self.run_id)
+            record = {**self.cfg.to_dict(), "run_id": self.run_id, **environment_record()}
+            ckpt_io.atomic_write_json(self.out_dir / "config.json", record)
             if self.resumed:
                 self.log.truncate_after(self.iter_num)
             elif self.log.path.exists():
@@ -270,6 +293,8 @@ class Trainer:
             state = self.state_dict(rng)
             sidecar = {
                 "iter": self.iter_num,
+                "run_id": self.run_id,
+                "seq": self.seq,
                 **extra,
                 "best_val_loss": self.best_val_loss,
                 **self.objective.state_dict(),
@@ -279,7 +304,9 @@ class Trainer:
                 "config": self.cfg.to_dict(),
                 "versions": state["versions"],
             }
-            path = ckpt_io.save_checkpoint(self.out_dir, self.iter_num, state, sidecar, self.cfg.keep_last)
+            own = partial(run_dir.lineage, self.out_dir, self.run_id)  # rotation never touches another run's files
+            path = ckpt_io.save_checkpoint(self.out_dir, self.iter_num, state, sidecar, self.cfg.keep_last, own)
+            self.seq += 1
             self.last_checkpoint = path
             self.log.print(f"saved checkpoint {path}")
         self.rt.barrier()
@@ -467,6 +494,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "iter_num": self.iter_num,
+            "run_id": self.run_id,
+            "seq": self.seq,
             "last_eval_iter": self.last_eval_iter,
             "nonfinite_steps": self.nonfinite_steps,
             "train_chars_seen": self.train_chars_seen,
