@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import REPO, tiny_flags
 from unmask.model import ModelConfig, Transformer
 from unmask.policy import (
     POLICIES,
@@ -77,6 +82,23 @@ def test_likelihood_sums_to_one(kind: str, policy: str) -> None:
         given[:, 1] = True
         prompted = x[x[:, 1] == 2]  # every completion of one prompt character
         logp = policy_log_likelihood(predict, prompted, MASK, policy, 2, given=given[: len(prompted)])
+        assert float(logp.exp().sum()) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_block_diffusion_model_likelihood_sums_to_one(policy: str) -> None:
+    """A block-causal Transformer (diffusion_block = 2) with the policy kept inside its blocks: still exact."""
+    L = 6
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=V + 1, block_size=8, n_layer=1, n_head=2, n_embd=16, diffusion_block=2)
+    model = Transformer(config).double().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = all_sequences(L)
+    for per_step in (1, 2):
+        logp = policy_log_likelihood(model_predict(model, MASK), x, MASK, policy, per_step, block_length=2)
         assert float(logp.exp().sum()) == pytest.approx(1.0, abs=1e-9)
 
 
@@ -263,3 +285,76 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="one generator per sample"):
         policy_sample(predict, 2, 3, MASK, "margin", 1, [torch.Generator()])
     assert math.isclose(policy_steps(64, 4), 16) and policy_steps(64, 5) == 13 and policy_steps(10, 3, 4) == 5
+
+
+# --- `unmask sample --policy` on a tiny trained checkpoint ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mdlm_ckpt(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from unmask.cli import main
+
+    out = tmp_path_factory.mktemp("policy_sample") / "mdlm"
+    assert main(["train", *tiny_flags(tiny_data, out, max_iters=8, objective="mdlm")]) == 0
+    return out / "ckpt_unmasking_8.pt"
+
+
+def sample_json(capsys: pytest.CaptureFixture[str], ckpt: Path, *flags: str) -> dict:
+    from unmask.cli import main
+
+    capsys.readouterr()
+    assert main(["sample", f"--ckpt={ckpt}", "--device=cpu", "--json", "--metrics=False", *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_sample_policy_draws_what_eval_scores(mdlm_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from unmask.loading import load_trained
+
+    doc = sample_json(capsys, mdlm_ckpt, "--policy=margin", "--per_step=4", "--num_samples=3", "--prompt=The ")
+    assert doc["speed"]["forward_passes"] == math.ceil((32 - 4) / 4) and doc["settings"]["policy"] == "margin"
+    texts = [s["text"] for s in doc["samples"]]
+    assert all(t.startswith("The ") and len(t) == 32 for t in texts)
+    trained = load_trained(mdlm_ckpt)
+    vocab, mask_id = trained.vocab, trained.vocab.mask_id
+    x = torch.tensor([vocab.encode(t, source="test") for t in texts])
+    given = torch.zeros_like(x, dtype=torch.bool)
+    given[:, :4] = True
+    exact = policy_log_likelihood(model_predict(trained.model, mask_id), x, mask_id, "margin", 4, given=given)
+    recorded = torch.tensor([s["mean_self_logprob"] * 28 for s in doc["samples"]], dtype=torch.float64)
+    torch.testing.assert_close(recorded, exact, rtol=1e-5, atol=1e-4)
+    # Sample i draws from its own generator (seed + i): the batch does not matter.
+    alone = sample_json(capsys, mdlm_ckpt, "--policy=margin", "--per_step=4", "--num_samples=3", "--prompt=The ",
+                        "--batch_size=1")  # fmt: skip
+    assert [s["text"] for s in alone["samples"]] == texts
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--policy=entropy", "--temperature=0.5"], "--policy=entropy: not with --temperature"),
+        (["--policy=entropy", "--remasking=low_confidence"], "--policy=entropy: not with --remasking"),
+        (["--per_step=2"], "--per_step=2: must be >= 1, and goes with --policy"),
+        (["--policy=entropy", "--per_step=0"], "--per_step=0: must be >= 1"),
+        (["--policy=random"], "--policy=random: expected one of"),
+        (["--policy=margin", "--length=40"], "--length=40: --policy fills one window of at most"),
+    ],
+)
+def test_sample_policy_errors(
+    mdlm_ckpt: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    from unmask.cli import main
+
+    capsys.readouterr()
+    assert main(["sample", f"--ckpt={mdlm_ckpt}", "--device=cpu", "--metrics=False", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_sample_policy_cli_subprocess(mdlm_ckpt: Path) -> None:
+    cmd = [sys.executable, "-m", "unmask", "sample", f"--ckpt={mdlm_ckpt}", "--device=cpu", "--metrics=False"]
+    done = subprocess.run([*cmd, "--policy=left_to_right", "--per_step=8", "--num_samples=2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "=== sample 2 ===" in done.stdout and "4 forward passes" in done.stdout
+    bad = subprocess.run([*cmd, "--policy=left_to_right", "--top_k=5"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not with --top_k" in bad.stderr

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from unmask.errors import UserError
 from unmask.sampling import Generation
 
 Policy = Literal["left_to_right", "low_confidence", "margin", "entropy"]
@@ -282,18 +283,23 @@ def generate_with_policy(
     mask_id: int,
     policy: str,
     per_step: int,
-    seeds: Sequence[int],
+    generators: Sequence[torch.Generator],
     block_length: int | None = None,
 ) -> Generation:
     """`unmask sample --policy`: fill the non-`fixed` positions of `canvas` (B, L) by `policy_sample`, sample b
-    drawing from a generator seeded with `seeds[b]` (on the canvas's device; the CPU on MPS, which lacks float64).
-    Returns the sampler's `Generation` (tokens, per-character log-probs, forward passes)."""
+    drawing from `generators[b]` (float64 on the generators' device). Returns the sampler's `Generation`: tokens,
+    per-character log-probs, forward passes and, per sample, the model calls it used."""
     B, L = canvas.shape
-    gen_device = canvas.device if canvas.device.type in ("cpu", "cuda") else torch.device("cpu")
-    generators = [torch.Generator(device=gen_device).manual_seed(int(seed)) for seed in seeds]
+    config = getattr(model, "config", None)
+    if bool(getattr(config, "causal", False)):
+        raise UserError("--policy: an autoregressive (causal) checkpoint has one order already; give a diffusion one")
+    window = int(getattr(config, "block_size", L))
+    if canvas.shape[1] > window:
+        raise UserError(f"--length={L}: --policy fills one window of at most the model's block_size={window}")
     start = torch.where(fixed.to(canvas.device), canvas, torch.full_like(canvas, mask_id))  # (B, L)
     with torch.inference_mode():
         out = policy_sample(
             model_predict(model, mask_id), B, L, mask_id, policy, per_step, generators, block_length, start
         )
-    return Generation(out.tokens, out.logprobs, out.forward_passes)
+    nfe = (out.step.amax(dim=1) + 1).cpu()  # (B,): a row's calls end with its last commit
+    return Generation(out.tokens, out.logprobs, out.forward_passes, nfe)
