@@ -356,5 +356,6 @@ def test_sample_policy_cli_subprocess(mdlm_ckpt: Path) -> None:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "=== sample 2 ===" in done.stdout and "4 forward passes" in done.stdout
+    assert "policy left_to_right, 8 per step" in done.stdout and "steps" not in done.stdout.splitlines()[0]
     bad = subprocess.run([*cmd, "--policy=left_to_right", "--top_k=5"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not with --top_k" in bad.stderr

@@ -600,6 +600,12 @@ def describe(setup: Setup, config: SamplingConfig) -> str:
             f"{setup.args.num_samples} samples x {setup.length} characters; temperature {config.temperature}, "
             f"top_k {top_k}, top_p {top_p}; seed {setup.args.seed}"
         )
+    if setup.args.policy is not None:
+        return (
+            f"checkpoint {t.path} (iter {t.iter_num}); {setup.args.num_samples} samples x {setup.length} characters; "
+            f"policy {setup.args.policy}, {setup.args.per_step} per step, the model's own distribution (exact "
+            f"likelihood: unmask eval --estimator=policy); seed {setup.args.seed}"
+        )
     if config.confidence_threshold is None:
         steps = f"{config.schedule} schedule, {config.steps} steps"
         if setup.kind == "block_diffusion":
