@@ -359,3 +359,15 @@ def test_sample_policy_cli_subprocess(mdlm_ckpt: Path) -> None:
     assert "policy left_to_right, 8 per step" in done.stdout and "steps" not in done.stdout.splitlines()[0]
     bad = subprocess.run([*cmd, "--policy=left_to_right", "--top_k=5"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not with --top_k" in bad.stderr
+
+
+def test_sample_policy_refuses_an_autoregressive_checkpoint(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unmask.cli import main
+
+    assert main(["train", *tiny_flags(tiny_data, tmp_path / "ar", max_iters=2, objective="autoregressive")]) == 0
+    capsys.readouterr()
+    assert main(["sample", f"--out_dir={tmp_path / 'ar'}", "--device=cpu", "--metrics=False", "--policy=margin"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--policy: an autoregressive (causal) checkpoint" in err, err
