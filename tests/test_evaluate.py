@@ -181,3 +181,154 @@ def test_ckpt_flags_accept_a_run_directory(tmp_path: Path) -> None:
         resolve_checkpoint(str(empty), None, flag_prefix="critic_")
     with pytest.raises(UserError, match="--ckpt=.*nope.pt: no such checkpoint file or run directory"):
         resolve_checkpoint(str(tmp_path / "nope.pt"), None)
+
+
+# --- --estimator=policy: the exact likelihood under a deterministic unmasking policy -----------------------------
+
+
+@pytest.fixture(scope="module")
+def mdlm_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval_policy") / "mdlm"
+    assert main(["train", *tiny_flags(tiny_data, out, max_iters=8, objective="mdlm")]) == 0
+    return out
+
+
+def test_policy_estimator_is_the_exact_policy_likelihood(
+    mdlm_run: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unmask.policy import model_predict, policy_log_likelihood
+
+    flags = (f"--out_dir={mdlm_run}", "--max_windows=6", "--seed=5")
+    r = run_json(capsys, *flags, "--estimator=policy", "--policy=margin", "--per_step=4")
+    assert r["objective"] == "mdlm" and r["estimator"] == "policy" and not r["bound"]
+    assert r["policy"] == "margin" and r["per_step"] == 4 and r["forward_passes_per_window"] == BLOCK // 4
+    assert r["block_length"] is None and r["bpc_mc_stderr"] == 0.0 and r["windows"] == 6
+    assert "margin" in r["estimator_description"] and isinstance(r["masked_ce"], dict)
+    # The number is policy_log_likelihood of the same windows the ELBO scores.
+    trained = load_trained(mdlm_run / "ckpt_unmasking_8.pt")
+    tokens = load_dataset(tiny_data / "tiny").val
+    offsets = split_window_offsets(len(tokens), BLOCK, causal=False)
+    picked = torch.linspace(0, len(offsets) - 1, 6).round().long().numpy()
+    x = gather_windows(tokens, torch.from_numpy(offsets[picked]), BLOCK)
+    logp = policy_log_likelihood(
+        model_predict(trained.model, trained.vocab.mask_id), x, trained.vocab.mask_id, "margin", 4
+    )
+    assert r["nats_per_char"] == pytest.approx(float(-logp.mean()) / BLOCK, rel=1e-6)
+    assert r["bpc"] == pytest.approx(r["nats_per_char"] / math.log(2)) and r["bpc_stderr"] > 0
+    # Next to it, the ELBO of the same windows, identical to a plain exact_k evaluation with the same seed.
+    plain = run_json(capsys, *flags)
+    elbo = r["elbo"]
+    assert elbo["estimator"] == "exact_k" and elbo["draws"] == 4 and elbo["windows"] == 6
+    assert elbo["bpc"] == plain["bpc"] and elbo["bpc_stderr"] == plain["bpc_stderr"]
+    # Other policies and one character per step give other exact numbers.
+    others = {
+        (p, n): run_json(capsys, *flags, "--estimator=policy", f"--policy={p}", f"--per_step={n}")["bpc"]
+        for p in ("left_to_right", "low_confidence", "entropy")
+        for n in (1, 32)
+    }
+    assert len({round(v, 9) for v in others.values()}) >= 4  # per_step=32 is one pass: the same for every policy
+    assert len({round(others[(p, 32)], 9) for p in ("left_to_right", "low_confidence", "entropy")}) == 1
+
+
+def test_policy_report_is_readable(mdlm_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "eval",
+        f"--out_dir={mdlm_run}",
+        "--device=cpu",
+        "--max_windows=4",
+        "--estimator=policy",
+        "--policy=entropy",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for text in (
+        "exact NLL under the entropy unmasking policy",
+        "32 forward passes per window",
+        "the number itself is exact",
+        "ELBO ",
+        "on the same windows",
+        "exact_k, 4 draws per window",
+    ):
+        assert text in out, text
+
+
+def test_policy_block_length_seam(mdlm_run: Path, tiny_data: Path) -> None:
+    """A checkpoint config's `diffusion_block` (block diffusion) keeps the policy inside the leftmost open block."""
+    import dataclasses
+
+    from unmask.errors import UserError
+    from unmask.evaluate import _block_length, policy_split_likelihood
+    from unmask.policy import model_predict, policy_log_likelihood
+
+    trained = load_trained(mdlm_run / "ckpt_unmasking_8.pt")
+    assert _block_length(trained) is None
+    assert _block_length(dataclasses.replace(trained, config={**trained.config, "diffusion_block": 8})) == 8
+    assert _block_length(dataclasses.replace(trained, config={**trained.config, "diffusion_block": 0})) is None
+    with pytest.raises(UserError, match="diffusion_block=-2"):
+        _block_length(dataclasses.replace(trained, config={**trained.config, "diffusion_block": -2}))
+    tokens = load_dataset(tiny_data / "tiny").val
+    mask_id = trained.vocab.mask_id
+    r = policy_split_likelihood(trained.model, tokens, BLOCK, mask_id, "entropy", 3, 4, torch.device("cpu"), 8, 5)
+    assert r["block_length"] == 8 and r["forward_passes_per_window"] == 4 * 3 and r["windows"] == 5
+    offsets = split_window_offsets(len(tokens), BLOCK, causal=False)
+    picked = torch.linspace(0, len(offsets) - 1, 5).round().long().numpy()
+    x = gather_windows(tokens, torch.from_numpy(offsets[picked]), BLOCK)
+    logp = policy_log_likelihood(model_predict(trained.model, mask_id), x, mask_id, "entropy", 3, block_length=8)
+    assert r["nats_per_char"] == pytest.approx(float(-logp.mean()) / BLOCK, rel=1e-6)
+    unblocked = policy_split_likelihood(trained.model, tokens, BLOCK, mask_id, "entropy", 3, 4, torch.device("cpu"))
+    assert unblocked["nats_per_char"] != r["nats_per_char"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--out_dir={ar}", "--estimator=policy", "--policy=margin"], "autoregressive (causal) checkpoint"),
+        (["--out_dir={mdlm}", "--estimator=policy"], "--estimator=policy: give --policy=left_to_right|"),
+        (["--out_dir={mdlm}", "--policy=margin"], "--policy=margin: only with --estimator=policy"),
+        (["--out_dir={mdlm}", "--per_step=4"], "--per_step=4: only with --estimator=policy"),
+        (["--out_dir={mdlm}", "--estimator=policy", "--policy=margin", "--per_step=0"], "--per_step=0: must be >= 1"),
+        (["--out_dir={mdlm}", "--estimator=policy", "--policy=random"], "--policy=random: expected one of"),
+    ],
+)
+def test_policy_errors_are_one_line(
+    runs: dict[str, Path], mdlm_run: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    argv = [f.format(ar=runs["autoregressive"], mdlm=mdlm_run) for f in flags]
+    capsys.readouterr()
+    assert main(["eval", "--device=cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unmask eval: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_policy_cli_subprocess_error(runs: dict[str, Path]) -> None:
+    """The real CLI: an autoregressive checkpoint with --estimator=policy is one line on stderr and exit code 2."""
+    cmd = [sys.executable, "-m", "unmask", "eval", f"--out_dir={runs['autoregressive']}", "--device=cpu"]
+    done = subprocess.run([*cmd, "--estimator=policy", "--policy=margin"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "autoregressive (causal) checkpoint" in done.stderr
+
+
+def test_policy_cli_subprocess_json(mdlm_run: Path) -> None:
+    cmd = [sys.executable, "-m", "unmask", "eval", f"--out_dir={mdlm_run}", "--json", "--device=cpu"]
+    cmd += ["--estimator=policy", "--policy=low_confidence", "--per_step=2", "--max_windows=10"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout)
+    assert r["estimator"] == "policy" and r["policy"] == "low_confidence" and r["forward_passes_per_window"] == 16
+    assert math.isfinite(r["bpc"]) and math.isfinite(r["elbo"]["bpc"]) and r["windows"] == r["elbo"]["windows"] == 10
+
+
+def test_policy_on_a_block_diffusion_checkpoint(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--objective=block_diffusion: the policy commits inside the checkpoint's blocks of K, left to right."""
+    out = tmp_path / "bd"
+    flags = tiny_flags(tiny_data, out, max_iters=4, objective="block_diffusion", diffusion_block=8)
+    assert main(["train", *flags]) == 0
+    r = run_json(capsys, f"--out_dir={out}", "--max_windows=4", "--estimator=policy", "--policy=entropy")
+    assert r["objective"] == "block_diffusion" and r["block_length"] == 8 and math.isfinite(r["bpc"])
+    assert r["forward_passes_per_window"] == BLOCK
+    r4 = run_json(
+        capsys, f"--out_dir={out}", "--max_windows=4", "--estimator=policy", "--policy=entropy", "--per_step=3"
+    )
+    assert r4["forward_passes_per_window"] == (BLOCK // 8) * 3  # ceil(8 / 3) per block

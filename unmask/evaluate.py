@@ -4,6 +4,12 @@ Diffusion checkpoints get the negative ELBO (an upper bound on the NLL; `unmask.
 estimators), autoregressive ones the exact NLL, both over every non-overlapping block_size window of the split, so
 the two families are compared on the same characters. Diffusion checkpoints also get the original framework's
 per-stage masked cross-entropy on its fixed validation set (seed 42), i.e. the numbers the trainer logged.
+
+`--estimator=policy --policy=NAME` scores diffusion checkpoints instead by the *exact* likelihood of the model
+under a deterministic unmasking policy (Turok, De Sa and Kuleshov 2026, "DUEL"; `unmask.policy`): no bound and
+no Monte Carlo, ceil(L / per_step) forward passes per window. It is the likelihood of a different generative
+model than the ELBO's (the policy's order instead of a uniformly random one), the one `unmask sample --policy`
+draws from, so it is reported next to the ELBO of the same windows.
 """
 
 from __future__ import annotations
@@ -19,20 +25,27 @@ import numpy as np
 import torch
 
 from unmask.command import parse_command
-from unmask.data import load_dataset
-from unmask.elbo import DEFAULT_ESTIMATOR, ESTIMATOR_DESCRIPTIONS, Estimator, split_likelihood, split_window_offsets
+from unmask.data import gather_windows, load_dataset
+from unmask.elbo import DEFAULT_ESTIMATOR, ESTIMATOR_DESCRIPTIONS, LN2, split_likelihood, split_window_offsets
 from unmask.errors import UserError
 from unmask.loading import Trained, read_trained
+from unmask.policy import POLICIES, POLICY_DESCRIPTIONS, Policy, model_predict, policy_log_likelihood, policy_steps
 from unmask.runtime import Runtime, resolve_device
 from unmask.stages import parse_stages
 from unmask.validation import build_validation_set, evaluate_batches
 
-USAGE = "unmask eval --out_dir=DIR|--ckpt=PATH [--split=val] [--draws=N] [--seed=S] [--json]"
+USAGE = (
+    "unmask eval --out_dir=DIR|--ckpt=PATH [--split=val] [--draws=N] [--seed=S] [--json]\n"
+    "       [--estimator=policy --policy=left_to_right|low_confidence|margin|entropy [--per_step=N]]"
+)
 DESCRIPTION = (
     "Bits per character of a checkpoint over every non-overlapping block_size window of a split: the negative\n"
     "ELBO (an upper bound on the NLL) for diffusion checkpoints, the exact NLL for autoregressive ones, with a\n"
-    "standard error across windows. Diffusion checkpoints also get the per-stage masked cross-entropy."
+    "standard error across windows. Diffusion checkpoints also get the per-stage masked cross-entropy.\n"
+    "--estimator=policy: the exact NLL of a diffusion checkpoint under a deterministic unmasking policy, next to\n"
+    "its ELBO on the same windows."
 )
+EvalEstimator = Literal["exact_k", "stratified_t", "antithetic_t", "policy"]
 # The trainer's validation-set size when a checkpoint's config predates these keys (TrainConfig defaults).
 _DEFAULT_EVAL_ITERS, _DEFAULT_BATCH_SIZE = 20, 16
 
@@ -47,9 +60,17 @@ class EvalArgs:
     """Which split of the checkpoint's dataset to score."""
     draws: int = 4
     """Monte-Carlo draws (forward passes) per window for diffusion checkpoints."""
-    estimator: Estimator = DEFAULT_ESTIMATOR
+    estimator: EvalEstimator = DEFAULT_ESTIMATOR
     """ELBO estimator: exact_k (k masks stratified over the draws, L/k weights; lowest variance), stratified_t or
-    antithetic_t (continuous t with 1/t weights)."""
+    antithetic_t (continuous t with 1/t weights); or policy: the exact NLL under --policy (diffusion checkpoints;
+    the ELBO is then reported beside it with exact_k)."""
+    policy: Policy | None = None
+    """--estimator=policy: the unmasking order, a deterministic function of the model's predictions:
+    left_to_right, low_confidence (highest max-probability first), margin (largest top-1 minus top-2 first) or
+    entropy (lowest entropy first); ties go to the lowest position."""
+    per_step: int = 1
+    """--estimator=policy: characters committed per step (the last step takes the rest); a window of L costs
+    ceil(L / per_step) forward passes."""
     seed: int = 0
     """Seed of the mask draws: the same seed, batch size and device give the same numbers."""
     json: bool = False
@@ -71,6 +92,15 @@ def _validate(args: EvalArgs) -> None:
             raise UserError(f"--{name}={value}: must be >= 1")
     if args.estimator == "antithetic_t" and args.draws % 2:
         raise UserError(f"--draws={args.draws}: --estimator=antithetic_t needs an even number of draws (pairs)")
+    if args.per_step < 1:
+        raise UserError(f"--per_step={args.per_step}: must be >= 1")
+    if args.estimator == "policy":
+        if args.policy is None:
+            raise UserError(f"--estimator=policy: give --policy={'|'.join(POLICIES)}")
+    elif args.policy is not None:
+        raise UserError(f"--policy={args.policy}: only with --estimator=policy")
+    elif args.per_step != 1:
+        raise UserError(f"--per_step={args.per_step}: only with --estimator=policy")
 
 
 def objective_of(trained: Trained) -> str:
@@ -98,6 +128,70 @@ def stage_metrics(
     metrics = evaluate_batches(trained.model, data, batch_size, len(stages), vocab.n_chars, runtime)
     labels = [f"Stage {i} ({s.type}): {s.ratio_label()}" for i, s in enumerate(stages)]
     return metrics, labels
+
+
+def window_starts(n_tokens: int, block_size: int, max_windows: int | None) -> tuple[np.ndarray, int]:
+    """Offsets of the scored diffusion windows and the split's total: `elbo.split_likelihood`'s selection."""
+    starts = split_window_offsets(n_tokens, block_size, causal=False)
+    total = len(starts)
+    if max_windows is not None and max_windows < total:
+        starts = starts[np.unique(np.linspace(0, total - 1, max_windows).round().astype(np.int64))]
+    return starts, total
+
+
+@torch.no_grad()
+def policy_split_likelihood(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    block_size: int,
+    mask_id: int,
+    policy: str,
+    per_step: int,
+    batch_size: int,
+    device: torch.device,
+    block_length: int | None = None,
+    max_windows: int | None = None,
+) -> dict[str, Any]:
+    """Exact NLL under `policy` of every non-overlapping block_size window of a split (the ELBO's windows), in
+    bits per character, with the standard error across windows (data only: the number has no estimator noise)."""
+    starts, total = window_starts(len(tokens), block_size, max_windows)
+    W, L = len(starts), block_size
+    per_window = torch.empty(W, dtype=torch.float64)  # nats per character
+    predict = model_predict(model, mask_id)
+    for i in range(0, W, batch_size):
+        x = gather_windows(tokens, torch.from_numpy(starts[i : i + batch_size]), L).to(device)  # (b, L)
+        logp = policy_log_likelihood(predict, x, mask_id, policy, per_step, block_length)  # (b,)
+        per_window[i : i + len(x)] = -logp.cpu() / L
+    nats = float(per_window.mean())
+    stderr = float(per_window.std() / math.sqrt(W)) if W > 1 else None
+    return {
+        "bpc": nats / LN2,
+        "bpc_stderr": None if stderr is None else stderr / LN2,
+        "bpc_mc_stderr": 0.0,
+        "nats_per_char": nats,
+        "nats_stderr": stderr,
+        "estimator": "policy",
+        "draws": 1,
+        "windows": W,
+        "windows_total": total,
+        "chars": W * L,
+        "block_size": L,
+        "policy": policy,
+        "per_step": per_step,
+        "block_length": block_length,
+        "forward_passes_per_window": policy_steps(L, per_step, block_length),
+    }
+
+
+def _block_length(trained: Trained) -> int | None:
+    """A block-diffusion checkpoint's block (`ModelConfig.diffusion_block`, else the config key `diffusion_block`;
+    0 or absent: none): the policy stays inside the leftmost open block."""
+    value = getattr(trained.model_config, "diffusion_block", 0) or trained.config.get("diffusion_block")
+    if value is None or value == 0:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"{trained.path}: config diffusion_block={value!r} is not a positive integer")
+    return value
 
 
 def _finite(value: Any) -> Any:
@@ -137,8 +231,15 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
             f"fewer than one window of {block + int(causal)}"
         )
 
+    if args.estimator == "policy" and causal:
+        raise UserError(
+            f"--estimator=policy: {path} is an autoregressive (causal) checkpoint, whose NLL is already exact "
+            "(left to right); an unmasking policy applies to diffusion checkpoints only"
+        )
+
     start = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    elbo_estimator = DEFAULT_ESTIMATOR if args.estimator == "policy" else args.estimator
     result = split_likelihood(
         trained.model,
         tokens,
@@ -150,10 +251,29 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
         args.batch_size,
         device,
         progress=True,
-        estimator=args.estimator,
+        estimator=elbo_estimator,
         max_windows=args.max_windows,
     )
     seconds = time.perf_counter() - start
+    extra: dict[str, Any] = {}
+    if args.estimator == "policy":
+        assert args.policy is not None  # _validate
+        elbo = {**result, "estimator_description": ESTIMATOR_DESCRIPTIONS[elbo_estimator], "seconds": seconds}
+        start = time.perf_counter()
+        result = policy_split_likelihood(
+            trained.model,
+            tokens,
+            block,
+            trained.vocab.mask_id,
+            args.policy,
+            args.per_step,
+            args.batch_size,
+            device,
+            _block_length(trained),
+            args.max_windows,
+        )
+        seconds = time.perf_counter() - start
+        extra = {"elbo": elbo}
     masked_ce: dict[str, Any] | None = None
     labels: list[str] = []
     if not causal:
@@ -165,9 +285,10 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
             "objective": objective_of(trained),
             "split": args.split,
             "dataset": str(dataset_dir),
-            "bound": not causal,
+            "bound": not causal and args.estimator != "policy",
             **result,
-            "estimator_description": ESTIMATOR_DESCRIPTIONS[result["estimator"]],
+            "estimator_description": _describe(result),
+            **extra,
             "max_windows": args.max_windows,
             "seed": args.seed,
             "device": str(device),
@@ -179,13 +300,27 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
     )
 
 
+def _describe(result: dict[str, Any]) -> str:
+    if result["estimator"] != "policy":
+        return ESTIMATOR_DESCRIPTIONS[result["estimator"]]
+    blocks = "" if result["block_length"] is None else f", inside blocks of {result['block_length']}"
+    return (
+        f"exact NLL under the {result['policy']} policy ({POLICY_DESCRIPTIONS[result['policy']]}), "
+        f"{result['per_step']} character(s) per step{blocks}: "
+        f"{result['forward_passes_per_window']} forward passes per window"
+    )
+
+
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def report_lines(r: dict[str, Any]) -> list[str]:
     m = r["model"]
-    what = "negative ELBO (upper bound on the NLL)" if r["bound"] else "exact NLL"
+    if r["estimator"] == "policy":
+        what = f"exact NLL under the {r['policy']} unmasking policy"
+    else:
+        what = "negative ELBO (upper bound on the NLL)" if r["bound"] else "exact NLL"
     lines = [
         f"checkpoint  {r['checkpoint']} (iter {r['iter']}, objective {r['objective']}, "
         f"{m['n_layer']} layers x {m['n_embd']}, block {r['block_size']})",
@@ -203,9 +338,19 @@ def report_lines(r: dict[str, Any]) -> list[str]:
         f"estimator   {r['estimator']}: {r['estimator_description']}"
         + ("" if not r["bound"] else f"; {r['draws']} draws per window"),
         "stderr      across windows (data and estimator noise)"
-        + ("" if not r["bound"] else f"; estimator noise alone {_fmt(r['bpc_mc_stderr'])} bits/char"),
+        + ("" if not r["bound"] else f"; estimator noise alone {_fmt(r['bpc_mc_stderr'])} bits/char")
+        if r["bound"]
+        else "stderr      across windows (the windows only: the number itself is exact)",
         f"time        {r['seconds']:.1f} s on {r['device']}",
     ]
+    elbo = r.get("elbo")
+    if elbo is not None:
+        lines += [
+            f"ELBO        {_fmt(elbo['bpc'])} ± {_fmt(elbo['bpc_stderr'])} bits/char ({_fmt(elbo['nats_per_char'])} "
+            f"nats/char) on the same windows: negative ELBO (upper bound on the NLL of the random-order model)",
+            f"            {elbo['estimator']}, {elbo['draws']} draws per window; estimator noise "
+            f"{_fmt(elbo['bpc_mc_stderr'])} bits/char; {elbo['seconds']:.1f} s",
+        ]
     ce = r["masked_ce"]
     if ce is not None:
         lines.append(f"Per-stage masked CE (the trainer's fixed validation set, seed 42, {r['split']} split):")

@@ -32,6 +32,7 @@ from unmask.command import parse_command
 from unmask.data import Dataset, load_dataset, sample_windows
 from unmask.errors import UserError
 from unmask.loading import Trained, read_trained
+from unmask.policy import Policy, generate_with_policy
 from unmask.runtime import resolve_device
 from unmask.sampling import (
     REMASKING,
@@ -143,6 +144,12 @@ class SampleArgs:
     sweep_out: str | None = None
     """JSON file the sweep writes; it must not exist (default: sweep_steps.json in the checkpoint's run directory,
     or sweep_steps_2.json, _3, ... when taken: an earlier sweep is never overwritten)."""
+    policy: Policy | None = None
+    """Generate in a deterministic unmasking order instead: left_to_right, low_confidence, margin or entropy (the
+    order depends only on the model's predictions; characters are drawn from its own distribution, each sample
+    from its own generator), so `unmask eval --estimator=policy` is the exact likelihood of what it draws."""
+    per_step: int = 1
+    """--policy: characters committed per step (the last step takes the rest); --steps is then unused."""
 
     strategies: tuple[str, ...] = field(default=(), init=False, repr=False)
     step_counts: tuple[int, ...] = field(default=(), init=False, repr=False)
@@ -207,6 +214,14 @@ class SampleArgs:
             raise UserError(f"{' and '.join(given)}: give only one of them")
         if self.infill is not None and self.length is not None:
             raise UserError(f"--length={self.length}: not with --infill (the template sets the length)")
+        if self.per_step < 1 or (self.per_step != 1 and self.policy is None):
+            raise UserError(f"--per_step={self.per_step}: must be >= 1, and goes with --policy")
+        if self.policy is not None:  # the policy's own distribution: the sampler's other knobs would change it
+            defaults = {"remasking": "random", "temperature": 1.0, "top_k": 0, "top_p": 1.0, "sweep_steps": None}
+            quiet = {"confidence_threshold": None, "show_steps": False, "trace": None, "animate": None}
+            clash = [k for k, v in {**defaults, **quiet}.items() if getattr(self, k) != v]
+            if clash:
+                raise UserError(f"--policy={self.policy}: not with --{clash[0]} (it draws from the model as it is)")
 
 
 # --- build ----------------------------------------------------------------------------------------------------
@@ -500,7 +515,12 @@ def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None =
 
             critic = CriticRemask(setup.critic.model, config.randomness_strength)
         generator = setup.generator(first, rows)
-        if setup.kind == "autoregressive":
+        if args.policy is not None:
+            block_length = trained.model_config.diffusion_block or args.block_length  # a block model's own K
+            result = generate_with_policy(
+                trained.model, canvas, fixed, mask_id, args.policy, args.per_step, generator.generators, block_length
+            )
+        elif setup.kind == "autoregressive":
             result = generate_autoregressive(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook)
         elif setup.kind == "block_diffusion":
             K = trained.model_config.diffusion_block
@@ -579,6 +599,12 @@ def describe(setup: Setup, config: SamplingConfig) -> str:
             f"checkpoint {t.path} (iter {t.iter_num}, autoregressive: one character per forward pass, KV cache); "
             f"{setup.args.num_samples} samples x {setup.length} characters; temperature {config.temperature}, "
             f"top_k {top_k}, top_p {top_p}; seed {setup.args.seed}"
+        )
+    if setup.args.policy is not None:
+        return (
+            f"checkpoint {t.path} (iter {t.iter_num}); {setup.args.num_samples} samples x {setup.length} characters; "
+            f"policy {setup.args.policy}, {setup.args.per_step} per step, the model's own distribution (exact "
+            f"likelihood: unmask eval --estimator=policy); seed {setup.args.seed}"
         )
     if config.confidence_threshold is None:
         steps = f"{config.schedule} schedule, {config.steps} steps"
