@@ -284,3 +284,30 @@ def test_block_diffusion_flag_errors(
     assert main(["train", *tiny_flags(tiny_data, tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_unmask_eval_scores_a_block_diffusion_checkpoint_by_its_block_elbo(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import unmask.evaluate as evaluate
+    from tests.conftest import tiny_flags
+    from unmask.cli import main
+
+    flags = [*tiny_flags(tiny_data, tmp_path, objective="block_diffusion", max_iters=4), "--diffusion_block=8"]
+    assert main(["train", *flags]) == 0
+    calls: list[int] = []
+    real = evaluate.block_nelbo
+
+    def counted(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(int(args[3]))  # type: ignore[call-overload]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(evaluate, "block_nelbo", counted)
+    capsys.readouterr()
+    assert main(["eval", f"--out_dir={tmp_path}", "--json", "--device=cpu", "--max_windows=8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["objective"] == "block_diffusion" and result["bound"] is True
+    assert math.isfinite(result["bpc"]) and result["masked_ce"] is None
+    assert calls and set(calls) == {8}

@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 import sys
 import typing
+from collections.abc import Callable
 from itertools import combinations
 from typing import Any, Literal
 
@@ -260,6 +261,10 @@ def ar_nll(model: torch.nn.Module, x: Tensor, mask_id: int | None = None) -> Ten
     return nll.double().mean(dim=1)
 
 
+# (model, x (B, L), mask_id, draws, generator, estimator, batch_size) -> (nats (B,), standard error (B,))
+NelboFn = Callable[[torch.nn.Module, Tensor, int, int, torch.Generator, str, "int | None"], tuple[Tensor, Tensor]]
+
+
 def split_window_offsets(n_tokens: int, block_size: int, causal: bool) -> np.ndarray:
     """Offsets of the non-overlapping windows of a split: jL for diffusion; jL as well (of L + 1 ids) for causal.
 
@@ -285,10 +290,12 @@ def split_likelihood(
     progress: bool,
     estimator: str = DEFAULT_ESTIMATOR,
     max_windows: int | None = None,
+    nelbo: NelboFn | None = None,
 ) -> dict[str, Any]:
     """Bits per character over every non-overlapping block_size window of a split (1-D array of ids).
 
-    Diffusion: NELBO per window by `nelbo_estimate` (`draws` forward passes per window); causal: `ar_nll` on
+    Diffusion: NELBO per window by `nelbo` (default `nelbo_estimate`, `draws` forward passes per window; a
+    block-diffusion model passes its block NELBO); causal: `ar_nll` on
     windows of L + 1 (see `split_window_offsets`). `batch_size` is rows per forward pass (a window takes `draws` rows).
     `max_windows` keeps that many evenly spaced windows. The standard error is across windows: the sample standard
     deviation of the per-window nats per character over sqrt(windows), so it counts both the data (which windows)
@@ -312,7 +319,7 @@ def split_likelihood(
         if causal:
             per_window[i : i + len(chunk)] = ar_nll(model, x, mask_id).cpu()
         else:
-            seq_nats, se = nelbo_estimate(model, x, mask_id, draws, generator, estimator, batch_size)
+            seq_nats, se = (nelbo or nelbo_estimate)(model, x, mask_id, draws, generator, estimator, batch_size)
             per_window[i : i + len(chunk)] = seq_nats.cpu() / L
             mc_var[i : i + len(chunk)] = se.cpu() ** 2
         bar.update(len(chunk))

@@ -24,9 +24,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from unmask.block_diffusion import block_nelbo
 from unmask.command import parse_command
 from unmask.data import gather_windows, load_dataset
-from unmask.elbo import DEFAULT_ESTIMATOR, ESTIMATOR_DESCRIPTIONS, LN2, split_likelihood, split_window_offsets
+from unmask.elbo import (
+    DEFAULT_ESTIMATOR,
+    ESTIMATOR_DESCRIPTIONS,
+    LN2,
+    NelboFn,
+    split_likelihood,
+    split_window_offsets,
+)
 from unmask.errors import UserError
 from unmask.loading import Trained, read_trained
 from unmask.policy import POLICIES, POLICY_DESCRIPTIONS, Policy, model_predict, policy_log_likelihood, policy_steps
@@ -203,6 +211,26 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _block_nelbo(block_length: int | None) -> NelboFn | None:
+    """The block NELBO of a block-diffusion checkpoint (None: the plain masked-diffusion ELBO)."""
+    if block_length is None:
+        return None
+    K = block_length
+
+    def nelbo(
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        mask_id: int,
+        draws: int,
+        generator: torch.Generator,
+        estimator: str,
+        batch_size: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return block_nelbo(model, x, mask_id, K, draws, generator, estimator)
+
+    return nelbo
+
+
 def evaluate(args: EvalArgs) -> dict[str, Any]:
     """Run the evaluation described by `args`; returns the report as a JSON-able dict."""
     _validate(args)
@@ -253,6 +281,7 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
         progress=True,
         estimator=elbo_estimator,
         max_windows=args.max_windows,
+        nelbo=_block_nelbo(_block_length(trained)),
     )
     seconds = time.perf_counter() - start
     extra: dict[str, Any] = {}
@@ -276,7 +305,7 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
         extra = {"elbo": elbo}
     masked_ce: dict[str, Any] | None = None
     labels: list[str] = []
-    if not causal:
+    if not causal and _block_length(trained) is None:  # (stage-masked windows mean nothing block-causally)
         masked_ce, labels = stage_metrics(trained, tokens, dataset.paragraphs[args.split], args.batch_size, device)
     return _finite(
         {
