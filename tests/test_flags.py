@@ -9,7 +9,7 @@ import pytest
 from unmask.config import TrainConfig
 from unmask.errors import UserError
 from unmask.flags import convert, load_preset, parse_flags
-from unmask.stages import DEFAULT_STAGES, RandomStage, SpanStage, StickyStage
+from unmask.stages import RandomStage, SpanStage, StickyStage, default_curriculum
 from unmask.train import build_train_run
 
 README_CPU_COMMAND = [
@@ -33,7 +33,7 @@ def test_readme_cpu_command_parses_verbatim() -> None:
     assert (cfg.device, cfg.compile, cfg.batch_size, cfg.block_size) == ("cpu", False, 8, 256)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.max_iters) == (4, 4, 128, 10000)
     assert cfg.learning_rate == 5e-4
-    assert cfg.unmasking_stages == DEFAULT_STAGES  # no stage configuration still trains
+    assert cfg.unmasking_stages == default_curriculum(10000)  # no stage configuration: the default curriculum
 
 
 def test_seed_readme_flag_forms() -> None:

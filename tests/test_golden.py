@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import WORDS, tiny_flags
 from unmask.cli import main
+from unmask.stages import ORIGINAL_STAGES
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 REGENERATE = os.environ.get("UNMASK_REGEN_GOLDEN") == "1"
@@ -45,9 +46,14 @@ def _sequence_texts(path: Path, n: int = 60) -> Path:
     return path
 
 
+# The original three stages: the curriculum (and validation set) these files were pinned with; only the
+# `unmasking` case trains the default curriculum.
+ORIGINAL = "--unmasking_stages=" + json.dumps([stage.to_dict() for stage in ORIGINAL_STAGES])
+
+
 def _flags(tiny_data: Path, out: Path, **overrides: object) -> list[str]:
     common: dict[str, object] = dict(max_iters=ITERS, eval_interval=2, log_interval=2, eval_iters=2, seed=7)
-    return tiny_flags(tiny_data, out, **{**common, **overrides})
+    return [*tiny_flags(tiny_data, out, **{**common, **overrides}), ORIGINAL]
 
 
 def _pretrained(tiny_data: Path, root: Path) -> Path:
@@ -59,8 +65,12 @@ def _pretrained(tiny_data: Path, root: Path) -> Path:
 
 def _case_argv(case: str, tiny_data: Path, root: Path) -> list[str]:
     out = root / case
-    if case in ("unmasking", "mdlm", "autoregressive"):
+    if case == "unmasking":  # the default curriculum
+        return _flags(tiny_data, out)[:-1]
+    if case in ("mdlm", "autoregressive"):
         return _flags(tiny_data, out, objective=case)
+    if case == "unmasking_original_stages":  # the curriculum before the default gained its final stage
+        return ["original", *_flags(tiny_data, out)[:-1]]
     if case.endswith("_full_softmax"):  # the losses before zero-masking became the default
         return _flags(tiny_data, out, objective=case.removesuffix("_full_softmax"), zero_masking=False)
     if case == "mdlm_exact_k":
@@ -80,6 +90,7 @@ def _case_argv(case: str, tiny_data: Path, root: Path) -> list[str]:
 
 CASES = (
     "unmasking",
+    "unmasking_original_stages",
     "mdlm",
     "autoregressive",
     "mdlm_full_softmax",

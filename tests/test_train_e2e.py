@@ -298,3 +298,20 @@ def test_a_resumed_run_starts_a_fresh_non_finite_count(tiny_data: Path, tmp_path
     run = build_train_run(["--init_from=resume", f"--out_dir={out}", "--max_iters=8"])
     trainer = Trainer(run.cfg, init_runtime("cpu", "float32", "gloo"), ckpt, run.path)
     assert trainer.nonfinite_steps == 0
+
+
+def test_the_default_curriculum_ends_at_full_masking_and_reaches_it(tiny_data: Path, tmp_path: Path) -> None:
+    """With no stage configuration the run ends in a stage that masks U(0, 1) of each window (so the model can
+    generate from an empty canvas), after the original sticky stages of 10 % of --max_iters each."""
+    from unmask.stages import ORIGINAL_STAGES, RandomStage
+    from unmask.train import build_train_run
+
+    out = tmp_path / "run"
+    assert main(["train", *tiny_flags(tiny_data, out, max_iters=40, eval_interval=10)]) == 0
+    ckpt = torch.load(out / "ckpt_unmasking_40.pt", weights_only=True)
+    stages = ckpt["config"]["unmasking_stages"]
+    assert [s["iters"] for s in stages[:3]] == [4, 4, 4] and len(stages) == 4
+    assert RandomStage(masking_rate_range=(0.0, 1.0)).to_dict() == stages[3]
+    assert ckpt["curriculum"]["stage"] == 3 and ckpt["curriculum"]["stage_start_iter"] == 12
+    original = build_train_run(["original"]).cfg
+    assert original.unmasking_stages == ORIGINAL_STAGES

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from unmask.errors import UserError
 from unmask.runtime import check_device_name
-from unmask.stages import DEFAULT_STAGES, Stage, parse_stages
+from unmask.stages import Stage, default_curriculum, parse_stages
 
 ObjectiveName = Literal["unmasking", "mdlm", "autoregressive", "block_diffusion"]
 # Flags that define the learning-rate schedule: a resume that changes one changes the rest of the run's schedule.
@@ -100,12 +100,14 @@ class TrainConfig:
     elbo_draws: int = 2
     """Monte-Carlo draws per validation window for val_bpc of diffusion objectives (fixed seed: comparable across
     evaluations)."""
-    unmasking_stages: tuple[Stage, ...] = DEFAULT_STAGES
+    unmasking_stages: tuple[Stage, ...] | None = None
     """Curriculum: a list of stage dicts (type sticky/random/span and their masking parameters; random takes
     max_masked_ratio or masking_rate_range=[lo, hi]). Every stage may give val_loss_stale_count, epochs, iters
     (it ends at whichever comes first; with a duration and no stale count it is duration-only) and lr_factor
     (multiplies the learning rate while it is current). As a flag, a JSON or Python list literal. Default: the
-    README's three sticky stages (0.2, 0.4, 0.6)."""
+    README's three sticky stages (0.2, 0.4, 0.6), each for at most 10 % of --max_iters, then a random stage masking
+    U(0, 1) of each window until the end, so the model can generate from an empty canvas (the `original` preset
+    trains the three sticky stages alone)."""
     validation_stages: tuple[Stage, ...] | None = None
     """Stages the fixed validation set is built from (default: unmasking_stages)."""
     use_all_stages_for_training: bool = False
@@ -207,6 +209,8 @@ class TrainConfig:
     """Seed of the model init, data and masking generators (offset by the DDP rank)."""
 
     def __post_init__(self) -> None:
+        if self.unmasking_stages is None:
+            self.unmasking_stages = default_curriculum(self.max_iters)
         self.unmasking_stages = parse_stages(self.unmasking_stages, "--unmasking_stages")
         if self.validation_stages is not None:
             self.validation_stages = parse_stages(self.validation_stages, "--validation_stages")
@@ -368,8 +372,14 @@ class TrainConfig:
         return "sequence_binary" if self.binary_task == "sequence" else "token_binary"
 
     @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The training curriculum (`unmasking_stages` after the default was filled in)."""
+        assert self.unmasking_stages is not None  # __post_init__ fills in the default curriculum
+        return self.unmasking_stages
+
+    @property
     def stages_for_validation(self) -> tuple[Stage, ...]:
-        return self.validation_stages or self.unmasking_stages
+        return self.validation_stages or self.stages
 
     @property
     def final_lr(self) -> float:

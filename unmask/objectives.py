@@ -423,14 +423,14 @@ class Unmasking(DiffusionModel):
         super().__init__(inputs)
         cfg = self.cfg
         self.curriculum = Curriculum(
-            cfg.unmasking_stages,
+            cfg.stages,
             cfg.use_all_stages_for_training,
             duration_scale=cfg.stage_duration_scale,
             iters_per_epoch=self.train_size / inputs.chars_per_iter,
         )
         # Stage selections are pre-drawn from the run's masking stream, 256+ rows at a time.
         rows = max(256, 4 * cfg.batch_size)
-        self.pool = SelectionPool(cfg.unmasking_stages, cfg.block_size, inputs.mask_gen, rows)
+        self.pool = SelectionPool(cfg.stages, cfg.block_size, inputs.mask_gen, rows)
 
     def loss(
         self, model: torch.nn.Module, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool
@@ -439,9 +439,7 @@ class Unmasking(DiffusionModel):
         t0 = time.perf_counter()
         counts = self.curriculum.training_mix(cfg.batch_size)
         pool = self.pool if training else None
-        batch = self.train_source.batch(
-            counts, cfg.unmasking_stages, vocab.mask_id, vocab.n_chars, data_gen, mask_gen, pool
-        )
+        batch = self.train_source.batch(counts, cfg.stages, vocab.mask_id, vocab.n_chars, data_gen, mask_gen, pool)
         seconds = time.perf_counter() - t0
         with self.rt.autocast():
             if training and cfg.label_smoothing:
@@ -479,7 +477,7 @@ class Unmasking(DiffusionModel):
 
     def start_lines(self, resumed_at: int | None) -> list[str]:
         lines = super().start_lines(resumed_at)
-        for i, stage in enumerate(self.cfg.unmasking_stages):
+        for i, stage in enumerate(self.cfg.stages):
             lines.append(f"  Stage {i} ({stage.type}): {stage.params()}, {self.curriculum.describe_duration(i)}")
         if resumed_at:
             lines.append(f"Resumed at iteration {resumed_at}, stage {self.curriculum.state.stage}")
@@ -502,10 +500,10 @@ class Unmasking(DiffusionModel):
     ) -> None:
         if "curriculum" in ckpt:
             self.curriculum.state = CurriculumState.from_dict(ckpt["curriculum"], iter_num, epochs)
-        if self.curriculum.state.stage >= len(self.cfg.unmasking_stages):
+        if self.curriculum.state.stage >= len(self.cfg.stages):
             raise UserError(
                 f"{path}: checkpoint is at stage {self.curriculum.state.stage} but only "
-                f"{len(self.cfg.unmasking_stages)} --unmasking_stages are configured"
+                f"{len(self.cfg.stages)} --unmasking_stages are configured"
             )
         if "pool" in rank_rng:
             # (Checkpoints written before the pool was saved were written right after a flush: empty pool.)

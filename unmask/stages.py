@@ -165,11 +165,27 @@ class SpanStage(Stage):
 STAGE_TYPES: dict[str, type[Stage]] = {cls.type: cls for cls in (StickyStage, RandomStage, SpanStage)}
 
 # The seed README's three-stage sticky curriculum: scattered 20 % masks, then small regions, then large ones.
-DEFAULT_STAGES: tuple[Stage, ...] = (
+# The original README's three sticky stages (the `original` preset trains exactly these).
+ORIGINAL_STAGES: tuple[Stage, ...] = (
     StickyStage(target_masked_ratio=0.2, p1_probability=0.3, p2_probability=0.0, val_loss_stale_count=5),
     StickyStage(target_masked_ratio=0.4, p1_probability=0.2, p2_probability=0.8, val_loss_stale_count=5),
     StickyStage(target_masked_ratio=0.6, p1_probability=0.1, p2_probability=0.9, val_loss_stale_count=10),
 )
+DEFAULT_STAGES = ORIGINAL_STAGES  # (the name before the default curriculum gained its final stage)
+# Share of --max_iters each original stage lasts at most in the default curriculum; the final stage gets the rest.
+DEFAULT_STAGE_SHARE = 0.1
+
+
+def default_curriculum(max_iters: int) -> tuple[Stage, ...]:
+    """The curriculum of a run that configures no stages: the original three sticky stages, each ending at its
+    stale count or after 10 % of --max_iters (whichever comes first), then a `random` stage masking U(0, 1) of
+    each window until the end. Sampling starts from an all-[MASK] canvas: a model that never trained beyond 60 %
+    masking cannot fill one (with the three stages alone, samples scored 5.72 nats per character under an
+    autoregressive judge, against 1.77 for real text)."""
+    share = max(1, round(DEFAULT_STAGE_SHARE * max_iters))
+    sticky = tuple(dataclasses.replace(stage, iters=share) for stage in ORIGINAL_STAGES)
+    return (*sticky, RandomStage(masking_rate_range=(0.0, 1.0)))
+
 
 _PROBABILITIES = ("target_masked_ratio", "p1_probability", "p2_probability", "max_masked_ratio")
 # Integer keys: inclusive range. iters matches TrainConfig's --max_iters bound, spans_count its --block_size bound
