@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -315,3 +316,43 @@ def test_the_default_curriculum_ends_at_full_masking_and_reaches_it(tiny_data: P
     assert ckpt["curriculum"]["stage"] == 3 and ckpt["curriculum"]["stage_start_iter"] == 12
     original = build_train_run(["original"]).cfg
     assert original.unmasking_stages == ORIGINAL_STAGES
+
+
+def test_the_default_gpu_model_on_a_cpu_is_announced_in_one_line() -> None:
+    from unmask.train import build_train_run, cpu_default_note
+
+    assert build_train_run([]).default_model
+    assert not build_train_run(["cpu"]).default_model and not build_train_run(["--n_layer=2"]).default_model
+    note = cpu_default_note(build_train_run([]).cfg)
+    assert "\n" not in note and "10.6M-parameter, block-1024" in note and "unmask train cpu" in note
+    assert re.search(r"about [\d.]+ s per iteration and \d+ s per evaluation", note)
+
+
+def test_threads_flag_everywhere(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from unmask.runtime import auto_threads
+
+    assert 1 <= auto_threads() <= torch.get_num_threads()
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", *tiny_flags(tiny_data, tmp_path, max_iters=2), "--threads=1"]) == 0
+        assert torch.get_num_threads() == 1
+        for command in ("sample", "eval"):
+            assert main([command, f"--out_dir={tmp_path}", "--threads=-1"]) == 2
+            assert "--threads=-1: must be in [0, 1024]" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_received_checkpoint_cannot_switch_on_wandb(tiny_data: Path, tmp_path: Path) -> None:
+    from unmask import checkpoint as ckpt_io
+    from unmask.train import build_train_run
+
+    out = tmp_path / "run"
+    assert main(["train", *tiny_flags(tiny_data, out, max_iters=4)]) == 0
+    path = out / "ckpt_unmasking_4.pt"
+    ckpt = ckpt_io.load_checkpoint(path)
+    ckpt["config"]["wandb_log"] = True
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    state = {k: v for k, v in ckpt.items() if k not in ("format_version", "integrity")}
+    ckpt_io.save_checkpoint(out, 4, state, {k: sidecar[k] for k in ("iter", "run_id", "seq")})
+    assert build_train_run(["--init_from=resume", f"--out_dir={out}"]).cfg.wandb_log is False

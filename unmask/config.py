@@ -205,6 +205,9 @@ class TrainConfig:
     """Compile the model with torch.compile."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """DDP backend under torchrun: 'auto' is nccl on CUDA, gloo on CPU."""
+    threads: int = 0
+    """CPU threads for torch. 0 (default): as many as the cores that are idle when the run starts (the cores minus
+    the 1-minute load average, at least 1): threads that wait for each other on busy cores spin."""
     seed: int = 1337
     """Seed of the model init, data and masking generators (offset by the DDP rank)."""
 

@@ -38,7 +38,7 @@ from unmask.elbo import (
 from unmask.errors import UserError
 from unmask.loading import Trained, read_trained
 from unmask.policy import POLICIES, POLICY_DESCRIPTIONS, Policy, model_predict, policy_log_likelihood, policy_steps
-from unmask.runtime import Runtime, resolve_device
+from unmask.runtime import Runtime, resolve_device, set_threads
 from unmask.stages import parse_stages
 from unmask.validation import build_validation_set, evaluate_batches
 
@@ -83,6 +83,8 @@ class EvalArgs:
     """Seed of the mask draws: the same seed, batch size and device give the same numbers."""
     json: bool = False
     """Print one JSON object instead of the readable report."""
+    threads: int = 0
+    """CPU threads for torch (0: the cores that are idle now, at least 1)."""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
     batch_size: int = 64
@@ -397,6 +399,7 @@ def main(argv: list[str]) -> int:
     if parsed is None:
         return 0
     args = parsed[1]
+    set_threads(args.threads)
     result = evaluate(args)
     if args.json:
         print(json.dumps(result, allow_nan=False))

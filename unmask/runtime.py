@@ -54,6 +54,31 @@ class Runtime:
 
 
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+THREADS_HELP = (
+    "CPU threads for torch. 0 (default): as many as the cores that are idle now (the cores minus the 1-minute load "
+    "average, at least 1): threads that wait for each other on cores other jobs keep busy spin, and one thread can "
+    "then be many times faster than torch's one per core."
+)
+MAX_THREADS = 1024
+
+
+def auto_threads() -> int:
+    """Threads for a run that did not choose: the idle cores now, at least 1, at most torch's default."""
+    cores = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return cores
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
+def set_threads(requested: int, flag: str = "--threads") -> int:
+    """Apply --threads (0: `auto_threads`) to torch's intra-op pool; returns the number used."""
+    if not 0 <= requested <= MAX_THREADS:
+        raise UserError(f"{flag}={requested}: must be in [0, {MAX_THREADS}] (0: the idle cores)")
+    threads = requested or auto_threads()
+    torch.set_num_threads(threads)
+    return threads
 
 
 def check_device_name(name: str, flag: str = "--device") -> None:

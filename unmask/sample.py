@@ -33,7 +33,7 @@ from unmask.data import Dataset, load_dataset, sample_windows
 from unmask.errors import UserError
 from unmask.loading import Trained, read_trained
 from unmask.policy import Policy, generate_with_policy
-from unmask.runtime import resolve_device
+from unmask.runtime import resolve_device, set_threads
 from unmask.sampling import (
     REMASKING,
     RowGenerators,
@@ -119,8 +119,8 @@ class SampleArgs:
     batch_size: int = 16
     """Samples generated together in one batch."""
     threads: int = 0
-    """CPU threads for torch (0: torch's default, one per core). On a CPU whose cores other jobs keep busy, 1 can
-    be many times faster: threads waiting for each other spin."""
+    """CPU threads for torch. 0 (default): as many as the cores that are idle now (the cores minus the 1-minute
+    load average, at least 1): on cores that other jobs keep busy, threads waiting for each other spin."""
     json: bool = False
     """Print one JSON document (samples, settings, metrics) instead of the text report."""
     show_steps: bool = False
@@ -155,8 +155,6 @@ class SampleArgs:
     step_counts: tuple[int, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.threads < 0:
-            raise UserError(f"--threads={self.threads}: must be >= 0 (0 is torch's default)")
         for name in ("num_samples", "steps", "batch_size", "judge_draws"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name}={getattr(self, name)}: must be at least 1")
@@ -420,8 +418,7 @@ def _autoregressive_start(
 
 
 def build(args: SampleArgs) -> Setup:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = resolve_device(args.device)
     return build_from(args, read_trained(args.ckpt, args.out_dir, device), device)
 

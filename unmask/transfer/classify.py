@@ -21,7 +21,7 @@ import torch
 from unmask.command import parse_command
 from unmask.errors import UserError
 from unmask.loading import Trained, read_trained
-from unmask.runtime import resolve_device
+from unmask.runtime import resolve_device, set_threads
 from unmask.transfer.binary import binary_metrics
 from unmask.transfer.labeled_text import LabeledText, encode_texts, read_labeled
 
@@ -47,6 +47,8 @@ class ClassifyArgs:
     classifiers) instead of one number per line."""
     batch_size: int = 64
     """Texts (or windows) per forward pass."""
+    threads: int = 0
+    """CPU threads for torch (0: the cores that are idle now, at least 1)."""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
 
@@ -87,6 +89,7 @@ def main(argv: list[str]) -> int:
     if parsed is None:
         return 0
     args = parsed[1]
+    set_threads(args.threads)
     if args.input is None:
         raise UserError("--input=FILE: the texts to score are required")
     if args.batch_size < 1:
