@@ -94,7 +94,13 @@ def tiny_flags(data_dir: Path, out_dir: Path, **overrides: object) -> list[str]:
     return [f"--{k}={v}" for k, v in values.items()]
 
 
-CLOCK_FIELDS = ("time", "elapsed_s", "eta_s", "run_id")  # fields of metrics.jsonl records that differ between runs
+CLOCK_FIELDS = (
+    "time",
+    "elapsed_s",
+    "eta_s",
+    "eval_seconds",
+    "run_id",
+)  # fields of metrics.jsonl records that differ between runs
 
 
 def run_records(out_dir: Path, kind: str) -> list[dict]:

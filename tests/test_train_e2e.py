@@ -50,7 +50,7 @@ def test_resume_equals_straight_run_bit_for_bit(tiny_data: Path, tmp_path: Path)
 
 def test_metrics_and_checkpoint_contents(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main(["train", *tiny_flags(tiny_data, out, max_iters=8, keep_last=1)]) == 0
+    assert main(["train", "original", *tiny_flags(tiny_data, out, max_iters=8, keep_last=1)]) == 0
     evals = records(out, "eval")
     assert [r["iter"] for r in evals] == [0, 4, 8]
     last = evals[-1]
@@ -68,7 +68,7 @@ def test_metrics_and_checkpoint_contents(tiny_data: Path, tmp_path: Path) -> Non
         "stale_count",
     ):
         assert key in last, key
-    # 3 eval_iters x batch 4 = 12 samples spread 4/4/4 over the README's three default stages, all evaluated.
+    # 3 eval_iters x batch 4 = 12 samples spread 4/4/4 over the README's three stages, all evaluated.
     assert [last[f"val_stage_{i}_samples"] for i in range(3)] == [4, 4, 4]
     assert last["val_masked_token_ratio_min"] == pytest.approx(round(0.2 * 32) / 32)
     assert last["val_masked_token_ratio_max"] == pytest.approx(round(0.6 * 32) / 32)
@@ -261,7 +261,8 @@ def test_evaluating_more_often_does_not_change_training(tiny_data: Path, tmp_pat
     runs = {}
     for every in (4, 8):
         out = tmp_path / f"every{every}"
-        assert main(["train", *tiny_flags(tiny_data, out, max_iters=16, eval_interval=every, log_interval=1)]) == 0
+        flags = tiny_flags(tiny_data, out, max_iters=16, eval_interval=every, log_interval=1)
+        assert main(["train", "original", *flags]) == 0  # the original stages: no stage change in 16 iterations
         runs[every] = out
     losses = {k: [(r["iter"], r["train_loss_step"]) for r in records(out, "train")] for k, out in runs.items()}
     assert len(losses[4]) == 16 and losses[4] == losses[8]

@@ -11,6 +11,7 @@ that has left (docs/origin.md §4.1; Lightning's and torchtitan's preemption han
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,13 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
+        # Acknowledge at once (an evaluation can take minutes): the stop itself waits for the next safe point.
+        name = signal.Signals(signum).name
+        sys.stderr.write(
+            f"unmask: received {name}: stopping with a checkpoint after the current step or evaluation; "
+            f"send {name} again to stop at once\n"
+        )
+        sys.stderr.flush()
         # A second signal acts as if we had never intervened (SIGINT: KeyboardInterrupt; SIGTERM: terminate).
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

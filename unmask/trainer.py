@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from unmask import checkpoint as ckpt_io
 from unmask import run_dir
@@ -157,6 +159,9 @@ class Trainer:
                     self.save_checkpoint(metrics)
                     if self.cfg.eval_only:
                         break
+                    signum = stop.agreed(self.rt)  # a signal during the evaluation: stop before training on
+                    if signum is not None:
+                        self.stop_for_signal(signum)
                 if self.done():
                     break
                 loss = self.train_step()
@@ -244,14 +249,26 @@ class Trainer:
         gen_seed = cfg.seed + _EVAL_SEED_OFFSET + 7919 * self.iter_num + self.rt.rank
         data_gen = torch.Generator().manual_seed(gen_seed)
         mask_gen = torch.Generator(device=self.rt.device).manual_seed(gen_seed)
+        # A progress bar on a terminal (fresh batches, then the validation metrics); a one-line summary otherwise.
+        tty = self.rt.is_master and sys.stderr.isatty()
+        bar = tqdm(total=cfg.eval_iters + 1, desc=f"eval {self.iter_num}", unit="batch", disable=not tty, leave=False)
         with torch.no_grad():
-            fresh = [self.objective.loss(self.raw_model, data_gen, mask_gen, False)[0] for _ in range(cfg.eval_iters)]
+            fresh = []
+            for _ in range(cfg.eval_iters):
+                fresh.append(self.objective.loss(self.raw_model, data_gen, mask_gen, False)[0])
+                bar.update()
             train_loss = self.rt.all_reduce_sum(torch.stack(fresh).mean().double()) / self.rt.world_size
             metrics: dict[str, Any] = {"iter": self.iter_num, "epochs": self.epochs, "train_loss": float(train_loss)}
+            bar.set_postfix_str("validation")
             metrics |= self.objective.validate(self.raw_model)
+            bar.update()
+        bar.close()
         self.raw_model.train()
         self.last_eval_iter = self.iter_num
         self.eval_seconds = time.perf_counter() - t0
+        metrics["eval_seconds"] = self.eval_seconds
+        if not tty:
+            self.log.print(f"evaluation at iteration {self.iter_num}: {self.eval_seconds:.1f} s")
         if not (math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["train_loss"])):
             raise UserError(
                 f"evaluation at iteration {self.iter_num} gave a non-finite loss "
