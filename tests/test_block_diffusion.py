@@ -16,6 +16,7 @@ from unmask.block_diffusion import (
     block_nelbo,
     block_nelbo_exact,
     parse_mask_rate_window,
+    sample_block_exact_k,
     sample_block_masks,
 )
 from unmask.elbo import nelbo_exact, real_char_log_probs
@@ -157,6 +158,33 @@ def test_loss_expectation_is_the_block_nelbo_per_character() -> None:
     assert abs(losses.mean().item() - exact) < 5 * se, (losses.mean().item(), exact, se)
 
 
+def test_exact_k_training_loss_is_unbiased_varies_less_and_is_the_ar_loss_at_k1() -> None:
+    model = tiny_model(diffusion_block=3)
+    L, K = 6, 3
+    clean = clean_rows(2, L)
+    exact = block_nelbo_exact(model, clean, MASK_ID, K).mean().item() / L
+    losses = {}
+    for estimator in ("exact_k", "antithetic_t"):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            draws = [block_diffusion_loss(model, clean, MASK_ID, K, g, estimator=estimator) for _ in range(2000)]
+        losses[estimator] = torch.stack(draws).double()
+    k_losses = losses["exact_k"]
+    se = k_losses.std().item() / len(k_losses) ** 0.5
+    assert abs(k_losses.mean().item() - exact) < 5 * se
+    assert k_losses.std() < losses["antithetic_t"].std()
+    selected, weight = sample_block_exact_k(4, 12, 3, torch.Generator().manual_seed(2))
+    counts = selected.view(4, 4, 3).sum(dim=2)  # (rows, blocks)
+    assert (counts >= 1).all() and torch.allclose(weight.view(4, 4, 3)[:, :, 0], 3 / counts.float())
+    # K = 1: every position masked with weight 1, i.e. the teacher-forced NLL per character, without noise.
+    ar = tiny_model(causal=True)
+    clean = clean_rows(3, 8)
+    with torch.no_grad():
+        expected = block_nelbo_exact(ar, clean, MASK_ID, 1).mean().item() / 8
+        once = block_diffusion_loss(ar, clean, MASK_ID, 1, torch.Generator().manual_seed(0), estimator="exact_k")
+    assert once.item() == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("estimator", ["exact_k", "stratified_t", "antithetic_t"])
 @pytest.mark.parametrize(("L", "K"), [(6, 3), (7, 3)])
 def test_block_nelbo_estimators_are_unbiased(estimator: str, L: int, K: int) -> None:
@@ -248,7 +276,8 @@ def test_block_diffusion_trains_resumes_and_samples_from_the_cli(
     from unmask.cli import main
 
     flags = [*tiny_flags(tiny_data, tmp_path / "bd", objective="block_diffusion", max_iters=8), "--diffusion_block=4"]
-    assert main(["train", *flags, "--mask_rate_window=0.2,0.9"]) == 0
+    window = ["--mask_rate_window=0.2,0.9", "--mdlm_estimator=antithetic_t"]  # the clipped t schedule
+    assert main(["train", *flags, *window]) == 0
     evals = run_records(tmp_path / "bd", "eval")
     assert all(math.isfinite(r["val_bpc"]) and r["val_loss"] == r["val_nats_per_char"] for r in evals)
     ckpt = torch.load(tmp_path / "bd" / "ckpt_unmasking_8.pt", weights_only=True)
@@ -257,7 +286,7 @@ def test_block_diffusion_trains_resumes_and_samples_from_the_cli(
     # Resume is bit for bit: 8 straight steps equal 4 + resume + 4.
     split = tmp_path / "split"
     split_flags = [*tiny_flags(tiny_data, split, objective="block_diffusion", max_iters=4), "--diffusion_block=4"]
-    assert main(["train", *split_flags, "--mask_rate_window=0.2,0.9"]) == 0
+    assert main(["train", *split_flags, *window]) == 0
     assert main(["train", "--init_from=resume", f"--out_dir={split}", "--max_iters=8"]) == 0
     resumed = torch.load(split / "ckpt_unmasking_8.pt", weights_only=True)
     assert all(torch.equal(ckpt["model"][k], resumed["model"][k]) for k in ckpt["model"])
@@ -273,6 +302,7 @@ def test_block_diffusion_trains_resumes_and_samples_from_the_cli(
         (["--objective=block_diffusion", "--diffusion_block=5"], "that divides --block_size=32"),
         (["--diffusion_block=4"], "--diffusion_block=4: needs --objective=block_diffusion"),
         (["--objective=block_diffusion", "--diffusion_block=4", "--mask_rate_window=0.9,0.2"], "--mask_rate_window"),
+        (["--objective=block_diffusion", "--diffusion_block=4", "--mask_rate_window=0.2,0.9"], "exact_k draws"),
     ],
 )
 def test_block_diffusion_flag_errors(

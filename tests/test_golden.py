@@ -73,6 +73,8 @@ def _case_argv(case: str, tiny_data: Path, root: Path) -> list[str]:
         return ["original", *_flags(tiny_data, out)[:-1]]
     if case.endswith("_full_softmax"):  # the losses before zero-masking became the default
         return _flags(tiny_data, out, objective=case.removesuffix("_full_softmax"), zero_masking=False)
+    if case == "block_diffusion":
+        return [*_flags(tiny_data, out, objective="block_diffusion"), "--diffusion_block=4"]
     if case == "mdlm_exact_k":
         return _flags(tiny_data, out, objective="mdlm", mdlm_estimator="exact_k")
     if case == "binary_replaced_token":
@@ -96,6 +98,7 @@ CASES = (
     "mdlm_full_softmax",
     "autoregressive_full_softmax",
     "mdlm_exact_k",
+    "block_diffusion",
     "binary_replaced_token",
     "binary_sequence",
     "transfer_fine_tuning",

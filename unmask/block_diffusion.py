@@ -40,6 +40,7 @@ from torch import Tensor
 
 from unmask.elbo import ESTIMATORS, _row_stats, exact_k_masks, real_char_log_probs, t_masks
 from unmask.errors import UserError
+from unmask.masking import random_k_subsets
 
 MAX_EXACT_BLOCK = 12  # 2^12 - 1 mask sets per block for the enumeration
 
@@ -146,6 +147,28 @@ def sample_block_masks(
     return selected, t
 
 
+def sample_block_exact_k(B: int, L: int, block_length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(selected (B, L) bool, weight (B, L) float32) for the exact-k block training loss (L a multiple of K).
+
+    In every (row, block) k ~ U{1..K}, stratified over the B * n_blocks blocks of the batch (one uniform u shifted
+    into each of B * n_blocks equal strata, as `sample_block_masks` does for t), a uniform k-subset of the block
+    masked, weight K / k at its positions. This is the block NELBO with t integrated out (`unmask.elbo` derives
+    the exact-k form): unbiased like the t-estimator and never of a larger variance, which matters most for small
+    K: with K = 1 the 1/t weights of Bernoulli(t) masks have an infinite variance, while exact-k is exactly the
+    autoregressive cross-entropy (k = 1, weight 1).
+    """
+    if L % block_length:
+        raise ValueError(f"exact_k needs whole blocks: L={L} is not a multiple of block_length={block_length}")
+    K, dev = block_length, generator.device
+    n = B * (L // K)
+    u = torch.rand(1, generator=generator, device=dev)  # (1,)
+    v = (u + torch.arange(n, device=dev) / n) % 1.0  # (n,) one per stratum
+    k = (1 + (v * K).floor().long()).clamp(1, K)  # (n,) in 1..K
+    selected = random_k_subsets(k, (n, K), generator).view(B, L)  # (B, L)
+    weight = (K / k.to(torch.float32))[:, None].expand(n, K).reshape(B, L)  # (B, L)
+    return selected, weight
+
+
 def block_masked_log_probs(
     model: torch.nn.Module, clean: Tensor, selected: Tensor, mask_id: int, block_length: int
 ) -> Tensor:
@@ -177,6 +200,9 @@ def block_diffusion_loss_from_masks(
     return (nll * weight).sum() / (B * L)
 
 
+TRAINING_ESTIMATORS = ("antithetic_t", "exact_k")
+
+
 def block_diffusion_loss(
     model: torch.nn.Module,
     clean: Tensor,
@@ -184,6 +210,7 @@ def block_diffusion_loss(
     block_length: int,
     generator: torch.Generator,
     mask_rate_window: tuple[float, float] = (0.0, 1.0),
+    estimator: str = "antithetic_t",
 ) -> Tensor:
     """Block-diffusion training loss (scalar): the block negative ELBO per character of clean (B, L).
 
@@ -191,10 +218,17 @@ def block_diffusion_loss(
     probability t, cross-entropy of the masked positions weighted 1 / t, summed and divided by B * L. With the
     full window (0, 1] its expectation is the block NELBO per character; a narrower window is BD3-LM's clipped
     schedule, which trades a biased objective for a lower gradient variance (evaluation always integrates over
-    the full (0, 1], see `block_nelbo`). One forward pass of length 2L.
+    the full (0, 1], see `block_nelbo`). `estimator="exact_k"`: k-subsets with K/k weights instead
+    (`sample_block_exact_k`; the mask-rate window does not apply). One forward pass of length 2L - K.
     """
     _check(clean, block_length, generator)
     B, L = clean.shape
+    if estimator == "exact_k":
+        selected, weight = sample_block_exact_k(B, L, block_length, generator)  # (B, L), (B, L)
+        nll = -block_masked_log_probs(model, clean, selected, mask_id, block_length)  # (N,)
+        return (nll * weight[selected]).sum() / (B * L)
+    if estimator != "antithetic_t":
+        raise ValueError(f"unknown training estimator {estimator!r}; expected one of {', '.join(TRAINING_ESTIMATORS)}")
     selected, t = sample_block_masks(B, L, block_length, generator, mask_rate_window)  # (B, L), (B, L)
     return block_diffusion_loss_from_masks(model, clean, selected, t, mask_id, block_length)
 

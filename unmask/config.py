@@ -93,10 +93,12 @@ class TrainConfig:
     """mdlm and autoregressive: drop the [MASK] logit from the softmax of the training loss (MDLM's zero-masking,
     the SUBS parameterisation): [MASK] is never a target, so no probability is spent on it; validation CE then
     drops it too. False: the full softmax (the behaviour before). The unmasking objective keeps the full softmax."""
-    mdlm_estimator: Literal["antithetic_t", "exact_k"] = "antithetic_t"
-    """--objective=mdlm: 'antithetic_t' draws t stratified over the batch, Bernoulli(t) masks, weight 1/t (MDLM);
-    'exact_k' draws k uniform in 1..L stratified over the batch, a uniform k-subset masked, weight L/k (t
-    integrated out: never a larger variance)."""
+    mdlm_estimator: Literal["auto", "antithetic_t", "exact_k"] = "auto"
+    """Training estimator of mdlm and block_diffusion: 'antithetic_t' draws t stratified over the batch (per block
+    for block diffusion), Bernoulli(t) masks, weight 1/t (MDLM); 'exact_k' draws k uniform in 1..L (1..K per
+    block) stratified over the batch, a uniform k-subset masked, weight L/k (t integrated out: never a larger
+    variance; for block diffusion with K = 1 exactly the autoregressive loss). 'auto': antithetic_t for mdlm,
+    exact_k for block_diffusion."""
     elbo_draws: int = 2
     """Monte-Carlo draws per validation window for val_bpc of diffusion objectives (fixed seed: comparable across
     evaluations)."""
@@ -321,6 +323,11 @@ class TrainConfig:
         if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi <= 1.0 and hi > 0.0):
             raise UserError(f"--mask_rate_window={lo},{hi}: need 0 <= LO <= HI <= 1 and HI > 0")
         self.mask_rate_window = (lo, hi)
+        if self.mask_rate_window != (0.0, 1.0) and self.training_estimator == "exact_k":
+            raise UserError(
+                f"--mask_rate_window={lo},{hi}: clips the mask rate t of --mdlm_estimator=antithetic_t; exact_k "
+                "draws mask counts, not rates"
+            )
         if self.objective != "block_diffusion":
             if self.diffusion_block:
                 raise UserError(f"--diffusion_block={self.diffusion_block}: needs --objective=block_diffusion")
@@ -373,6 +380,13 @@ class TrainConfig:
         if not self.switch_to_binary:
             return "lm"
         return "sequence_binary" if self.binary_task == "sequence" else "token_binary"
+
+    @property
+    def training_estimator(self) -> str:
+        """--mdlm_estimator with 'auto' resolved for the objective."""
+        if self.mdlm_estimator != "auto":
+            return self.mdlm_estimator
+        return "exact_k" if self.objective == "block_diffusion" else "antithetic_t"
 
     @property
     def stages(self) -> tuple[Stage, ...]:

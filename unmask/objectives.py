@@ -527,7 +527,7 @@ class MDLM(DiffusionModel):
                 windows,
                 self.vocab.mask_id,
                 mask_gen,
-                estimator=cfg.mdlm_estimator,
+                estimator=cfg.training_estimator,
                 zero_masking=cfg.zero_masking,
             )
         return loss, seconds
@@ -595,9 +595,9 @@ class BlockDiffusion(LanguageModel):
         # Evaluations' fresh batches integrate over the full (0, 1], like val_bpc, whatever the training window.
         window = cfg.mask_rate_window if training else (0.0, 1.0)
         with self.rt.autocast():
-            return block_diffusion_loss(
-                model, windows, self.vocab.mask_id, cfg.diffusion_block, mask_gen, window
-            ), seconds
+            K, estimator = cfg.diffusion_block, cfg.training_estimator
+            loss = block_diffusion_loss(model, windows, self.vocab.mask_id, K, mask_gen, window, estimator)
+        return loss, seconds
 
     def validate(self, model: torch.nn.Module) -> dict[str, Any]:
         cfg = self.cfg
@@ -610,8 +610,13 @@ class BlockDiffusion(LanguageModel):
         cfg = self.cfg
         return [
             *super().start_lines(resumed_at),
-            f"block diffusion: blocks of {cfg.diffusion_block} characters, training mask rate t ~ "
-            f"U({cfg.mask_rate_window[0]}, {cfg.mask_rate_window[1]}]",
+            f"block diffusion: blocks of {cfg.diffusion_block} characters, training estimator "
+            f"{cfg.training_estimator}"
+            + (
+                f", mask rate t ~ U({cfg.mask_rate_window[0]}, {cfg.mask_rate_window[1]}]"
+                if cfg.training_estimator == "antithetic_t"
+                else ""
+            ),
             f"Validation set: {len(self.val_windows)} windows of {cfg.block_size} characters (seed 42)",
         ]
 
