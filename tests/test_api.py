@@ -69,7 +69,8 @@ def test_export_writes_weights_config_and_card(exported: Path, run_dir: Path) ->
     assert config["vocab"] == list(trained.vocab.itos)
     assert config["special_tokens"] == {"[MASK]": trained.vocab.mask_id}
     assert config["objective"] == "unmasking"
-    assert [s["type"] for s in config["objective_params"]["unmasking_stages"]] == ["sticky", "sticky", "sticky"]
+    stages = config["objective_params"]["unmasking_stages"]
+    assert [s["type"] for s in stages] == ["sticky", "sticky", "sticky", "random"]  # the default curriculum
     training = config["training"]
     assert training["iterations"] == 8 and training["source_checkpoint"] == "ckpt_unmasking_8.pt"
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -255,7 +256,7 @@ def test_score_diffusion_is_the_elbo(exported: Path) -> None:
     one = torch.tensor([m.vocab.encode("a")])
     # One character: every exact-k draw masks it, so the estimate is the exact NELBO.
     exact_1 = float(elbo.nelbo_exact(m.model, one, m.vocab.mask_id)[0]) / math.log(2)
-    assert m.score(["a"], draws=3)[0] == pytest.approx(exact_1, rel=1e-9)
+    assert m.score(["a"], draws=3)[0] == pytest.approx(exact_1, rel=1e-6)  # float32 forward passes
     text = "The king"
     exact = float(elbo.nelbo_exact(m.model, torch.tensor([m.vocab.encode(text)]), m.vocab.mask_id)[0])
     exact_bpc = exact / len(text) / math.log(2)

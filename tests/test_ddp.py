@@ -38,7 +38,7 @@ def test_two_process_gloo_train_and_resume(tiny_data: Path, tmp_path: Path) -> N
     assert [r["iter"] for r in evals] == [0, 4, 8, 12]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     # The 12 validation samples are sharded over the ranks and all-reduced: all are counted once.
-    assert sum(evals[-1][f"val_stage_{i}_samples"] for i in range(3)) == 12
+    assert sum(evals[-1][f"val_stage_{i}_samples"] for i in range(4)) == 12  # the default curriculum: four stages
 
     # Resuming with a different number of processes would silently change the data streams: refused.
     from unmask.cli import main

@@ -68,9 +68,9 @@ def test_json_schema_and_agreement_with_the_trainer(runs: dict[str, Path], capsy
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = [rec for rec in logged if rec["kind"] == "eval"][-1]
     assert r["masked_ce"]["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
-    for i in range(3):
+    for i in range(4):  # the default curriculum's four stages
         assert r["masked_ce"][f"val_stage_{i}_loss"] == pytest.approx(last[f"val_stage_{i}_loss"], rel=1e-5)
-    assert len(r["stages"]) == 3
+    assert len(r["stages"]) == 4
 
 
 def test_deterministic_for_a_seed(runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

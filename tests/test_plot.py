@@ -27,7 +27,7 @@ def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path
     staged = tmp_path_factory.mktemp("plot_runs") / "staged"
     plain = staged.parent / "plain"
     assert main(["train", *tiny_flags(tiny_data, staged), STAGES]) == 0
-    assert main(["train", *tiny_flags(tiny_data, plain, max_iters=8)]) == 0
+    assert main(["train", "original", *tiny_flags(tiny_data, plain, max_iters=8)]) == 0  # no stage change
     return [staged, plain]
 
 

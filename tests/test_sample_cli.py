@@ -353,7 +353,7 @@ def test_out_of_vocabulary_characters_are_listed(run_dir: Path, capsys: pytest.C
         (("--placeholder=ab",), "--placeholder=ab"),
         (("--preset=fast",), "--preset=fast"),
         (("--bogus=1",), "--bogus: unknown flag"),
-        (("--threads=-1",), "--threads=-1: must be >= 0"),
+        (("--threads=-1",), "--threads=-1: must be in [0, 1024]"),
         (("--confidence_threshold=-0.1",), "--confidence_threshold=-0.1: must be >= 0"),
         (("--length=1000001",), "--length=1000001: at most 1,000,000 characters per sample"),
         (("--length=1000000000",), "--length=1000000000: at most 1,000,000"),
