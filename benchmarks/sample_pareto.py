@@ -335,6 +335,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed steady-state runs after the warm-up (median)")
     p.add_argument("--only", default="", help="comma list of setting names or families to run")
     p.add_argument("--out_json", default=None, help="write every row here")
+    p.add_argument(
+        "--extend_json",
+        default=None,
+        help="an earlier --out_json: keep its rows, measure only the settings it lacks",
+    )
     p.add_argument("--plot", default=None, help="draw chars/s against judge NLL with the Pareto front (PNG)")
     args = p.parse_args()
     args.judge_ckpt = args.judge_ckpt or args.ar_ckpt
@@ -343,10 +348,15 @@ def main() -> None:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False
     ).stdout.strip()
     rows: list[dict[str, Any]] = []
+    if args.extend_json:
+        rows = json.loads(Path(args.extend_json).read_text())["rows"]
+    measured = {r["name"] for r in rows}
     header = f"{'setting':24}{'whole s':>9}{'chars/s':>10}{'NFE':>8}{'judge NLL':>11}{'real NLL':>10}"
     print(f"{args.num_samples} x {args.length} characters from {PROMPT!r}, {args.threads} thread(s), commit {commit}")
     print(header, flush=True)
     for setting in settings_for(args):
+        if setting.name in measured:
+            continue
         document = whole_process(setting, args)
         speed = steady_state(setting, args)
         metrics = document["metrics"]
@@ -357,6 +367,7 @@ def main() -> None:
             "diffusion": setting.diffusion,
             "ckpt": setting.ckpt,
             "flags": setting.flags,
+            "commit": commit,
             "whole_process_seconds": document["whole_process_seconds"],
             "cold_chars_per_second": document["speed"]["chars_per_second"],
             "steady_chars_per_second": speed,
