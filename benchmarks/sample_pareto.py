@@ -386,7 +386,7 @@ def main() -> None:
         )
     front = pareto_front([(r["steady_chars_per_second"], r["judge_nll"]) for r in rows])
     result = goals(rows, front)
-    print("Pareto front (fast to slow-but-good): " + ", ".join(rows[i]["name"] for i in front))
+    print("Pareto front (by chars/s, slow to fast): " + ", ".join(rows[i]["name"] for i in front))
     print(json.dumps(result, indent=2))
     date = datetime.date.today().isoformat()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
