@@ -288,8 +288,9 @@ def plot(rows: list[dict[str, Any]], front: list[int], path: Path, title: str) -
         if chosen:
             xs = [r["steady_chars_per_second"] for r in chosen]
             ax.scatter(xs, [r["judge_nll"] for r in chosen], color=colour, label=family.replace("_", " "), zorder=3)
-    for r in rows:
-        ax.annotate(r["name"], (r["steady_chars_per_second"], r["judge_nll"]), fontsize=7, xytext=(4, 3),
+    for i, r in enumerate(sorted(rows, key=lambda r: r["judge_nll"])):
+        offset = (5, 3) if i % 2 == 0 else (5, -9)  # alternate above / below: neighbours in NLL overlap less
+        ax.annotate(r["name"], (r["steady_chars_per_second"], r["judge_nll"]), fontsize=7, xytext=offset,
                     textcoords="offset points")  # fmt: skip
     ordered = [rows[i] for i in front]
     ax.plot([r["steady_chars_per_second"] for r in ordered], [r["judge_nll"] for r in ordered], "k--", lw=1,
