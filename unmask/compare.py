@@ -237,8 +237,12 @@ def _help() -> str:
         "Train each objective with the same train flags (OUT_DIR/<label>/ per run) and report val_bpc against "
         "epochs: a table, OUT_DIR/compare.json, compare.csv and compare.png.",
     )
-    train = format_help(TrainConfig, "(every unmask train flag; --objective and --init_from are compare's)", "")
-    return own + "\n\ntrain flags, shared by every run " + train.split("\n", 1)[1].lstrip("\n")
+    train = format_help(TrainConfig, "", "")
+    train_flags = train[train.index("\nflags:\n") + len("\nflags:\n") :]
+    return (
+        f"{own}\n\ntrain flags (every unmask train flag, shared by every run; --objective and --init_from are "
+        f"refused: compare picks the objectives and starts from scratch):\n{train_flags}"
+    )
 
 
 def main(argv: list[str]) -> int:
