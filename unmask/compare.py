@@ -164,7 +164,7 @@ def format_table(rows: list[dict[str, Any]], labels: list[str]) -> str:
 def plot_comparison(
     points: dict[str, list[tuple[int, float | None, float]]], out: Path, title: str | None = None
 ) -> Path:
-    """compare.png: val_bpc against epochs, one line per run, its best point starred and labelled. Written
+    """compare.png: val_bpc against epochs, one line per run, its best point starred (and given in the legend). Written
     atomically (rendered to memory, then one atomic file write)."""
     try:
         import matplotlib
@@ -179,18 +179,10 @@ def plot_comparison(
             pairs = [(e, v) for _, e, v in run if e is not None]
             if not pairs:
                 continue
-            (line,) = ax.plot([e for e, _ in pairs], [v for _, v in pairs], marker=".", label=label)
             epochs, bpc = min(pairs, key=lambda p: p[1])
+            label_best = f"{label} (best {bpc:.3f} at {epochs:.0f} epochs)"
+            (line,) = ax.plot([e for e, _ in pairs], [v for _, v in pairs], marker=".", label=label_best)
             ax.plot([epochs], [bpc], marker="*", markersize=14, color=line.get_color(), linestyle="none")
-            ax.annotate(
-                f"{bpc:.3f} @ {epochs:.0f} ep",
-                (epochs, bpc),
-                textcoords="offset points",
-                xytext=(0, -14),
-                ha="center",
-                fontsize=8,
-                color=line.get_color(),
-            )
         ax.set_xlabel("epochs")
         ax.set_ylabel("val_bpc (AR: exact NLL; diffusion: ELBO bound)")
         ax.grid(True, alpha=0.3)
