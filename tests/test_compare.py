@@ -158,3 +158,15 @@ def test_rows_cover_every_evaluation_and_best_is_the_earliest_minimum() -> None:
     ]
     best = best_points({**points, "c": []})
     assert best == {"a": {"iter": 4, "epochs": 0.5, "val_bpc": 3.0}, "b": {"iter": 4, "epochs": 0.5, "val_bpc": 4.0}}
+
+
+def test_an_occupied_run_directory_is_refused_before_any_run_trains(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cmp"
+    assert main(["train", *tiny_flags(tiny_data, out / "mdlm", max_iters=4), "--objective=mdlm"]) == 0
+    capsys.readouterr()
+    assert main(["compare", *tiny_flags(tiny_data, out, max_iters=4), "--objectives=autoregressive,mdlm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out_dir={out / 'mdlm'}: holds run" in err[0]
+    assert not (out / "autoregressive").exists()  # the first run did not train

@@ -239,6 +239,7 @@ def _help() -> str:
 
 def main(argv: list[str]) -> int:
     from unmask.config import TrainConfig
+    from unmask.run_dir import check_new_run
     from unmask.runtime import init_runtime
     from unmask.trainer import Trainer
 
@@ -277,6 +278,8 @@ def main(argv: list[str]) -> int:
             raise UserError(INSTALL_HINT) from None
     out = Path(base.out_dir)
     configs = run_configs(base.to_dict(), specs, out, block_values)
+    for cfg in configs:  # the trainer checks each again when it starts; this refuses before the first run trains
+        check_new_run(Path(cfg.out_dir), cfg.overwrite)
     runtime = init_runtime(base.device, base.dtype, base.backend)
     points: dict[str, list[tuple[int, float | None, float]]] = {}
     try:
