@@ -1,8 +1,7 @@
-"""The three training objectives end to end, val_bpc, and `unmask compare`."""
+"""The training objectives end to end and val_bpc (`unmask compare`: tests/test_compare.py)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -90,22 +89,3 @@ def test_resume_is_exact_for_every_objective(tiny_data: Path, tmp_path: Path, ob
     a = torch.load(tmp_path / "a" / "ckpt_unmasking_16.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "ckpt_unmasking_16.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_compare_writes_table_json_and_csv(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "cmp"
-    assert main(["compare", *tiny_flags(tiny_data, out, max_iters=8), "--diffusion_objective=mdlm"]) == 0
-    summary = json.loads((out / "compare.json").read_text())
-    assert summary["diffusion_objective"] == "mdlm"
-    assert [r["iter"] for r in summary["rows"]] == [0, 4, 8]
-    with (out / "compare.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert float(rows[-1]["autoregressive_val_bpc"]) == pytest.approx(summary["rows"][-1]["autoregressive_val_bpc"])
-    assert (out / "autoregressive" / "ckpt_unmasking_8.pt").exists() and (out / "mdlm" / "ckpt_unmasking_8.pt").exists()
-    assert "AR val_bpc" in capsys.readouterr().out
-
-
-def test_compare_refuses_objective_flag(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["compare", *tiny_flags(tiny_data, tmp_path / "c"), "--objective=mdlm"]) == 2
-    assert main(["compare", "--diffusion_objective=gpt"]) == 2
-    assert "--diffusion_objective=gpt: expected one of mdlm, unmasking" in capsys.readouterr().err
