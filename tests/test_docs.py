@@ -171,6 +171,16 @@ def doc_commands(path: Path) -> list[DocCommand]:
 # Parsing: every flag of every command exists
 
 
+def command_fields(name: str) -> dict[str, object]:
+    """The flags a command takes (`compare` takes its own and every `unmask train` flag)."""
+    fields = dict(_fields(command_class(name)))
+    if name == "compare":
+        from unmask.compare import CompareArgs
+
+        fields.update(_fields(CompareArgs))
+    return fields
+
+
 def command_class(name: str) -> type:
     from unmask.config import TrainConfig
     from unmask.evaluate import EvalArgs
@@ -224,7 +234,7 @@ def check_parses(cmd: DocCommand) -> None:
         return  # `unmask <command> --help`, `python -m unmask ...`
     name = words[0]
     assert name in cli.COMMANDS, f"{cmd.where}: no command {name!r}"
-    hints = _fields(command_class(name))
+    hints = command_fields(name)
     positional: list[str] = []
     k = 1
     while k < len(words):
@@ -301,7 +311,7 @@ def shrink(name: str, args: list[str], workdir: Path) -> list[str]:
       (its newest checkpoint), which every such flag accepts.
     - `prepare shakespeare_char` reads the tiny corpus given as the reader's `tinyshakespeare.txt` (no download).
     """
-    fields = _fields(command_class(name))
+    fields = command_fields(name)
     given: dict[str, str] = {}
     for word in args:
         if word.startswith("--") and "=" in word:

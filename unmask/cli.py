@@ -20,7 +20,7 @@ COMMANDS = {
     "train": ("unmask.train", "train a model (unmasking curriculum, mdlm, autoregressive, binary heads)"),
     "sample": ("unmask.sample", "generate text by iterative unmasking (prompts, infilling, strategies, metrics)"),
     "eval": ("unmask.evaluate", "likelihood of a checkpoint: ELBO / exact NLL in bits per character"),
-    "compare": ("unmask.compare", "train an autoregressive baseline and a diffusion model on the same budget"),
+    "compare": ("unmask.compare", "train several objectives (--objectives) on the same data and budget"),
     "classify": ("unmask.transfer.classify", "score texts with a binary classifier checkpoint"),
     "export": ("unmask.export", "write a checkpoint as model.safetensors + config.json + README.md (unmask.load)"),
     "plot": ("unmask.plot", "draw loss and val_bpc curves of one or more runs into a PNG (needs matplotlib)"),

@@ -240,7 +240,7 @@ def _help() -> str:
 def main(argv: list[str]) -> int:
     from unmask.config import TrainConfig
     from unmask.run_dir import check_new_run
-    from unmask.runtime import init_runtime
+    from unmask.runtime import init_runtime, set_threads
     from unmask.trainer import Trainer
 
     if "--help" in argv or "-h" in argv:
@@ -280,6 +280,7 @@ def main(argv: list[str]) -> int:
     configs = run_configs(base.to_dict(), specs, out, block_values)
     for cfg in configs:  # the trainer checks each again when it starts; this refuses before the first run trains
         check_new_run(Path(cfg.out_dir), cfg.overwrite)
+    set_threads(base.threads)
     runtime = init_runtime(base.device, base.dtype, base.backend)
     points: dict[str, list[tuple[int, float | None, float]]] = {}
     try:
