@@ -628,12 +628,15 @@ def test_cached_logits_equal_uncached_ones() -> None:
     assert torch.allclose(torch.stack(steps, dim=1), full[:, 4:], atol=1e-5)
 
 
-def context_start(p: int, block_size: int) -> int:
-    """Where the context of position p starts: beyond the window, the cache alternates between block_size and
-    block_size - 1 characters (it is recomputed from the last block_size - 1 whenever it is full)."""
-    if p <= block_size:
-        return 0
-    return p - block_size if (p - block_size) % 2 == 0 else p - block_size + 1
+def context_starts(P: int, L: int, block_size: int) -> dict[int, int]:
+    """Where the context of each generated position p starts: the cache grows by one character per step and, once
+    it holds block_size characters, is recomputed from the last block_size // 2 (the new one included)."""
+    start, starts = max(0, P - block_size), {}
+    for p in range(P, L):
+        starts[p] = start
+        if p - start == block_size:
+            start = p + 1 - block_size // 2
+    return starts
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -647,9 +650,11 @@ def test_autoregressive_generation_matches_uncached_scoring_beyond_the_window(te
     )  # fmt: skip
     assert out.forward_passes == L - P and out.nfe.tolist() == [L - P] * B  # NFE = characters generated
     assert (out.tokens[:, :P] == torch.tensor([1, 2, 3])).all() and (out.tokens < 8).all()
+    starts = context_starts(P, L, bs)
+    assert min(p - a for p, a in starts.items() if p > bs) == bs // 2  # the window did shrink and regrow
     with torch.inference_mode():
         for p in range(P, L):
-            a = context_start(p, bs)
+            a = starts[p]
             logits = model(out.tokens[:, a:p])[:, -1]  # (B, V) uncached
             logp = logits.double().masked_fill(torch.arange(9) >= 8, -math.inf).log_softmax(-1)
             expected = logp.gather(-1, out.tokens[:, p : p + 1]).squeeze(-1)

@@ -59,8 +59,8 @@ def test_blocks_lie_on_the_grid_and_windows_keep_whole_blocks() -> None:
     assert sum(b.steps for b in blocks) == 27 and blocks[0].steps == 2  # 2 positions to fill, the others 4
     for b in blocks:
         assert b.window_start % K == 0 and b.window_end == b.end and b.end - b.window_start <= BLOCK_SIZE
-        assert b.window_start == 0 or b.end - b.window_start > BLOCK_SIZE - K  # as many whole blocks as fit
-    assert [b.window_start for b in blocks[-3:]] == [16, 20, 24]
+        assert b.window_start == 0 or b.end - b.window_start >= BLOCK_SIZE // 2  # restarts at half the context
+    assert [b.window_start for b in blocks] == [0, 0, 0, 12, 12, 12, 24, 24, 24]
     short = plan_diffusion_blocks((torch.arange(10) >= 2).unsqueeze(0), 4, 16, None)
     assert [(b.start, b.end, b.steps) for b in short] == [(0, 4, 4), (4, 8, 4), (8, 10, 2)]
     with pytest.raises(ValueError, match="diffusion_block"):
@@ -114,10 +114,10 @@ def test_prompt_blocks_are_prefilled_and_finished_blocks_fed_once() -> None:
     assert model.calls[:4] == [(4, 0, True), (4, 4, False), (4, 4, False), (4, 4, True)]
     feeds = [c for c in model.calls if c[2]]
     assert len(feeds) == 9  # one feed before each of the 9 generated blocks
-    # Up to position 16 the cache grows by one block per feed; then the window moves by a block each time and
-    # the cache is rebuilt from the 3 whole blocks that fit with the new one (12 positions, from an empty cache).
-    assert [c[1] for c in feeds] == [0, 4, 8, 0, 0, 0, 0, 0, 0]
-    assert [c[0] for c in feeds] == [4, 4, 4, 12, 12, 12, 12, 12, 12]
+    # The cache grows by one block per feed until the window is full; then the window restarts at half the context
+    # (one block of 4 here, from an empty cache) and grows again: never a rebuild of the whole context per block.
+    assert [c[1] for c in feeds] == [0, 4, 8, 0, 4, 8, 0, 4, 8]
+    assert [c[0] for c in feeds] == [4] * 9
     assert out[2].tolist() == [34, 34]  # NFE counts denoising passes only
     assert len(model.calls) == 34 + 9
 
@@ -130,5 +130,5 @@ def test_a_prompt_longer_than_the_context_is_cached_from_its_last_whole_blocks()
         model, canvas.unsqueeze(0), fixed.unsqueeze(0), MASK, BLOCK_SIZE, K, SamplingConfig(steps=11),
         RowGenerators.for_samples(0, 0, 1),
     )  # fmt: skip
-    assert model.calls[0] == (12, 0, True)  # blocks 2..4 (positions 8..19): with block 5, 16 positions
+    assert model.calls[0] == (4, 0, True)  # block 4 (positions 16..19): the window restarts at half the context
     assert out.tokens[0, :21].tolist() == prompt and (out.tokens < MASK).all()

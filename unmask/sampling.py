@@ -676,9 +676,12 @@ def generate_autoregressive(
     Gumbel-max, `sample_categorical`); its log-probability is the untempered one. The prefix (at least one
     character: the model has no beginning-of-text token) is fed once; each new character is then one forward
     pass of length 1 against the cache, so NFE = characters generated. When the cache holds `block_size`
-    positions, it is recomputed from the last `block_size - 1` characters (RoPE keys are stored rotated by their
-    absolute positions, so the window cannot shift without recomputing), and generation goes on: every
-    character beyond the context sees the `block_size - 1` or `block_size` characters before it.
+    positions it is recomputed from the last `block_size // 2` characters (RoPE keys are stored rotated by their
+    absolute positions, so the window cannot slide without recomputing), and generation goes on cached: beyond
+    the context every character sees between block_size / 2 and block_size characters before it, and one
+    recomputation of block_size / 2 positions serves block_size / 2 characters. (Recomputing from the last
+    block_size - 1 characters instead, nanoGPT's window, would recompute at every character: no faster than no
+    cache at all.)
     `config.steps`, `schedule`, `remasking`, `block_length` and `confidence_threshold` do not apply.
     """
     B, L = canvas.shape
@@ -707,9 +710,10 @@ def generate_autoregressive(
             on_step(StepEvent(p - P, L - P, 0, x, changed, forward_passes, nfe))
         if p == L - 1:
             break
-        if cache.length == block_size:  # full: recompute from the last block_size - 1 characters, the new one included
+        if cache.length == block_size:  # full: recompute from the last block_size // 2 characters, the new one included
             cache = KVCache()
-            logits = model(x[:, p + 2 - block_size : p + 1], cache=cache, update_cache=True)[:, -1]  # (B, V)
+            keep = max(1, block_size // 2)
+            logits = model(x[:, p + 1 - keep : p + 1], cache=cache, update_cache=True)[:, -1]  # (B, V)
         else:
             logits = model(x[:, p : p + 1], cache=cache, update_cache=True)[:, -1]  # (B, V)
         forward_passes += 1
@@ -727,8 +731,10 @@ def plan_diffusion_blocks(masked: Tensor, diffusion_block: int, block_size: int,
     training, where blocks start at the window's start; a grid block with nothing to fill is skipped (whole
     prompt blocks: they only enter the cache). Steps are split across the blocks as in `plan_blocks`
     (`steps=None`: as many as each block has positions, for confidence-threshold runs). The window
-    [window_start, end) is the block with as many whole blocks of left context as fit in `block_size`: its
-    start is a multiple of K, so the cached blocks keep the grid the model was trained on. O(L + n log n).
+    [window_start, end) is the block with its left context: it grows block by block and, when it would exceed
+    `block_size`, restarts at about half the context; its start is a multiple of K, so the cached blocks keep the
+    grid the model was trained on, and the cache is recomputed once per block_size / 2 characters rather than at
+    every block. O(L + n log n).
     """
     K = diffusion_block
     if not 0 < K <= block_size:
@@ -748,8 +754,12 @@ def plan_diffusion_blocks(masked: Tensor, diffusion_block: int, block_size: int,
     else:
         step_counts = split_steps(span_weights, steps)
     blocks = []
+    window_start = 0
     for s, e, n_steps in zip(span_starts, span_ends, step_counts, strict=True):
-        window_start = -(-max(0, e - block_size) // K) * K  # the smallest multiple of K with e - start <= block_size
+        if e - window_start > block_size:
+            # The window is full: restart it at about half the context (a multiple of K, never past the block), so
+            # that one recomputation of the cache serves the next block_size / 2 characters.
+            window_start = min(-(-max(0, e - block_size // 2) // K) * K, s - s % K)
         blocks.append(Block(s, e, n_steps, window_start, e))
     return blocks
 
@@ -783,8 +793,8 @@ def generate_block_diffusion(
     Finished blocks are fed clean into a `KVCache` once (`update_cache=True`, the training layout where clean
     block b attends to clean blocks <= b); each denoising step then runs only the block's positions against the
     cache. Whole blocks of a prompt are prefilled the same way, while a prompt's partial last block stays in the
-    canvas as fixed characters of the first generated block. Past `block_size` the window moves by whole blocks
-    and the cache is recomputed from the blocks that still fit. Fixed characters after the current block are not
+    canvas as fixed characters of the first generated block. Past `block_size` the window restarts at about half
+    the context (whole blocks; `plan_diffusion_blocks`) and the cache is recomputed from the blocks it keeps. Fixed characters after the current block are not
     seen while it is generated (the model is block-causal), which is why `unmask sample` refuses templates with
     text beyond the first hole's block.
 
