@@ -794,9 +794,9 @@ def generate_block_diffusion(
     block b attends to clean blocks <= b); each denoising step then runs only the block's positions against the
     cache. Whole blocks of a prompt are prefilled the same way, while a prompt's partial last block stays in the
     canvas as fixed characters of the first generated block. Past `block_size` the window restarts at about half
-    the context (whole blocks; `plan_diffusion_blocks`) and the cache is recomputed from the blocks it keeps. Fixed characters after the current block are not
-    seen while it is generated (the model is block-causal), which is why `unmask sample` refuses templates with
-    text beyond the first hole's block.
+    the context (whole blocks; `plan_diffusion_blocks`) and the cache is recomputed from the blocks it keeps.
+    Fixed characters after the current block are not seen while it is generated (the model is block-causal), which
+    is why `unmask sample` refuses templates with text beyond the first hole's block.
 
     `use_cache=False` runs every step as one block-causal forward over the window instead (the reference the
     cached path is tested against). `Generation.nfe` counts denoising passes; `forward_passes` also counts the
