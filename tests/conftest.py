@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -109,3 +110,18 @@ def run_records(out_dir: Path, kind: str) -> list[dict]:
 
     lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in r.items() if k not in CLOCK_FIELDS} for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def shuffled_task(path: Path, n: int = 80) -> Path:
+    """A fixed labelled JSONL task of `n` lines (label 1: the words of the line in a different order)."""
+    rng = random.Random(0)
+    lines = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 7))]
+        if i % 2:
+            while (order := rng.sample(words, len(words))) == words:
+                pass
+            words = order
+        lines.append(json.dumps({"text": " ".join(words) + ".", "label": i % 2}))
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import WORDS, tiny_flags
+from tests.conftest import shuffled_task, tiny_flags
 from unmask.cli import main
 from unmask.stages import ORIGINAL_STAGES
 
@@ -29,21 +28,6 @@ TOLERANCE = 1e-6
 ITERS = 16
 # The keys pinned per record kind: train lines carry the step loss, evaluations the train and val losses.
 PINNED = {"train": ("train_loss_step",), "eval": ("train_loss", "val_loss", "val_bpc")}
-
-
-def _sequence_texts(path: Path, n: int = 60) -> Path:
-    """A fixed labelled task (label 1: the words of the line in a different order)."""
-    rng = random.Random(0)
-    lines = []
-    for i in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 7))]
-        if i % 2:
-            while (order := rng.sample(words, len(words))) == words:
-                pass
-            words = order
-        lines.append(json.dumps({"text": " ".join(words) + ".", "label": i % 2}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 # The original three stages: the curriculum (and validation set) these files were pinned with; only the
@@ -80,7 +64,7 @@ def _case_argv(case: str, tiny_data: Path, root: Path) -> list[str]:
     if case == "binary_replaced_token":
         return _flags(tiny_data, out, switch_to_binary=True, binary_task="replaced_token")
     if case == "binary_sequence":
-        data = _sequence_texts(root / "texts.jsonl")
+        data = shuffled_task(root / "texts.jsonl", 60)
         return _flags(tiny_data, out, switch_to_binary=True, binary_task="sequence", classification_data=data)
     pre = _pretrained(tiny_data, root)
     transfer = ["--init_from=resume", f"--pretrained_checkpoint_path={pre}"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, WORDS, run_records, tiny_flags
+from tests.conftest import REPO, WORDS, run_records, shuffled_task, tiny_flags
 from unmask.cli import main
 from unmask.model import ModelConfig, Transformer
 from unmask.prepare import prepare
@@ -197,21 +197,6 @@ def test_language_model_fine_tuning_starts_from_the_pretrained_weights(pretraine
     # run scores exactly what the pretrained model scored at its last evaluation.
     pre_last = evals(pretrained.parent)[-1]
     assert evals(out)[0]["iter"] == 0 and evals(out)[0]["val_loss"] == pre_last["val_loss"]
-
-
-def shuffled_task(path: Path, n: int = 80) -> Path:
-    """label 1: the words of the line in a different order."""
-    rng = random.Random(0)
-    lines = []
-    for i in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 7))]
-        if i % 2:
-            while (order := rng.sample(words, len(words))) == words:
-                pass
-            words = order
-        lines.append(json.dumps({"text": " ".join(words) + ".", "label": i % 2}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def test_sequence_task_then_classify(pretrained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -344,6 +344,13 @@ class LanguageModel(Objective):
     def model_fields(self) -> dict[str, Any]:
         return {"causal": self.causal}
 
+    def fixed_val_windows(self) -> Tensor:
+        """eval_iters x batch_size clean validation windows of the objective's length, the same at every
+        evaluation and in every run (seed 42)."""
+        cfg = self.cfg
+        source = BatchSource(self.data.val, self.window, self.rt.device, self.paragraphs["val"])
+        return source.clean(cfg.eval_iters * cfg.batch_size, torch.Generator().manual_seed(validation.VALIDATION_SEED))
+
     def start_lines(self, resumed_at: int | None) -> list[str]:
         cfg = self.cfg
         return [
@@ -541,11 +548,7 @@ class Autoregressive(LanguageModel):
 
     def __init__(self, inputs: RunInputs) -> None:
         super().__init__(inputs)
-        cfg = self.cfg
-        # Fixed validation windows of block_size + 1 characters (seed 42), scored by exact NLL.
-        val_source = BatchSource(self.data.val, self.window, self.rt.device, self.paragraphs["val"])
-        n_val = cfg.eval_iters * cfg.batch_size
-        self.val_windows = val_source.clean(n_val, torch.Generator().manual_seed(validation.VALIDATION_SEED))
+        self.val_windows = self.fixed_val_windows()  # block_size + 1 characters, scored by exact NLL
 
     def loss(
         self, model: torch.nn.Module, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool
@@ -577,10 +580,7 @@ class BlockDiffusion(LanguageModel):
 
     def __init__(self, inputs: RunInputs) -> None:
         super().__init__(inputs)
-        cfg = self.cfg
-        val_source = BatchSource(self.data.val, self.window, self.rt.device, self.paragraphs["val"])
-        n_val = cfg.eval_iters * cfg.batch_size
-        self.val_windows = val_source.clean(n_val, torch.Generator().manual_seed(validation.VALIDATION_SEED))
+        self.val_windows = self.fixed_val_windows()  # scored by the block NELBO
 
     def model_fields(self) -> dict[str, Any]:
         return {"causal": False, "diffusion_block": self.cfg.diffusion_block}
