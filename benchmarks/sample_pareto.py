@@ -46,7 +46,8 @@ import torch
 
 from unmask.errors import UserError
 from unmask.sample import SampleArgs, SampleRun, Setup, build, evaluate, run_samples, sampling_config
-from unmask.sampling import Generators, model_probs, prefix_length, sample_categorical
+from unmask.sampling import Generators, model_probs, sample_categorical
+from unmask.sampling_cached import prefix_length
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "\n"
@@ -109,7 +110,7 @@ def generate_uncached(
     generator: Generators,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """nanoGPT-style generation: every character is one full forward pass over the last `block_size` characters
-    (no KV cache), its logits at the last position sampled as `unmask.sampling.generate_autoregressive` does
+    (no KV cache), its logits at the last position sampled as `unmask.sampling_cached.generate_autoregressive` does
     (float64 Gumbel-max, special ids banned). Returns the canvas (B, L), the untempered log-probability of each
     generated character (B, L) and the number of forward passes."""
     B, L = canvas.shape

@@ -25,7 +25,6 @@ from unmask.sampling import (
     StepEvent,
     filter_logits,
     generate,
-    generate_autoregressive,
     infill_canvas,
     num_transfer_tokens,
     placeholder_spans,
@@ -36,6 +35,7 @@ from unmask.sampling import (
     select_top,
     split_steps,
 )
+from unmask.sampling_cached import generate_autoregressive
 from unmask.transfer.critic import CriticRemask
 
 MASK = 5  # fake vocabulary: ids 0..4 are characters, 5 is [MASK]

@@ -7,13 +7,8 @@ import torch
 from torch import Tensor
 
 from unmask.model import KVCache, ModelConfig, Transformer
-from unmask.sampling import (
-    RowGenerators,
-    SamplingConfig,
-    generate_block_diffusion,
-    plan_diffusion_blocks,
-    prompt_canvas,
-)
+from unmask.sampling import RowGenerators, SamplingConfig, prompt_canvas
+from unmask.sampling_cached import generate_block_diffusion, plan_diffusion_blocks
 
 MASK, V, K, BLOCK_SIZE = 8, 9, 4, 16  # ids 0..7 are characters, 8 is [MASK]
 

@@ -7,14 +7,18 @@ text -> ids          `prepare` (the command; `sources`: where shakespeare_char c
 ids -> windows       `data.sample_windows`, `batches.BatchSource`
 windows -> batch     `masking` (pure selection/corruption functions), `stages` (stage dicts), `curriculum`
                      (which stages train now), `batches` (per-stage corruption, the selection pool)
-batch -> logits      `model` (`Transformer`)
-logits -> loss       `objectives` (one class per objective, every training loss), `transfer.tasks` (binary tasks)
-loss -> step         `trainer` (the loop), `schedule` (learning rate), `runtime` (device, DDP), `preemption`
+batch -> logits      `model` (`Transformer`, KV cache)
+logits -> loss       `objectives` (one class per objective, every language-model loss), `block_diffusion`
+                     (its masks, loss and bound), `transfer.tasks` (the binary tasks)
+loss -> step         `trainer` (the loop), `schedule` (learning rate), `runtime` (device, DDP, threads),
+                     `preemption`
 step -> metrics      `validation` (every evaluation metric of training), `elbo` (likelihood estimators),
-                     `run_log` (console, metrics.jsonl)
-metrics -> files     `checkpoint` (atomic, verified), `loading` (checkpoint -> model for inference)
+                     `policy` (the exact likelihood of an unmasking policy), `run_log` (console, metrics.jsonl)
+metrics -> files     `checkpoint` (atomic, verified), `run_dir` (a run owns its out_dir), `loading` (checkpoint ->
+                     model for inference), `export` (safetensors), `api` (`unmask.load`)
 commands             `cli` (dispatch table), `command` (shared parsing), `train`, `sample` (+ `sampling`,
-                     `sample_metrics`), `evaluate`, `compare`, `transfer.classify`
+                     `sampling_cached`, `sample_metrics`, `animate`), `evaluate`, `compare`, `plot`, `export`,
+                     `transfer.classify`
 """
 
 from __future__ import annotations

@@ -40,14 +40,12 @@ from unmask.sampling import (
     SamplingConfig,
     StepEvent,
     generate,
-    generate_autoregressive,
-    generate_block_diffusion,
     infill_canvas,
     placeholder_spans,
     plan_blocks,
-    plan_diffusion_blocks,
     prompt_canvas,
 )
+from unmask.sampling_cached import generate_autoregressive, generate_block_diffusion, plan_diffusion_blocks
 
 # The parameter guide's "Generation & Output Parameters" recommendations (seed document 003).
 GUIDE_PRESET: dict[str, Any] = {"temperature": 0.6, "top_k": 20, "top_p": 0.85, "steps": 25}
