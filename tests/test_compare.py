@@ -64,7 +64,8 @@ def test_plain_block_diffusion_takes_diffusion_block_and_plot_false_needs_no_mat
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     out = tmp_path / "cmp"
     argv = ["compare", *tiny_flags(tiny_data, out, max_iters=4), "--objectives", "mdlm,block_diffusion"]
-    assert main([*argv, "--diffusion_block=8", "--mask_rate_window=0.2,0.9", "--plot=False"]) == 0
+    window = ["--mask_rate_window=0.2,0.9", "--mdlm_estimator=antithetic_t"]  # the clipped t schedule
+    assert main([*argv, "--diffusion_block=8", *window, "--plot=False"]) == 0
     assert _config(out / "block_diffusion_k8")["diffusion_block"] == 8
     assert _config(out / "block_diffusion_k8")["mask_rate_window"] == [0.2, 0.9]
     assert _config(out / "mdlm")["diffusion_block"] == 0
