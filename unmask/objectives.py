@@ -344,6 +344,12 @@ class LanguageModel(Objective):
     def model_fields(self) -> dict[str, Any]:
         return {"causal": self.causal}
 
+    def clean_batch(self, data_gen: torch.Generator) -> tuple[Tensor, float]:
+        """batch_size clean training windows (B, window) on the device, and the seconds it took to make them."""
+        t0 = time.perf_counter()
+        windows = self.train_source.clean(self.cfg.batch_size, data_gen)
+        return windows, time.perf_counter() - t0
+
     def fixed_val_windows(self) -> Tensor:
         """eval_iters x batch_size clean validation windows of the objective's length, the same at every
         evaluation and in every run (seed 42)."""
@@ -524,9 +530,7 @@ class MDLM(DiffusionModel):
     def loss(
         self, model: torch.nn.Module, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool
     ) -> tuple[Tensor, float]:
-        t0 = time.perf_counter()
-        windows = self.train_source.clean(self.cfg.batch_size, data_gen)
-        seconds = time.perf_counter() - t0
+        windows, seconds = self.clean_batch(data_gen)
         cfg = self.cfg
         with self.rt.autocast():
             loss = mdlm_loss(
@@ -553,9 +557,7 @@ class Autoregressive(LanguageModel):
     def loss(
         self, model: torch.nn.Module, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool
     ) -> tuple[Tensor, float]:
-        t0 = time.perf_counter()
-        windows = self.train_source.clean(self.cfg.batch_size, data_gen)
-        seconds = time.perf_counter() - t0
+        windows, seconds = self.clean_batch(data_gen)
         with self.rt.autocast():
             return autoregressive_loss(model, windows, self.vocab.mask_id if self.cfg.zero_masking else None), seconds
 
@@ -589,9 +591,7 @@ class BlockDiffusion(LanguageModel):
         self, model: torch.nn.Module, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool
     ) -> tuple[Tensor, float]:
         cfg = self.cfg
-        t0 = time.perf_counter()
-        windows = self.train_source.clean(cfg.batch_size, data_gen)
-        seconds = time.perf_counter() - t0
+        windows, seconds = self.clean_batch(data_gen)
         # Evaluations' fresh batches integrate over the full (0, 1], like val_bpc, whatever the training window.
         window = cfg.mask_rate_window if training else (0.0, 1.0)
         with self.rt.autocast():
