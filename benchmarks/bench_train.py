@@ -25,7 +25,7 @@ import torch
 
 from unmask.config import TrainConfig
 from unmask.runtime import init_runtime
-from unmask.stages import DEFAULT_STAGES
+from unmask.stages import ORIGINAL_STAGES
 from unmask.trainer import Trainer
 
 CONFIGS = {
@@ -39,7 +39,7 @@ def mask_only_ms(device: torch.device, batch: int, T: int, repeats: int = 200) -
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.zeros(batch, T, dtype=torch.long, device=device)
     out = {}
-    for i, stage in enumerate(DEFAULT_STAGES):
+    for i, stage in enumerate(ORIGINAL_STAGES):
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()

@@ -35,8 +35,12 @@ ARCHITECTURE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 
 def differing_fields(flags: Any, saved: dict[str, Any], keys: tuple[str, ...] = ARCHITECTURE_FLAGS) -> list[str]:
     """ "key: flag A vs checkpoint B" for every key in both whose values differ; `flags` is a dict or a config."""
-    get = flags.get if isinstance(flags, dict) else lambda k, d=None: getattr(flags, k, d)
-    return [f"{k}: flag {get(k)} vs checkpoint {saved[k]}" for k in keys if k in saved and get(k, saved[k]) != saved[k]]
+    given = flags if isinstance(flags, dict) else vars(flags)
+    return [
+        f"{k}: flag {given[k]} vs checkpoint {saved[k]}"
+        for k in keys
+        if k in saved and k in given and given[k] != saved[k]
+    ]
 
 
 @dataclass

@@ -171,7 +171,6 @@ ORIGINAL_STAGES: tuple[Stage, ...] = (
     StickyStage(target_masked_ratio=0.4, p1_probability=0.2, p2_probability=0.8, val_loss_stale_count=5),
     StickyStage(target_masked_ratio=0.6, p1_probability=0.1, p2_probability=0.9, val_loss_stale_count=10),
 )
-DEFAULT_STAGES = ORIGINAL_STAGES  # (the name before the default curriculum gained its final stage)
 # Share of --max_iters each original stage lasts at most in the default curriculum; the final stage gets the rest.
 DEFAULT_STAGE_SHARE = 0.1
 
