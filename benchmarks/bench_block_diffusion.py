@@ -1,8 +1,8 @@
 """Training-step cost of block diffusion vs the autoregressive baseline: ms per forward + backward.
 
-Times `unmask.block_diffusion.block_diffusion_loss` (one pass over the 2L-long [noisy ; clean] layout with the
-block-diffusion attention mask) against `unmask.objectives.autoregressive_loss` (causal, L inputs) and
-`unmask.elbo.mdlm_training_loss` (bidirectional, L inputs) on the same architecture and batch. Random weights and
+Times `unmask.likelihood.block.block_diffusion_loss` (one pass over the 2L-long [noisy ; clean] layout with the
+block-diffusion attention mask) against `unmask.objectives.base.autoregressive_loss` (causal, L inputs) and
+`unmask.likelihood.elbo.mdlm_training_loss` (bidirectional, L inputs) on the same architecture and batch. Random weights and
 tokens: the cost of a step does not depend on what the model has learnt. The goal (Arriola et al. 2025 train
 block diffusion at about twice an autoregressive step) is a ratio of at most 2.2.
 
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from unmask.block_diffusion import block_diffusion_loss
-from unmask.elbo import mdlm_training_loss
+from unmask.likelihood.block import block_diffusion_loss
+from unmask.likelihood.elbo import mdlm_training_loss
 from unmask.model import ModelConfig, Transformer
-from unmask.objectives import autoregressive_loss
+from unmask.objectives.base import autoregressive_loss
 
 
 def step_ms(

@@ -139,7 +139,7 @@ def main() -> None:
 
         probe = (
             "import sys, time\n"
-            "from unmask.data import load_dataset\n"
+            "from unmask.data.dataset import load_dataset\n"
             "t = time.perf_counter(); ds = load_dataset(sys.argv[1]); dt = time.perf_counter() - t\n"
             "print(f'{dt:.3f} {len(ds.train) + len(ds.val)}')\n"
         )

@@ -1,6 +1,6 @@
 """Sampling throughput: characters per second and model forward passes of `unmask sample`.
 
-Runs the command's own code (`unmask.sample.build` + `run_samples`, metrics off) for 4 samples x 1024 characters
+Runs the command's own code (`unmask.commands.sample.build` + `run_samples`, metrics off) for 4 samples x 1024 characters
 at 64 steps by default. With the quickstart model (block_size 256) a 1024-character canvas is generated in
 blocks of 128 inside 256-character windows, so each of the 64 steps is one forward pass over a (4, 256) batch.
 Also times that forward pass alone, and the sampler alone (the model replaced by a lookup of fixed logits), to
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from unmask.sample import SampleArgs, Setup, build, run_samples, sampling_config
-from unmask.sampling import SamplingConfig, generate
+from unmask.commands.sample import SampleArgs, Setup, build, run_samples, sampling_config
+from unmask.generation.diffusion import SamplingConfig, generate
 
 
 def forward_ms(setup_model: torch.nn.Module, batch: int, width: int, mask_id: int, device: torch.device) -> float:

@@ -38,7 +38,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_threads_"))
     sample = [sys.executable, "-m", "unmask", "sample", f"--ckpt={args.ckpt}", "--num_samples=4", "--length=256",
               "--steps=64", "--metrics=False"]  # fmt: skip
-    from unmask.loading import read_trained
+    from unmask.storage.loading import read_trained
 
     cfg = read_trained(args.ckpt, None).config
     train = [sys.executable, "-m", "unmask", "train", f"--data_dir={cfg['data_dir']}", f"--dataset={cfg['dataset']}",

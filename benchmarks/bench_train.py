@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from unmask.config import TrainConfig
+from unmask.config.train_config import TrainConfig
+from unmask.curriculum.stages import ORIGINAL_STAGES
 from unmask.runtime import init_runtime
-from unmask.stages import ORIGINAL_STAGES
-from unmask.trainer import Trainer
+from unmask.training.trainer import Trainer
 
 CONFIGS = {
     "reduced_cpu_b8_t256": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=8),

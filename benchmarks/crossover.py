@@ -34,8 +34,15 @@ from pathlib import Path
 
 import torch
 
-from unmask.compare import best_points, comparison_rows, eval_points, format_table, parse_objectives, plot_comparison
-from unmask.data import load_dataset
+from unmask.commands.compare import (
+    best_points,
+    comparison_rows,
+    eval_points,
+    format_table,
+    parse_objectives,
+    plot_comparison,
+)
+from unmask.data.dataset import load_dataset
 
 MODEL_FLAGS = [
     "--device=cpu",

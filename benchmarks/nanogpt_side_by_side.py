@@ -159,9 +159,9 @@ def profile_step(objective: str, args: argparse.Namespace) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from unmask.commands.train import build_train_run
     from unmask.runtime import init_runtime
-    from unmask.train import build_train_run
-    from unmask.trainer import Trainer
+    from unmask.training.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="unmask_profile_") as tmp:

@@ -25,9 +25,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from unmask.commands.train import build_train_run
 from unmask.runtime import init_runtime
-from unmask.train import build_train_run
-from unmask.trainer import Trainer
+from unmask.training.trainer import Trainer
 
 NANOGPT_CPU = [
     "--device=cpu", "--compile=False", "--dtype=float32", "--n_layer=4", "--n_head=4", "--n_embd=128",

@@ -44,10 +44,10 @@ from typing import Any
 
 import torch
 
+from unmask.commands.sample import SampleArgs, SampleRun, Setup, build, evaluate, run_samples, sampling_config
 from unmask.errors import UserError
-from unmask.sample import SampleArgs, SampleRun, Setup, build, evaluate, run_samples, sampling_config
-from unmask.sampling import Generators, model_probs, sample_categorical
-from unmask.sampling_cached import prefix_length
+from unmask.generation.cached import prefix_length
+from unmask.generation.diffusion import Generators, model_probs, sample_categorical
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "\n"
@@ -67,7 +67,7 @@ class Setting:
 
 def diffusion_block_of(ckpt: str) -> int:
     """K of a block-diffusion checkpoint or run directory (its model_config.diffusion_block)."""
-    from unmask.loading import read_trained
+    from unmask.storage.loading import read_trained
 
     trained = read_trained(ckpt, None, "cpu")
     K = trained.model_config.diffusion_block
@@ -110,7 +110,7 @@ def generate_uncached(
     generator: Generators,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """nanoGPT-style generation: every character is one full forward pass over the last `block_size` characters
-    (no KV cache), its logits at the last position sampled as `unmask.sampling_cached.generate_autoregressive` does
+    (no KV cache), its logits at the last position sampled as `unmask.generation.cached.generate_autoregressive` does
     (float64 Gumbel-max, special ids banned). Returns the canvas (B, L), the untempered log-probability of each
     generated character (B, L) and the number of forward passes."""
     B, L = canvas.shape
@@ -130,7 +130,7 @@ def generate_uncached(
 
 
 def run_uncached(setup: Setup) -> SampleRun:
-    """The uncached baseline over all samples, timed and packaged like `unmask.sample.run_samples`."""
+    """The uncached baseline over all samples, timed and packaged like `unmask.commands.sample.run_samples`."""
     trained, args = setup.trained, setup.args
     canvas = setup.canvas.expand(args.num_samples, -1).clone()  # (N, L)
     fixed = setup.fixed.expand(args.num_samples, -1)  # (N, L)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unmask.prepare import prepare
+from unmask.data.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from tests.conftest import tiny_flags
-from unmask.animate import NEWLINE_GLYPH, Recorder, animation_html, readable, script_json
 from unmask.cli import main
-from unmask.data import MASK_GLYPH, Vocab
+from unmask.data.dataset import MASK_GLYPH, Vocab
+from unmask.generation.animate import NEWLINE_GLYPH, Recorder, animation_html, readable, script_json
+from unmask.generation.diffusion import SamplingConfig, generate, prompt_canvas
 from unmask.model import ModelConfig, Transformer
-from unmask.sampling import SamplingConfig, generate, prompt_canvas
 
 VOID = {"meta", "input", "br", "img", "link"}
 

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 import unmask
 from tests.conftest import REPO, tiny_flags
-from unmask import elbo
 from unmask.cli import main
 from unmask.errors import UserError
-from unmask.loading import load_trained
+from unmask.likelihood import elbo
+from unmask.storage.loading import load_trained
 
 
 @pytest.fixture(scope="session")

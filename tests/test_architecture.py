@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import REPO, run_records, tiny_flags
-from unmask import objectives
 from unmask.cli import COMMANDS, main
-from unmask.objectives import MDLM, RunInputs, register
+from unmask.objectives import base as objectives
+from unmask.objectives.base import MDLM, RunInputs, register
 
 PACKAGE = REPO / "unmask"
 
@@ -43,7 +43,7 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_the_import_graph_has_no_cycle() -> None:
     graph = import_graph()
-    assert "unmask.trainer" in graph and "unmask.transfer.tasks" in graph
+    assert "unmask.training.trainer" in graph and "unmask.transfer.tasks" in graph
     state: dict[str, int] = {}  # 1: on the stack, 2: done
 
     def visit(node: str, stack: list[str]) -> None:
@@ -64,7 +64,7 @@ def test_the_import_graph_has_no_cycle() -> None:
 def test_the_core_does_not_import_the_transfer_subpackage_at_module_level() -> None:
     """Transfer learning is optional: a language-model run imports it only when asked for."""
     code = (
-        "import sys, unmask.trainer, unmask.train, unmask.sample, unmask.evaluate, unmask.objectives;"
+        "import sys, unmask.training.trainer, unmask.commands.train, unmask.commands.sample, unmask.commands.eval, unmask.objectives.base;"
         "print(sorted(m for m in sys.modules if m.startswith('unmask.transfer')))"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

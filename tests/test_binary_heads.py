@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from unmask.generation.diffusion import Proposal, SamplingConfig, StepEvent, generate
 from unmask.model import ModelConfig, Transformer
-from unmask.sampling import Proposal, SamplingConfig, StepEvent, generate
 from unmask.transfer.critic import CriticRemask
 
 

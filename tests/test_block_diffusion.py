@@ -1,4 +1,4 @@
-"""Tests for unmask.block_diffusion: the training-layout mask, the loss, and the block NELBO estimators."""
+"""Tests for unmask.likelihood.block: the training-layout mask, the loss, and the block NELBO estimators."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unmask.block_diffusion import (
+from unmask.errors import UserError
+from unmask.likelihood.block import (
     block_diffusion_attn_mask,
     block_diffusion_loss,
     block_diffusion_loss_from_masks,
@@ -19,8 +20,7 @@ from unmask.block_diffusion import (
     sample_block_exact_k,
     sample_block_masks,
 )
-from unmask.elbo import nelbo_exact, real_char_log_probs
-from unmask.errors import UserError
+from unmask.likelihood.elbo import nelbo_exact, real_char_log_probs
 from unmask.model import ModelConfig, Transformer
 
 VOCAB = 6  # 5 characters + [MASK]
@@ -321,7 +321,7 @@ def test_unmask_eval_scores_a_block_diffusion_checkpoint_by_its_block_elbo(
 ) -> None:
     import json
 
-    import unmask.evaluate as evaluate
+    import unmask.commands.eval as evaluate
     from tests.conftest import tiny_flags
     from unmask.cli import main
 

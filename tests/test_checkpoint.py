@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unmask import checkpoint as ck
 from unmask.errors import UserError
+from unmask.storage import checkpoint as ck
 
 
 def _state(i: int) -> dict:

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import torch
 
-from unmask import checkpoint as ck
 from unmask.cli import main
 from unmask.errors import UserError
-from unmask.loading import read_trained
 from unmask.model import ModelConfig, Transformer
+from unmask.storage import checkpoint as ck
+from unmask.storage.loading import read_trained
 
 from .conftest import tiny_flags
 

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from unmask import checkpoint as ck
 from unmask.cli import main
 from unmask.errors import UserError
+from unmask.storage import checkpoint as ck
 
 from .conftest import tiny_flags
 
@@ -220,7 +220,7 @@ def test_rewriting_an_iteration_never_pairs_the_new_file_with_the_old_sidecar(
 WRITER = """
 import sys, torch
 from pathlib import Path
-from unmask import checkpoint as ck
+from unmask.storage import checkpoint as ck
 out = Path(sys.argv[1])
 for i in range(1, 100000):
     state = {"model": {"w": torch.full((300_000,), float(i))}, "iter_num": i}

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import tiny_flags
 from unmask.cli import main
-from unmask.compare import RunSpec, best_points, comparison_rows, parse_objectives
+from unmask.commands.compare import RunSpec, best_points, comparison_rows, parse_objectives
 from unmask.errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -7,8 +7,8 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unmask.curriculum import Curriculum, CurriculumState, split_evenly
-from unmask.stages import RandomStage, StickyStage
+from unmask.curriculum.plateau import Curriculum, CurriculumState, split_evenly
+from unmask.curriculum.stages import RandomStage, StickyStage
 
 STAGES = (
     StickyStage(target_masked_ratio=0.2, p1_probability=0.3, p2_probability=0.0, val_loss_stale_count=2),
@@ -72,7 +72,7 @@ def test_state_round_trip() -> None:
 def test_selection_pool_hands_out_fresh_rows_and_flushes() -> None:
     import torch
 
-    from unmask.batches import SelectionPool
+    from unmask.curriculum.batches import SelectionPool
 
     gen = torch.Generator().manual_seed(0)
     pool = SelectionPool(STAGES, 16, gen, rows=8)

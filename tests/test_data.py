@@ -1,4 +1,4 @@
-"""Tests for `unmask.data`: the vocabulary, loading prepared datasets, and window sampling."""
+"""Tests for `unmask.data.dataset`: the vocabulary, loading prepared datasets, and window sampling."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from unmask.data import (
+from unmask.data.dataset import (
     MASK_GLYPH,
     Dataset,
     Vocab,
@@ -23,8 +23,8 @@ from unmask.data import (
     verify_dataset,
     window_starts,
 )
+from unmask.data.prepare import prepare
 from unmask.errors import UserError
-from unmask.prepare import prepare
 
 MIRROR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY = MIRROR_DIR / "tinyshakespeare.txt"
@@ -106,23 +106,31 @@ def test_load_dataset_fields(dataset: Dataset) -> None:
 
 
 def test_importing_data_does_not_import_download_code() -> None:
-    # torch itself imports urllib.request and tarfile, so what counts is what `unmask.data` adds on top of
+    # torch itself imports urllib.request and tarfile, so what counts is what `unmask.data.dataset` adds on top of
     # numpy + torch: reading a dataset must not drag in the fetchers (and their pip/network machinery).
     probe = (
         "import sys, numpy, torch\n"
         "before = set(sys.modules)\n"
-        "import unmask.data\n"
+        "import unmask.data.dataset\n"
         "print(' '.join(sorted(set(sys.modules) - before)))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
-    assert "unmask.data" in out
-    forbidden = {"unmask.prepare", "unmask.sources", "urllib", "urllib.request", "tarfile", "subprocess", "tempfile"}
+    assert "unmask.data.dataset" in out
+    forbidden = {
+        "unmask.data.prepare",
+        "unmask.data.sources",
+        "urllib",
+        "urllib.request",
+        "tarfile",
+        "subprocess",
+        "tempfile",
+    }
     assert forbidden.isdisjoint(out), sorted(forbidden.intersection(out))
 
 
 def test_prepare_does_not_import_torch() -> None:
     # `unmask prepare` never touches a tensor; torch would cost seconds of start-up and ~200 MB resident.
-    probe = "import sys, unmask.prepare\nprint('torch' in sys.modules)\n"
+    probe = "import sys, unmask.data.prepare\nprint('torch' in sys.modules)\n"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -297,7 +305,7 @@ def test_consistently_shortened_vocabulary_is_refused(dataset: Dataset) -> None:
 
 
 def test_first_bad_id_is_reported_across_chunks(dataset: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
-    from unmask import data as data_module
+    from unmask.data import dataset as data_module
 
     monkeypatch.setattr(data_module, "RANGE_CHECK_CHUNK", 64)  # many chunks even on a tiny split
     _poke(dataset.dir / "train.bin", 700, 250)

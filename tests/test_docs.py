@@ -35,8 +35,8 @@ import pytest
 
 from tests.conftest import REPO, tiny_corpus
 from unmask import cli
+from unmask.config.flags import _fields, available_presets, convert
 from unmask.errors import UserError
-from unmask.flags import _fields, available_presets, convert
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_LANGS = {"sh", "bash", "shell", "console"}
@@ -175,19 +175,19 @@ def command_fields(name: str) -> dict[str, object]:
     """The flags a command takes (`compare` takes its own and every `unmask train` flag)."""
     fields = dict(_fields(command_class(name)))
     if name == "compare":
-        from unmask.compare import CompareArgs
+        from unmask.commands.compare import CompareArgs
 
         fields.update(_fields(CompareArgs))
     return fields
 
 
 def command_class(name: str) -> type:
-    from unmask.config import TrainConfig
-    from unmask.evaluate import EvalArgs
-    from unmask.export import ExportArgs
-    from unmask.plot import PlotArgs
-    from unmask.prepare import PrepareArgs
-    from unmask.sample import SampleArgs
+    from unmask.commands.eval import EvalArgs
+    from unmask.commands.export import ExportArgs
+    from unmask.commands.plot import PlotArgs
+    from unmask.commands.sample import SampleArgs
+    from unmask.config.train_config import TrainConfig
+    from unmask.data.prepare import PrepareArgs
     from unmask.transfer.classify import ClassifyArgs
 
     classes: dict[str, type] = {
@@ -266,7 +266,7 @@ def check_parses(cmd: DocCommand) -> None:
         if name in ("train", "compare"):
             assert word in available_presets() or word.endswith(".py"), f"{cmd.where}: no preset {word!r}"
         elif name == "prepare":
-            from unmask.prepare import KNOWN_DATASETS
+            from unmask.data.prepare import KNOWN_DATASETS
 
             assert word in KNOWN_DATASETS, f"{cmd.where}: no dataset {word!r}"
 

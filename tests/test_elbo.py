@@ -1,4 +1,4 @@
-"""Tests for unmask.elbo: exact enumeration vs the continuous-time bound, estimators vs exact, AR NLL, pairing."""
+"""Tests for unmask.likelihood.elbo: exact enumeration vs the continuous-time bound, estimators vs exact, AR NLL, pairing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unmask.elbo import (
+from unmask.likelihood.elbo import (
     ESTIMATORS,
     ar_nll,
     exact_k_masks,
@@ -24,8 +24,8 @@ from unmask.elbo import (
     t_masks,
 )
 from unmask.model import ModelConfig, Transformer
-from unmask.objectives import mdlm_loss as mdlm_training_loss
-from unmask.objectives import sample_exact_k_batch, sample_mdlm_batch
+from unmask.objectives.base import mdlm_loss as mdlm_training_loss
+from unmask.objectives.base import sample_exact_k_batch, sample_mdlm_batch
 
 VOCAB = 7  # 6 characters + [MASK]
 MASK_ID = VOCAB - 1

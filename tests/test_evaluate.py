@@ -13,9 +13,9 @@ import torch
 
 from tests.conftest import REPO, tiny_flags
 from unmask.cli import main
-from unmask.data import gather_windows, load_dataset
-from unmask.elbo import ar_nll, split_window_offsets
-from unmask.loading import load_trained
+from unmask.data.dataset import gather_windows, load_dataset
+from unmask.likelihood.elbo import ar_nll, split_window_offsets
+from unmask.storage.loading import load_trained
 
 BLOCK = 32  # tiny_flags' block_size
 
@@ -166,7 +166,7 @@ def test_cli_subprocess_json(runs: dict[str, Path]) -> None:
 def test_ckpt_flags_accept_a_run_directory(tmp_path: Path) -> None:
     """--ckpt / --judge_ckpt / --critic_ckpt given a run directory mean its newest checkpoint."""
     from unmask.errors import UserError
-    from unmask.loading import resolve_checkpoint
+    from unmask.storage.loading import resolve_checkpoint
 
     run = tmp_path / "run"
     run.mkdir()
@@ -196,7 +196,7 @@ def mdlm_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_policy_estimator_is_the_exact_policy_likelihood(
     mdlm_run: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from unmask.policy import model_predict, policy_log_likelihood
+    from unmask.likelihood.policy import model_predict, policy_log_likelihood
 
     flags = (f"--out_dir={mdlm_run}", "--max_windows=6", "--seed=5")
     r = run_json(capsys, *flags, "--estimator=policy", "--policy=margin", "--per_step=4")
@@ -256,9 +256,9 @@ def test_policy_block_length_seam(mdlm_run: Path, tiny_data: Path) -> None:
     """A checkpoint config's `diffusion_block` (block diffusion) keeps the policy inside the leftmost open block."""
     import dataclasses
 
+    from unmask.commands.eval import _block_length, policy_split_likelihood
     from unmask.errors import UserError
-    from unmask.evaluate import _block_length, policy_split_likelihood
-    from unmask.policy import model_predict, policy_log_likelihood
+    from unmask.likelihood.policy import model_predict, policy_log_likelihood
 
     trained = load_trained(mdlm_run / "ckpt_unmasking_8.pt")
     assert _block_length(trained) is None

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from unmask.config import TrainConfig
+from unmask.commands.train import build_train_run
+from unmask.config.flags import convert, load_preset, parse_flags
+from unmask.config.train_config import TrainConfig
+from unmask.curriculum.stages import RandomStage, SpanStage, StickyStage, default_curriculum
 from unmask.errors import UserError
-from unmask.flags import convert, load_preset, parse_flags
-from unmask.stages import RandomStage, SpanStage, StickyStage, default_curriculum
-from unmask.train import build_train_run
 
 README_CPU_COMMAND = [
     "--training_type=unmasking",

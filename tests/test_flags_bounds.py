@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from unmask.config import TrainConfig
+from unmask.commands.train import build_train_run as build_train_config
+from unmask.config.flags import load_preset
+from unmask.config.train_config import TrainConfig
 from unmask.errors import UserError
-from unmask.flags import load_preset
-from unmask.train import build_train_run as build_train_config
 
 STAGE = '{"type": "span", "spans_count": 4}'
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import shuffled_task, tiny_flags
 from unmask.cli import main
-from unmask.stages import ORIGINAL_STAGES
+from unmask.curriculum.stages import ORIGINAL_STAGES
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 REGENERATE = os.environ.get("UNMASK_REGEN_GOLDEN") == "1"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unmask.data import Vocab
+from unmask.data.dataset import Vocab
 from unmask.errors import UserError
 from unmask.transfer.labeled_text import LabeledText, encode_texts, read_labeled, stratified_split
 

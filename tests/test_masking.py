@@ -1,4 +1,4 @@
-"""Tests for `unmask.masking`: exact sticky counts, statistics of every selection, BERT corruption."""
+"""Tests for `unmask.curriculum.masking`: exact sticky counts, statistics of every selection, BERT corruption."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unmask.masking import (
+from unmask.curriculum.masking import (
     bert_corruption,
     mask_positions,
     num_masked,

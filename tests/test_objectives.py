@@ -11,8 +11,8 @@ import torch
 
 from tests.conftest import tiny_flags
 from unmask.cli import main
-from unmask.objectives import autoregressive_loss
-from unmask.validation import autoregressive_val
+from unmask.objectives.base import autoregressive_loss
+from unmask.training.validation import autoregressive_val
 
 
 def _evals(out: Path) -> list[dict]:
@@ -63,7 +63,7 @@ def test_autoregressive_loss_is_next_character_cross_entropy() -> None:
 
 def test_autoregressive_val_bpc_excludes_mask_like_unmask_eval() -> None:
     """The logged val_bpc is `elbo.ar_nll` (no [MASK] in the softmax); val_loss is the plain training CE."""
-    from unmask.elbo import ar_nll
+    from unmask.likelihood.elbo import ar_nll
     from unmask.model import ModelConfig, Transformer
     from unmask.runtime import init_runtime
 

@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import tiny_flags
 from unmask.cli import main
+from unmask.commands.plot import INSTALL_HINT, read_records, run_curves, stage_changes
 from unmask.errors import UserError
-from unmask.plot import INSTALL_HINT, read_records, run_curves, stage_changes
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STAGES = (

@@ -1,4 +1,4 @@
-"""Tests for `unmask.policy`: exact normalisation by brute force, sampling matches the likelihood, the policies."""
+"""Tests for `unmask.likelihood.policy`: exact normalisation by brute force, sampling matches the likelihood, the policies."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, tiny_flags
-from unmask.model import ModelConfig, Transformer
-from unmask.policy import (
+from unmask.likelihood.policy import (
     POLICIES,
     Predict,
     choose_positions,
@@ -25,6 +24,7 @@ from unmask.policy import (
     policy_scores,
     policy_steps,
 )
+from unmask.model import ModelConfig, Transformer
 
 V = 3  # real characters; [MASK] = 3
 MASK = V
@@ -308,7 +308,7 @@ def sample_json(capsys: pytest.CaptureFixture[str], ckpt: Path, *flags: str) -> 
 
 
 def test_sample_policy_draws_what_eval_scores(mdlm_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from unmask.loading import load_trained
+    from unmask.storage.loading import load_trained
 
     doc = sample_json(capsys, mdlm_ckpt, "--policy=margin", "--per_step=4", "--num_samples=3", "--prompt=The ")
     assert doc["speed"]["forward_passes"] == math.ceil((32 - 4) / 4) and doc["settings"]["policy"] == "margin"

@@ -15,7 +15,7 @@ import torch
 from tests.conftest import REPO, tiny_flags
 from tests.test_train_e2e import STAGES, records
 from unmask.cli import main
-from unmask.trainer import Trainer
+from unmask.training.trainer import Trainer
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Tests for `unmask.prepare` and `unmask.sources`: sources, encoding, paragraph starts, refusals and atomic output.
+"""Tests for `unmask.data.prepare` and `unmask.data.sources`: sources, encoding, paragraph starts, refusals and atomic output.
 
 No test touches the network: the URL and PyPI fetchers are replaced by fakes (an autouse fixture makes any
 unexpected call fail loudly).
@@ -20,9 +20,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unmask import __version__, sources
-from unmask import prepare as prep
-from unmask.data import load_dataset
+from unmask import __version__
+from unmask.data import prepare as prep
+from unmask.data import sources
+from unmask.data.dataset import load_dataset
 from unmask.errors import UserError
 
 MIRROR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"

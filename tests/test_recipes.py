@@ -13,13 +13,13 @@ import torch.nn.functional as F
 
 from tests.conftest import run_records, tiny_flags
 from unmask.cli import main
-from unmask.config import TrainConfig
-from unmask.curriculum import Curriculum, CurriculumState
+from unmask.commands.train import build_train_run
+from unmask.config.train_config import TrainConfig
+from unmask.curriculum.plateau import Curriculum, CurriculumState
+from unmask.curriculum.stages import RandomStage, SpanStage, parse_stage, parse_stages
 from unmask.errors import UserError
-from unmask.objectives import label_smoothed_cross_entropy
-from unmask.schedule import lr_at
-from unmask.stages import RandomStage, SpanStage, parse_stage, parse_stages
-from unmask.train import build_train_run
+from unmask.objectives.base import label_smoothed_cross_entropy
+from unmask.training.schedule import lr_at
 
 TINY_TRAIN_CHARS = 31340  # train split of the `tiny_data` corpus
 TINY_CHARS_PER_ITER = 4 * 32  # tiny_flags: batch 4 x block 32
@@ -334,7 +334,7 @@ def test_final_stage_duration_ends_training(
 def test_label_smoothing_applies_to_training_steps_only(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import unmask.objectives as objectives
+    import unmask.objectives.base as objectives
 
     real = objectives.smoothed_unmasking_loss
     grad_modes: list[bool] = []

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.conftest import tiny_flags
-from unmask import checkpoint as ckpt_io
-from unmask import run_dir
 from unmask.cli import main
-from unmask.train import build_train_run
+from unmask.commands.train import build_train_run
+from unmask.storage import checkpoint as ckpt_io
+from unmask.storage import run_dir
 
 
 def _train(tiny_data: Path, out: Path, *extra: str, **overrides: object) -> int:

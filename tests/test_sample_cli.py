@@ -16,9 +16,9 @@ import torch
 
 from tests.conftest import REPO, tiny_flags
 from unmask.cli import main
-from unmask.data import MASK_GLYPH, load_dataset
+from unmask.commands.sample import SampleArgs
+from unmask.data.dataset import MASK_GLYPH, load_dataset
 from unmask.model import ModelConfig, Transformer
-from unmask.sample import SampleArgs
 
 
 @pytest.fixture(scope="session")
@@ -287,7 +287,7 @@ def test_causal_judge_scores_samples_and_real_text(
 
 
 def test_diffusion_judge_gives_the_negative_elbo(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("unmask.elbo")
+    pytest.importorskip("unmask.likelihood.elbo")
     flags = (f"--out_dir={run_dir}", "--length=24", "--steps=4", f"--judge_ckpt={run_dir / 'ckpt_unmasking_16.pt'}")
     a, b = sample(capsys, *flags, "--judge_draws=2"), sample(capsys, *flags, "--judge_draws=2")
     assert 1.0 < a["metrics"]["samples"]["judge_nll"] < 8.0 and 1.0 < a["metrics"]["reference"]["judge_nll"] < 8.0

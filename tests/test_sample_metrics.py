@@ -1,4 +1,4 @@
-"""Sample metrics on hand-made strings, and NLL under a judge (causal exact, diffusion via unmask.elbo)."""
+"""Sample metrics on hand-made strings, and NLL under a judge (causal exact, diffusion via unmask.likelihood.elbo)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from unmask import sample_metrics as sm
+from unmask.generation import metrics as sm
 
 
 def test_words_are_lowercased_word_runs() -> None:
@@ -95,7 +95,7 @@ def test_causal_nll_of_a_uniform_model_is_log_v() -> None:
 
 
 def test_diffusion_nll_weights_chunks_by_length(monkeypatch: pytest.MonkeyPatch) -> None:
-    elbo = pytest.importorskip("unmask.elbo")
+    elbo = pytest.importorskip("unmask.likelihood.elbo")
     calls: list[int] = []
 
     def fake_score(model: nn.Module, x: Tensor, mask_id: int, draws: int, generator: torch.Generator) -> Tensor:

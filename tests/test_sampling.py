@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from unmask.data import Vocab
-from unmask.model import KVCache, ModelConfig, Transformer
-from unmask.sampling import (
+from unmask.data.dataset import Vocab
+from unmask.generation.cached import generate_autoregressive
+from unmask.generation.diffusion import (
     REMASKING,
     SCHEDULES,
     EntropyRemask,
@@ -35,7 +35,7 @@ from unmask.sampling import (
     select_top,
     split_steps,
 )
-from unmask.sampling_cached import generate_autoregressive
+from unmask.model import KVCache, ModelConfig, Transformer
 from unmask.transfer.critic import CriticRemask
 
 MASK = 5  # fake vocabulary: ids 0..4 are characters, 5 is [MASK]

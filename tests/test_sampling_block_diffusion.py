@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from unmask.generation.cached import generate_block_diffusion, plan_diffusion_blocks
+from unmask.generation.diffusion import RowGenerators, SamplingConfig, prompt_canvas
 from unmask.model import KVCache, ModelConfig, Transformer
-from unmask.sampling import RowGenerators, SamplingConfig, prompt_canvas
-from unmask.sampling_cached import generate_block_diffusion, plan_diffusion_blocks
 
 MASK, V, K, BLOCK_SIZE = 8, 9, 4, 16  # ids 0..7 are characters, 8 is [MASK]
 

@@ -154,7 +154,7 @@ def test_help_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
 def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     from dataclasses import fields
 
-    from unmask.config import TrainConfig
+    from unmask.config.train_config import TrainConfig
 
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
@@ -166,7 +166,7 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
 def test_nonfinite_losses_skip_updates_then_stop_cleanly(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import unmask.objectives as objectives
+    import unmask.objectives.base as objectives
 
     real = objectives.unmasking_loss
     calls = {"n": 0}
@@ -214,7 +214,7 @@ def test_infinite_gradient_with_a_finite_loss_is_skipped(
     capsys: pytest.CaptureFixture[str],
     grad_clip: float,
 ) -> None:
-    import unmask.objectives as objectives
+    import unmask.objectives.base as objectives
 
     real = objectives.unmasking_loss
     calls = {"n": 0}
@@ -237,9 +237,9 @@ def test_infinite_gradient_with_a_finite_loss_is_skipped(
 
 def test_a_nonfinite_step_on_another_rank_skips_here_too(tiny_data: Path, tmp_path: Path) -> None:
     """The skip decision is all-reduced: a rank with a finite loss still skips when another rank's was NaN."""
+    from unmask.commands.train import build_train_run
     from unmask.runtime import init_runtime
-    from unmask.train import build_train_run
-    from unmask.trainer import Trainer
+    from unmask.training.trainer import Trainer
 
     cfg = build_train_run(tiny_flags(tiny_data, tmp_path / "r")).cfg
     trainer = Trainer(cfg, init_runtime("cpu", "float32", "gloo"))
@@ -289,9 +289,9 @@ def test_resume_says_when_the_run_is_finished_and_warns_on_a_new_schedule(
 
 def test_a_resumed_run_starts_a_fresh_non_finite_count(tiny_data: Path, tmp_path: Path) -> None:
     """A checkpoint written after 4 skipped steps must not make the first bad step after a resume fatal."""
+    from unmask.commands.train import build_train_run
     from unmask.runtime import init_runtime
-    from unmask.train import build_train_run
-    from unmask.trainer import Trainer
+    from unmask.training.trainer import Trainer
 
     out = tmp_path / "run"
     assert main(["train", *tiny_flags(tiny_data, out, max_iters=4)]) == 0
@@ -305,8 +305,8 @@ def test_a_resumed_run_starts_a_fresh_non_finite_count(tiny_data: Path, tmp_path
 def test_the_default_curriculum_ends_at_full_masking_and_reaches_it(tiny_data: Path, tmp_path: Path) -> None:
     """With no stage configuration the run ends in a stage that masks U(0, 1) of each window (so the model can
     generate from an empty canvas), after the original sticky stages of 10 % of --max_iters each."""
-    from unmask.stages import ORIGINAL_STAGES, RandomStage
-    from unmask.train import build_train_run
+    from unmask.commands.train import build_train_run
+    from unmask.curriculum.stages import ORIGINAL_STAGES, RandomStage
 
     out = tmp_path / "run"
     assert main(["train", *tiny_flags(tiny_data, out, max_iters=40, eval_interval=10)]) == 0
@@ -320,7 +320,7 @@ def test_the_default_curriculum_ends_at_full_masking_and_reaches_it(tiny_data: P
 
 
 def test_the_default_gpu_model_on_a_cpu_is_announced_in_one_line() -> None:
-    from unmask.train import build_train_run, cpu_default_note
+    from unmask.commands.train import build_train_run, cpu_default_note
 
     assert build_train_run([]).default_model
     assert not build_train_run(["cpu"]).default_model and not build_train_run(["--n_layer=2"]).default_model
@@ -345,8 +345,8 @@ def test_threads_flag_everywhere(tiny_data: Path, tmp_path: Path, capsys: pytest
 
 
 def test_a_received_checkpoint_cannot_switch_on_wandb(tiny_data: Path, tmp_path: Path) -> None:
-    from unmask import checkpoint as ckpt_io
-    from unmask.train import build_train_run
+    from unmask.commands.train import build_train_run
+    from unmask.storage import checkpoint as ckpt_io
 
     out = tmp_path / "run"
     assert main(["train", *tiny_flags(tiny_data, out, max_iters=4)]) == 0

@@ -15,8 +15,8 @@ import torch
 
 from tests.conftest import REPO, WORDS, run_records, shuffled_task, tiny_flags
 from unmask.cli import main
+from unmask.data.prepare import prepare
 from unmask.model import ModelConfig, Transformer
-from unmask.prepare import prepare
 from unmask.transfer.pretrained import parameter_summary, set_trainable
 
 N_EMBD = 16  # tiny_flags

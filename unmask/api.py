@@ -5,7 +5,7 @@ checkpoint). `Model.generate` takes the options of `unmask sample` (validated by
 the same flag) and samples by iterative unmasking, or left to right for an autoregressive model. `Model.score`
 gives bits per character with the estimator that fits the objective: the negative ELBO by exact-k masking for
 diffusion models (an upper bound on the NLL; Ou et al. 2024, Nie et al. 2025), the exact NLL for autoregressive
-ones (see `unmask.elbo`).
+ones (see `unmask.likelihood.elbo`).
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ from typing import Any
 
 import torch
 
-from unmask import elbo
-from unmask.data import Vocab
+from unmask.commands.export import export_config, is_export_dir, load_export, split_tied
+from unmask.data.dataset import Vocab
 from unmask.errors import UserError
-from unmask.export import export_config, is_export_dir, load_export, split_tied
-from unmask.loading import Trained, load_trained, resolve_checkpoint
+from unmask.generation.diffusion import SamplingConfig
+from unmask.likelihood import elbo
 from unmask.model import ModelConfig, Transformer
-from unmask.sampling import SamplingConfig
+from unmask.storage.loading import Trained, load_trained, resolve_checkpoint
 
 DEFAULT_SEED = 1337  # `unmask sample`'s default
 SCORE_DRAWS = 16  # forward passes per window of a diffusion score (exact_k: k stratified over them)
-# Options `Model.generate` passes to `unmask.sample.SampleArgs` for validation (besides prompt/length/seed).
+# Options `Model.generate` passes to `unmask.commands.sample.SampleArgs` for validation (besides prompt/length/seed).
 SAMPLER_OPTIONS = (*(f.name for f in fields(SamplingConfig)), "critic_ckpt", "preset")
 AR_OPTIONS = ("temperature", "top_k", "top_p")
 
@@ -37,7 +37,7 @@ class Model:
 
     `.config` is the export document (`config.json` of `unmask export`): `model_config`, `vocab`, `objective`,
     `objective_params`, `training` summary, `train_config`, versions. `.trained` is the same model as
-    `unmask.loading.Trained`, the form the commands use.
+    `unmask.storage.loading.Trained`, the form the commands use.
     """
 
     def __init__(self, trained: Trained, config: dict[str, Any]) -> None:
@@ -117,7 +117,7 @@ class Model:
     ) -> list[str]:
         """`unmask sample`'s own setup and loop (same canvases, checks, per-sample generators), so a call gives the
         texts the command prints for the same seed."""
-        from unmask.sample import build_from, run_samples, sampling_config
+        from unmask.commands.sample import build_from, run_samples, sampling_config
 
         if self.model_config.causal:
             other = sorted(set(options) - set(AR_OPTIONS))
@@ -145,7 +145,7 @@ class Model:
         return self.device if self.device.type in ("cpu", "cuda") else torch.device("cpu")
 
     def _sample_args(self, options: dict[str, Any], **canvas: Any) -> Any:
-        from unmask.sample import GUIDE_PRESET, SampleArgs
+        from unmask.commands.sample import GUIDE_PRESET, SampleArgs
 
         unknown = sorted(set(options) - set(SAMPLER_OPTIONS))
         if unknown:
@@ -202,7 +202,7 @@ class Model:
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> Model:
     """A `Model` from an export directory, a checkpoint file or a run directory (its newest checkpoint)."""
-    from unmask import checkpoint as ckpt_io
+    from unmask.storage import checkpoint as ckpt_io
 
     path = Path(path)
     if is_export_dir(path):

@@ -12,18 +12,24 @@ import sys
 
 from unmask import __version__
 from unmask.errors import EXIT_USER_ERROR, UserError
-from unmask.preemption import TrainingInterrupted
+from unmask.training.preemption import TrainingInterrupted
 
 # name -> (module whose `main(argv) -> int` runs it, one-line description)
 COMMANDS = {
-    "prepare": ("unmask.prepare", "turn a text corpus into train.bin / val.bin / meta.json"),
-    "train": ("unmask.train", "train a model (unmasking curriculum, mdlm, autoregressive, binary heads)"),
-    "sample": ("unmask.sample", "generate text by iterative unmasking (prompts, infilling, strategies, metrics)"),
-    "eval": ("unmask.evaluate", "likelihood of a checkpoint: ELBO / exact NLL in bits per character"),
-    "compare": ("unmask.compare", "train several objectives (--objectives) on the same data and budget"),
+    "prepare": ("unmask.data.prepare", "turn a text corpus into train.bin / val.bin / meta.json"),
+    "train": ("unmask.commands.train", "train a model (unmasking curriculum, mdlm, autoregressive, binary heads)"),
+    "sample": (
+        "unmask.commands.sample",
+        "generate text by iterative unmasking (prompts, infilling, strategies, metrics)",
+    ),
+    "eval": ("unmask.commands.eval", "likelihood of a checkpoint: ELBO / exact NLL in bits per character"),
+    "compare": ("unmask.commands.compare", "train several objectives (--objectives) on the same data and budget"),
     "classify": ("unmask.transfer.classify", "score texts with a binary classifier checkpoint"),
-    "export": ("unmask.export", "write a checkpoint as model.safetensors + config.json + README.md (unmask.load)"),
-    "plot": ("unmask.plot", "draw loss and val_bpc curves of one or more runs into a PNG (needs matplotlib)"),
+    "export": (
+        "unmask.commands.export",
+        "write a checkpoint as model.safetensors + config.json + README.md (unmask.load)",
+    ),
+    "plot": ("unmask.commands.plot", "draw loss and val_bpc curves of one or more runs into a PNG (needs matplotlib)"),
 }
 
 

@@ -18,7 +18,7 @@ does not depend on what it was batched with.
 Block diffusion (Arriola et al. 2025, "Block Diffusion", BD3-LM): with `ModelConfig.diffusion_block = K > 0` the
 model is a masked-diffusion model per block of K characters, conditioned on the clean blocks before it. A plain
 `forward(x)` then uses the block-causal mask (position i attends to j iff j // K <= i // K); training passes the
-2L-long layout [noisy ; clean] with an explicit `attn_mask` and `pos` (see `unmask.block_diffusion`). A `KVCache`
+2L-long layout [noisy ; clean] with an explicit `attn_mask` and `pos` (see `unmask.likelihood.block`). A `KVCache`
 lets sampling feed committed blocks once and reuse their keys and values (`forward(..., cache=, update_cache=)`).
 """
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from unmask.masking import random_k_subsets
+from unmask.curriculum.masking import random_k_subsets
 
 
 def replace_characters(

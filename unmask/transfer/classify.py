@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from unmask.command import parse_command
+from unmask.config.command import parse_command
 from unmask.errors import UserError
-from unmask.loading import Trained, read_trained
 from unmask.runtime import resolve_device, set_threads
+from unmask.storage.loading import Trained, read_trained
 from unmask.transfer.binary import binary_metrics
 from unmask.transfer.labeled_text import LabeledText, encode_texts, read_labeled
 

@@ -19,12 +19,12 @@ import torch
 from torch import Tensor
 
 from unmask.errors import UserError
-from unmask.loading import Trained, read_trained
-from unmask.sampling import Generators, Proposal, uniform
+from unmask.generation.diffusion import Generators, Proposal, uniform
+from unmask.storage.loading import Trained, read_trained
 
 
 class CriticRemask:
-    """The `remask` strategy scored by a critic's P(wrong) (a `unmask.sampling.Remasking`)."""
+    """The `remask` strategy scored by a critic's P(wrong) (a `unmask.generation.diffusion.Remasking`)."""
 
     name = "critic"
     refill = True

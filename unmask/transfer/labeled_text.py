@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from unmask.data import Vocab
+from unmask.data.dataset import Vocab
 from unmask.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")

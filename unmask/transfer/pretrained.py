@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from unmask import checkpoint as ckpt_io
-from unmask.config import ARCHITECTURE_FLAGS, TrainConfig, differing_fields
-from unmask.data import Vocab
+from unmask.config.train_config import ARCHITECTURE_FLAGS, TrainConfig, differing_fields
+from unmask.data.dataset import Vocab
 from unmask.errors import UserError
 from unmask.model import Transformer
+from unmask.storage import checkpoint as ckpt_io
 
 DATA_FIELDS = ("data_dir", "dataset")  # default to the pretraining data
 # Config keys a resumed run must keep: they decide the head and which parameters the optimizer holds.

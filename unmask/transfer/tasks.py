@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from unmask.batches import BatchSource
-from unmask.data import Vocab, check_split_length, load_dataset
+from unmask.curriculum.batches import BatchSource
+from unmask.data.dataset import Vocab, check_split_length, load_dataset
 from unmask.model import Transformer
-from unmask.objectives import Objective, RunInputs, register
+from unmask.objectives.base import Objective, RunInputs, register
+from unmask.training.validation import VALIDATION_SEED
 from unmask.transfer import pretrained as transfer
 from unmask.transfer.binary import binary_metrics, class_balanced_cross_entropy, replace_characters
 from unmask.transfer.labeled_text import encode_texts, read_labeled, stratified_split
-from unmask.validation import VALIDATION_SEED
 
 CLASS_NAMES = {"replaced_token": ("kept", "replaced"), "sequence": ("label 0", "label 1")}
 

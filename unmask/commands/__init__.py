@@ -1,0 +1,1 @@
+"""The commands: each module is one thin `main(argv)` of `unmask <command>`."""

@@ -1,0 +1,1 @@
+"""Configuration: `--key=value` flags, command parsing, `TrainConfig`, the presets."""

@@ -1,0 +1,437 @@
+"""Typed configuration of `unmask train`.
+
+Every field is a flag (`--name=value`) and a preset key, with the original framework's names and meanings
+(its README is our compatibility contract). The docstring under each field is its `--help` text.
+`__post_init__` validates values and names the flag in every error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from unmask.curriculum.stages import Stage, default_curriculum, parse_stages
+from unmask.errors import UserError
+from unmask.runtime import check_device_name
+
+ObjectiveName = Literal["unmasking", "mdlm", "autoregressive", "block_diffusion"]
+# Flags that define the learning-rate schedule: a resume that changes one changes the rest of the run's schedule.
+SCHEDULE_FLAGS = (
+    "max_iters",
+    "learning_rate",
+    "warmup_iters",
+    "lr_decay_iters",
+    "min_lr",
+    "min_lr_ratio",
+    "decay_lr",
+    "lr_schedule",
+    "lr_restart_period",
+)
+# The flags that fix a network's shape: a resumed or transferred run takes them from the checkpoint.
+ARCHITECTURE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+
+
+def differing_fields(flags: Any, saved: dict[str, Any], keys: tuple[str, ...] = ARCHITECTURE_FLAGS) -> list[str]:
+    """ "key: flag A vs checkpoint B" for every key in both whose values differ; `flags` is a dict or a config."""
+    given = flags if isinstance(flags, dict) else vars(flags)
+    return [
+        f"{k}: flag {given[k]} vs checkpoint {saved[k]}"
+        for k in keys
+        if k in saved and k in given and given[k] != saved[k]
+    ]
+
+
+@dataclass
+class TrainConfig:
+    # --- I/O -----------------------------------------------------------------------------------------------
+    out_dir: str = "out"
+    """Directory for checkpoints, metrics.jsonl and config.json."""
+    data_dir: str = "data"
+    """Directory that holds prepared datasets (`unmask prepare` writes there)."""
+    dataset: str = "shakespeare_char"
+    """Dataset name: the data is read from DATA_DIR/DATASET/{train.bin,val.bin,meta.json}."""
+    init_from: Literal["scratch", "resume"] = "scratch"
+    """'scratch' starts a new run; 'resume' continues from the newest complete checkpoint in out_dir (with
+    --pretrained_checkpoint_path: starts a new run from that checkpoint's weights instead)."""
+    overwrite: bool = False
+    """A new run in an out_dir that holds another run's files is refused; True deletes those files first
+    (checkpoints, sidecars, metrics.jsonl, config.json, run.json)."""
+    ckpt_filename: str | None = None
+    """With --init_from=resume: a checkpoint file name in out_dir instead of the newest."""
+    eval_interval: int = 200
+    """Evaluate, update the curriculum and checkpoint every this many iterations."""
+    log_interval: int = 10
+    """Print and record a training line every this many iterations."""
+    eval_iters: int = 20
+    """Validation set size in batches (eval_iters * batch_size samples); also the fresh train batches per eval."""
+    eval_only: bool = False
+    """Evaluate once and exit."""
+    always_save_checkpoint: bool = True
+    """Write a checkpoint at every evaluation, not only when the validation loss improves."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints in out_dir (0 keeps all)."""
+    wandb_log: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`)."""
+    wandb_project: str = "unmask"
+    """W&B project name."""
+    wandb_run_name: str = "run"
+    """W&B run name."""
+
+    # --- training type and curriculum -----------------------------------------------------------------------
+    training_type: Literal["unmasking"] = "unmasking"
+    """The original framework's training type; 'unmasking' is the only one (see --objective)."""
+    objective: ObjectiveName = "unmasking"
+    """'unmasking': masked CE through the stage curriculum; 'mdlm': the continuous-time masked-diffusion ELBO
+    (t ~ U(eps, 1), linear schedule); 'autoregressive': causal attention and next-character targets (a nanoGPT
+    baseline). Every objective logs val_bpc (ELBO for diffusion, exact NLL for autoregressive)."""
+    diffusion_block: int = 0
+    """--objective=block_diffusion: the block length K (divides block_size). Each block is a masked-diffusion
+    model of K characters conditioned on the clean blocks before it (Arriola et al. 2025, BD3-LM): K = 1 is an
+    autoregressive model, K = block_size is MDLM. Committed blocks are KV-cached exactly when sampling."""
+    mask_rate_window: tuple[float, float] = (0.0, 1.0)
+    """--objective=block_diffusion: LO,HI: each block's training mask rate t ~ U(LO, HI] (BD3-LM's clipped schedule,
+    a variance reduction). Evaluation always integrates t over (0, 1], so val_bpc stays a bound."""
+    zero_masking: bool = True
+    """mdlm and autoregressive: drop the [MASK] logit from the softmax of the training loss (MDLM's zero-masking,
+    the SUBS parameterisation): [MASK] is never a target, so no probability is spent on it; validation CE then
+    drops it too. False: the full softmax (the behaviour before). The unmasking objective keeps the full softmax."""
+    mdlm_estimator: Literal["auto", "antithetic_t", "exact_k"] = "auto"
+    """Training estimator of mdlm and block_diffusion: 'antithetic_t' draws t stratified over the batch (per block
+    for block diffusion), Bernoulli(t) masks, weight 1/t (MDLM); 'exact_k' draws k uniform in 1..L (1..K per
+    block) stratified over the batch, a uniform k-subset masked, weight L/k (t integrated out: never a larger
+    variance; for block diffusion with K = 1 exactly the autoregressive loss). 'auto': antithetic_t for mdlm,
+    exact_k for block_diffusion."""
+    elbo_draws: int = 2
+    """Monte-Carlo draws per validation window for val_bpc of diffusion objectives (fixed seed: comparable across
+    evaluations)."""
+    unmasking_stages: tuple[Stage, ...] | None = None
+    """Curriculum: a list of stage dicts (type sticky/random/span and their masking parameters; random takes
+    max_masked_ratio or masking_rate_range=[lo, hi]). Every stage may give val_loss_stale_count, epochs, iters
+    (it ends at whichever comes first; with a duration and no stale count it is duration-only) and lr_factor
+    (multiplies the learning rate while it is current). As a flag, a JSON or Python list literal. Default: the
+    README's three sticky stages (0.2, 0.4, 0.6), each for at most 10 % of --max_iters, then a random stage masking
+    U(0, 1) of each window until the end, so the model can generate from an empty canvas (the `original` preset
+    trains the three sticky stages alone)."""
+    validation_stages: tuple[Stage, ...] | None = None
+    """Stages the fixed validation set is built from (default: unmasking_stages)."""
+    use_all_stages_for_training: bool = False
+    """Mix all stages into every training batch instead of stages 0..current."""
+    use_paragraph_boundaries: bool = True
+    """Start training and validation windows right after blank lines (paragraph starts)."""
+    stage_duration_scale: float = 1.0
+    """Multiplies every stage's epochs and iters (e.g. 0.01 runs a recipe's curriculum at CPU scale)."""
+
+    # --- transfer learning and binary heads (docs/transfer.md) -----------------------------------------------
+    pretrained_checkpoint_path: str | None = None
+    """With --init_from=resume: start a NEW run in out_dir from this checkpoint (a file, or a run directory for
+    its newest) instead of resuming out_dir: architecture and vocabulary come from it, iteration and optimizer
+    start fresh. Without this flag, --init_from=resume continues out_dir (transfer runs included)."""
+    switch_to_binary: bool = False
+    """Replace the language-model head with a 2-class head and train it on --binary_task."""
+    transfer_learning_mode: Literal["feature_extraction", "fine_tuning", "from_scratch"] = "fine_tuning"
+    """With --pretrained_checkpoint_path: 'feature_extraction' trains only the new head (backbone frozen),
+    'fine_tuning' trains everything from the pretrained weights, 'from_scratch' the same architecture and
+    vocabulary from a random init (the baseline)."""
+    binary_task: Literal["replaced_token", "sequence"] = "replaced_token"
+    """'replaced_token': per-character head; characters of --dataset windows are replaced by a different random
+    character at a rate drawn per window from --replace_ratio_range, label 1 = replaced. 'sequence': one label
+    per text of --classification_data, from the mean hidden state."""
+    replace_ratio_range: tuple[float, float] = (0.1, 0.4)
+    """[lo, hi]: each replaced_token window replaces round(r * block_size) characters, r ~ U(lo, hi) per window
+    (the original's critic schedule kept 90% to 60% of the characters)."""
+    classification_data: str | None = None
+    """--binary_task=sequence: a JSONL file of {"text": ..., "label": 0|1} lines, or a CSV file with a header
+    row holding the columns text and label. Texts longer than block_size are cut to their first block_size
+    characters."""
+    val_fraction: float = 0.1
+    """--binary_task=sequence: share of each class held out for validation (fixed split, seed 42)."""
+
+    # --- model ---------------------------------------------------------------------------------------------
+    n_layer: int = 6
+    """Transformer layers."""
+    n_head: int = 6
+    """Attention heads per layer."""
+    n_embd: int = 384
+    """Embedding width."""
+    dropout: float = 0.2
+    """Dropout rate (embeddings, attention, residual)."""
+    bias: bool = False
+    """Use biases in Linear and LayerNorm layers."""
+    block_size: int = 1024
+    """Sequence length in characters."""
+
+    # --- optimisation --------------------------------------------------------------------------------------
+    batch_size: int = 16
+    """Sequences per micro-batch (per process)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step, per process (tokens per step = batch x block x this x world size)."""
+    max_iters: int = 50000
+    """Total optimizer steps."""
+    learning_rate: float = 1e-3
+    """Peak learning rate."""
+    decay_lr: bool = True
+    """Cosine-decay the learning rate after warmup (else constant). The current stage's lr_factor multiplies the
+    learning rate either way."""
+    lr_schedule: Literal["cosine", "cosine_with_restarts"] = "cosine"
+    """'cosine': one cosine from warmup_iters to lr_decay_iters. 'cosine_with_restarts': back to learning_rate
+    every lr_restart_period iterations (SGDR without cycle growth), or with lr_restart_period=0 at every stage
+    change, each cycle then reaching min_lr where the stage's epochs/iters end (else at lr_decay_iters)."""
+    lr_restart_period: int = 0
+    """Iterations of one cosine cycle for --lr_schedule=cosine_with_restarts (0: restart at every stage change)."""
+    warmup_iters: int = 2000
+    """Linear warmup steps (once, at the start of training)."""
+    lr_decay_iters: int | None = None
+    """Step at which the cosine reaches min_lr (default: max_iters)."""
+    min_lr: float | None = None
+    """Final learning rate (default: learning_rate / 10, or learning_rate * min_lr_ratio)."""
+    min_lr_ratio: float | None = None
+    """Final learning rate as a fraction of learning_rate (the guide's eta_min = lr * 0.1); excludes --min_lr."""
+    weight_decay: float = 2e-2
+    """AdamW weight decay, applied to >= 2-D weights only."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the unmasking training loss (validation losses stay plain cross-entropy): the target
+    keeps 1 - eps, and eps is spread evenly over the real characters, never over [MASK]."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+    # --- system --------------------------------------------------------------------------------------------
+    device: str = "auto"
+    """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype: 'auto' is bfloat16 on GPUs that support it, else float16 on CUDA, float32 elsewhere."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """DDP backend under torchrun: 'auto' is nccl on CUDA, gloo on CPU."""
+    threads: int = 0
+    """CPU threads for torch. 0 (default): as many as the cores that are idle when the run starts (the cores minus
+    the 1-minute load average, at least 1): threads that wait for each other on busy cores spin."""
+    seed: int = 1337
+    """Seed of the model init, data and masking generators (offset by the DDP rank)."""
+
+    def __post_init__(self) -> None:
+        if self.unmasking_stages is None:
+            self.unmasking_stages = default_curriculum(self.max_iters)
+        self.unmasking_stages = parse_stages(self.unmasking_stages, "--unmasking_stages")
+        if self.validation_stages is not None:
+            self.validation_stages = parse_stages(self.validation_stages, "--validation_stages")
+        positive = (
+            "elbo_draws",
+            "eval_interval",
+            "log_interval",
+            "eval_iters",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "batch_size",
+            "gradient_accumulation_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name}={getattr(self, name)} must be >= 1")
+        for name in ("max_iters", "warmup_iters", "keep_last"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name}={getattr(self, name)} must be >= 0")
+        # Upper bounds no real run comes near: a typo such as --max_iters=5e9 written as 5000000000000000 or
+        # --n_layer=100000 fails here in one line instead of hanging or trying to allocate terabytes.
+        upper: dict[str, int | float] = {
+            "max_iters": 10**12,
+            "warmup_iters": 10**12,
+            "lr_decay_iters": 10**12,
+            "lr_restart_period": 10**12,
+            "eval_interval": 10**12,
+            "log_interval": 10**12,
+            "eval_iters": 10**6,
+            "keep_last": 10**6,
+            "elbo_draws": 10**4,
+            "n_layer": 1024,
+            "n_head": 1024,
+            "n_embd": 2**16,
+            "block_size": 2**20,
+            "batch_size": 2**20,
+            "gradient_accumulation_steps": 2**20,
+            "seed": 2**63 - 1,
+            "learning_rate": 10.0,
+            "weight_decay": 100.0,
+            "grad_clip": 1e6,
+            "adam_eps": 1.0,
+            "stage_duration_scale": 1e6,
+        }
+        for name, bound in upper.items():
+            value = getattr(self, name)
+            if value is not None and value > bound:
+                shown = value if len(str(value)) <= 24 else f"<{len(str(value))} digits>"
+                raise UserError(f"--{name}={shown} is too large (at most {bound:,})")
+        if self.seed < 0:
+            raise UserError(f"--seed={self.seed} must be >= 0")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise UserError(f"--lr_decay_iters={self.lr_decay_iters} must be >= 1")
+        if self.lr_restart_period < 0:
+            raise UserError(f"--lr_restart_period={self.lr_restart_period} must be >= 0")
+        if self.lr_restart_period and self.lr_schedule != "cosine_with_restarts":
+            raise UserError(
+                f"--lr_restart_period={self.lr_restart_period} needs --lr_schedule=cosine_with_restarts "
+                f"(got {self.lr_schedule})"
+            )
+        if self.n_embd % self.n_head:
+            raise UserError(f"--n_embd={self.n_embd} must be divisible by --n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise UserError(f"--n_embd/--n_head = {self.n_embd // self.n_head} must be even (rotary embeddings)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout={self.dropout} must be in [0, 1)")
+        for name in ("learning_rate", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise UserError(f"--{name}={value} must be a finite number >= 0")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
+            raise UserError(f"--min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
+        if self.min_lr_ratio is not None:
+            if self.min_lr is not None:
+                raise UserError(
+                    f"--min_lr={self.min_lr} and --min_lr_ratio={self.min_lr_ratio}: give only one of them "
+                    f"(set the other to None)"
+                )
+            if not 0.0 <= self.min_lr_ratio <= 1.0:
+                raise UserError(f"--min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"--{name}={getattr(self, name)} must be in [0, 1)")
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise UserError(f"--adam_eps={self.adam_eps} must be a finite number > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"--label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.label_smoothing and self.objective != "unmasking":
+            raise UserError(
+                f"--label_smoothing={self.label_smoothing} applies to --objective=unmasking only (got {self.objective})"
+            )
+        self._check_block_diffusion()
+        self._check_transfer()
+        if not (math.isfinite(self.stage_duration_scale) and self.stage_duration_scale > 0):
+            raise UserError(f"--stage_duration_scale={self.stage_duration_scale} must be a finite number > 0")
+        check_device_name(self.device)
+
+    def _check_block_diffusion(self) -> None:
+        try:
+            lo, hi = (float(v) for v in self.mask_rate_window)
+        except (TypeError, ValueError):
+            raise UserError(f"--mask_rate_window={self.mask_rate_window}: expected LO,HI such as 0.3,0.8") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi <= 1.0 and hi > 0.0):
+            raise UserError(f"--mask_rate_window={lo},{hi}: need 0 <= LO <= HI <= 1 and HI > 0")
+        self.mask_rate_window = (lo, hi)
+        if self.mask_rate_window != (0.0, 1.0) and self.training_estimator == "exact_k":
+            raise UserError(
+                f"--mask_rate_window={lo},{hi}: clips the mask rate t of --mdlm_estimator=antithetic_t; exact_k "
+                "draws mask counts, not rates"
+            )
+        if self.objective != "block_diffusion":
+            if self.diffusion_block:
+                raise UserError(f"--diffusion_block={self.diffusion_block}: needs --objective=block_diffusion")
+            return
+        K = self.diffusion_block
+        if K < 1 or self.block_size % K:
+            raise UserError(
+                f"--diffusion_block={K}: --objective=block_diffusion needs a block length K >= 1 that divides "
+                f"--block_size={self.block_size}"
+            )
+
+    def _check_transfer(self) -> None:
+        try:
+            lo, hi = (float(v) for v in self.replace_ratio_range)
+        except (TypeError, ValueError):
+            raise UserError(f"--replace_ratio_range={self.replace_ratio_range}: expected [lo, hi]") from None
+        if not (0.0 <= lo <= hi <= 1.0 and hi > 0.0):
+            raise UserError(f"--replace_ratio_range=[{lo}, {hi}]: need 0 <= lo <= hi <= 1 and hi > 0")
+        self.replace_ratio_range = (lo, hi)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"--val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.pretrained_checkpoint_path is not None and self.init_from != "resume":
+            raise UserError(
+                f"--pretrained_checkpoint_path={self.pretrained_checkpoint_path}: transfer learning starts with "
+                "--init_from=resume (--init_from=scratch loads no checkpoint)"
+            )
+        if self.transfer_learning_mode == "feature_extraction":
+            if self.pretrained_checkpoint_path is None:
+                raise UserError("--transfer_learning_mode=feature_extraction needs --pretrained_checkpoint_path")
+            if not self.switch_to_binary:
+                # The language-model head is the embedding matrix (tied): freezing the backbone freezes it too.
+                raise UserError(
+                    "--transfer_learning_mode=feature_extraction needs --switch_to_binary=True (the language-model "
+                    "head is tied to the embedding, so nothing would be left to train)"
+                )
+        if not self.switch_to_binary:
+            return
+        if self.objective != "unmasking":
+            raise UserError(f"--objective={self.objective}: does not apply with --switch_to_binary=True")
+        if self.label_smoothing:
+            raise UserError(f"--label_smoothing={self.label_smoothing}: not with --switch_to_binary=True")
+        if self.binary_task == "sequence" and self.classification_data is None:
+            raise UserError("--binary_task=sequence needs --classification_data=FILE (JSONL or CSV)")
+        if self.binary_task != "sequence" and self.classification_data is not None:
+            raise UserError(f"--classification_data={self.classification_data}: needs --binary_task=sequence")
+
+    @property
+    def head(self) -> str:
+        """The model head this config trains (`unmask.model.HEADS`)."""
+        if not self.switch_to_binary:
+            return "lm"
+        return "sequence_binary" if self.binary_task == "sequence" else "token_binary"
+
+    @property
+    def training_estimator(self) -> str:
+        """--mdlm_estimator with 'auto' resolved for the objective."""
+        if self.mdlm_estimator != "auto":
+            return self.mdlm_estimator
+        return "exact_k" if self.objective == "block_diffusion" else "antithetic_t"
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The training curriculum (`unmasking_stages` after the default was filled in)."""
+        assert self.unmasking_stages is not None  # __post_init__ fills in the default curriculum
+        return self.unmasking_stages
+
+    @property
+    def stages_for_validation(self) -> tuple[Stage, ...]:
+        return self.validation_stages or self.stages
+
+    @property
+    def final_lr(self) -> float:
+        if self.min_lr is not None:
+            return self.min_lr
+        if self.min_lr_ratio is not None:
+            return self.learning_rate * self.min_lr_ratio
+        return self.learning_rate / 10
+
+    @property
+    def decay_iters(self) -> int:
+        return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (stages as dicts); `from_dict` inverts it."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_"):
+                continue
+            value = getattr(self, f.name)
+            if f.name in ("unmasking_stages", "validation_stages") and value is not None:
+                value = [stage.to_dict() for stage in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**values)

@@ -1,0 +1,1 @@
+"""The masking curriculum: pure masking functions, stage dicts, the plateau rule, batches."""

@@ -1,0 +1,1 @@
+"""Data: the dataset format and `Vocab`, `prepare` (library part), where corpora come from."""

@@ -1,0 +1,1 @@
+"""Generation: sampling strategies, remasking, schedules, cached decoding, sample metrics."""

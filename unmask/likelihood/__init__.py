@@ -1,0 +1,1 @@
+"""Likelihoods: the estimators, the ELBO, the block bound, the policy likelihood, scoring."""

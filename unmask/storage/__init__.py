@@ -1,0 +1,1 @@
+"""Storage: atomic writes, checkpoints, run directories, loading."""

@@ -1,0 +1,562 @@
+"""The training loop of `unmask train`, the same for every objective.
+
+`Trainer.run` reads as the list of what happens: evaluate (and let the objective react), checkpoint, train step,
+log. The trainer owns the model, the optimizer, the loop, the learning rate, DDP, signals and checkpoints; what a
+micro-batch is, what an evaluation measures and what the console shows about it belong to the run's objective
+(`unmask.objectives.base`), which the trainer never inspects.
+
+Everything a resumed run needs to continue bit for bit is in `Trainer.state_dict`: model, optimizer, scaler,
+iteration, training characters seen, best validation loss, the data and masking generators, the global RNG
+(dropout), the objective's own state (curriculum, pre-drawn selections) and the config.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from unmask.config.train_config import TrainConfig, differing_fields
+from unmask.errors import UserError
+from unmask.model import ModelConfig, Transformer
+from unmask.objectives.base import Objective, RunInputs, build_objective
+from unmask.runtime import Runtime, environment_record, peak_flops
+from unmask.storage import checkpoint as ckpt_io
+from unmask.storage import run_dir
+from unmask.training.preemption import StopSignal, TrainingInterrupted
+from unmask.training.run_log import RunLog
+from unmask.training.schedule import lr_at
+
+# Fixed offsets keep the generators of one run independent of each other (and of the validation seed 42).
+MASK_SEED_OFFSET = 1_000_003
+_EVAL_SEED_OFFSET = 2_000_003
+_MAX_NONFINITE_STEPS = 5
+
+
+def check_architecture(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    """A resumed run must keep the checkpoint's architecture; list every differing field."""
+    diffs = differing_fields(cfg, saved)
+    if diffs:
+        raise UserError(f"{path}: architecture differs from the flags ({'; '.join(diffs)})")
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        runtime: Runtime,
+        checkpoint: dict[str, Any] | None = None,
+        checkpoint_path: Path | None = None,
+        pretrained: Any = None,
+    ) -> None:
+        """`pretrained` (an `unmask.transfer.pretrained.Pretrained`): a new run from those weights."""
+        self.cfg, self.rt = cfg, runtime
+        self.out_dir = Path(cfg.out_dir)
+        self.resumed = checkpoint is not None
+        if not self.resumed:
+            run_dir.check_new_run(self.out_dir, cfg.overwrite)  # every rank, before any rank writes (DDP syncs)
+        # The run id: kept by a resume, new otherwise (also for a run that starts from pretrained weights).
+        saved_id = None if checkpoint is None else checkpoint.get("run_id")
+        self.run_id = saved_id if isinstance(saved_id, str) else run_dir.new_run_id()
+        self.lock = run_dir.RunLock(self.out_dir)
+        self.log = RunLog(self.out_dir, runtime.is_master, cfg.to_dict() if cfg.wandb_log else None, self.run_id)
+        # Per-rank streams: different data on every rank, reproducible for a seed.
+        self.data_gen = torch.Generator().manual_seed(cfg.seed + runtime.rank)
+        self.mask_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + MASK_SEED_OFFSET + runtime.rank)
+        inputs = RunInputs(cfg, runtime, self.mask_gen, checkpoint, None if checkpoint is not None else pretrained)
+        self.objective: Objective = build_objective(inputs)
+        self.vocab = self.objective.vocab
+        self.chars_per_iter = inputs.chars_per_iter
+        self.raw_model = self.build_model()
+        self.notes = self.objective.prepare_model(self.raw_model)  # pretrained weights, freezing
+        self.optimizer = self.build_optimizer()
+        if self.objective.show_parameter_summary or inputs.pretrained is not None:
+            from unmask.transfer.pretrained import parameter_summary
+
+            self.notes += parameter_summary(self.raw_model, self.optimizer)
+        self.iter_num = 0
+        self.train_chars_seen = 0
+        self.best_val_loss = math.inf
+        self.best: dict[str, tuple[float, int]] = {}  # metric -> (best value, its iteration), for the summary
+        self.last_eval_iter = -1
+        self.nonfinite_steps = 0
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint, checkpoint_path or Path("checkpoint"))
+        self.model: torch.nn.Module = self.raw_model
+        if cfg.compile:
+            self.model = torch.compile(self.raw_model)  # type: ignore[assignment]
+        if runtime.ddp:
+            idx = [runtime.local_rank] if runtime.device.type == "cuda" else None
+            self.model = DDP(self.model, device_ids=idx)  # frozen parameters take no part in the all-reduce
+        self.step_times: list[float] = []
+        self.batch_times: list[float] = []
+        self.step_lr = 0.0  # the learning rate of the last step, for its log line
+        self.ms_per_iter: float | None = None  # smoothed over log intervals, for the ETA
+        self.eval_seconds = 0.0  # the last evaluation's wall time, for the ETA
+        self.started = time.time()
+        self.last_checkpoint: Path | None = None
+        self.seq = 1  # the write sequence number of the next checkpoint (set from out_dir when the run opens)
+
+    # --- construction -----------------------------------------------------------------------------------------
+
+    def build_model(self) -> Transformer:
+        """The model for the objective's vocabulary and the config's architecture."""
+        cfg = self.cfg
+        # Model init draws from the global RNG; seed it identically on every rank (DDP also broadcasts).
+        torch.manual_seed(cfg.seed)
+        self.model_config = ModelConfig(
+            vocab_size=self.vocab.size,
+            block_size=cfg.block_size,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            dropout=cfg.dropout,
+            bias=cfg.bias,
+            **self.objective.model_fields(),
+        )
+        return Transformer(self.model_config).to(self.rt.device)
+
+    def build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over the trainable parameters; also creates the GradScaler (float16 only)."""
+        cfg, device = self.cfg, self.rt.device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.rt.dtype == torch.float16)
+        return torch.optim.AdamW(
+            self.raw_model.optimizer_groups(cfg.weight_decay),
+            lr=cfg.learning_rate,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.adam_eps,
+            fused=device.type == "cuda",
+        )
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train to `max_iters` (or until the objective says it is finished); returns the last eval's metrics."""
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict[str, Any]:
+        self.start()
+        metrics: dict[str, Any] = {}
+        with StopSignal() as stop:
+            while True:
+                self.before_step()
+                if self.due_for_eval():
+                    metrics = self.evaluate()
+                    self.after_eval(metrics)
+                    self.report(metrics)
+                    self.save_checkpoint(metrics)
+                    if self.cfg.eval_only:
+                        break
+                    signum = stop.agreed(self.rt)  # a signal during the evaluation: stop before training on
+                    if signum is not None:
+                        self.stop_for_signal(signum)
+                if self.done():
+                    break
+                loss = self.train_step()
+                self.log_step(loss)
+                signum = stop.agreed(self.rt)
+                if signum is not None:
+                    self.stop_for_signal(signum)
+                if self.nonfinite_steps >= _MAX_NONFINITE_STEPS:
+                    self.stop_diverged()
+        self.finish()
+        return metrics
+
+    @property
+    def epochs(self) -> float:
+        return self.objective.epochs(self.iter_num, self.train_chars_seen)
+
+    def done(self) -> bool:
+        """Training ends at max_iters, or when the objective says so (the final stage has lasted its duration)."""
+        return self.iter_num >= self.cfg.max_iters or self.objective.finished(self.iter_num, self.epochs)
+
+    def before_step(self) -> None:
+        line = self.objective.before_step(self.iter_num, self.epochs)
+        if line is not None:
+            self.log.print(line)
+
+    def current_lr(self) -> float:
+        """The learning rate of the step taken at the current iteration (schedule x the objective's factor)."""
+        start, end, factor = self.objective.lr_window()
+        return lr_at(self.iter_num, self.cfg, start, end, factor)
+
+    def open_run(self) -> None:
+        """Create out_dir and config.json; a resumed run keeps its metrics.jsonl up to the checkpoint, a new one
+        starts it afresh."""
+        if self.rt.is_master:
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"{self.out_dir}: cannot create: {ckpt_io.describe_os_error(exc)}") from None
+            self.lock.acquire(self.run_id)  # held until the run ends; a second run on out_dir is refused
+            if not self.resumed and self.cfg.overwrite:
+                removed = run_dir.remove_run_files(self.out_dir)
+                if removed:
+                    self.log.print(f"--overwrite=True: removed {removed} file(s) of the previous run in {self.out_dir}")
+            swept = ckpt_io.sweep_temp_files(self.out_dir)
+            if swept:
+                self.log.print(f"removed {swept} temporary file(s) left by interrupted writes in {self.out_dir}")
+            run_dir.write_manifest(self.out_dir, self.run_id)
+            self.seq = run_dir.next_seq(self.out_dir, self.run_id)
+            record = {**self.cfg.to_dict(), "run_id": self.run_id, **environment_record()}
+            ckpt_io.atomic_write_json(self.out_dir / "config.json", record)
+            if self.resumed:
+                self.log.truncate_after(self.iter_num)
+            elif self.log.path.exists():
+                self.log.path.unlink()
+
+    def start(self) -> None:
+        rt = self.rt
+        self.open_run()
+        for line in self.notes:
+            self.log.print(line)
+        n = self.raw_model.num_params()
+        self.log.print(
+            f"unmask: {n:,} parameters, vocabulary {self.vocab.n_chars} characters + [MASK], "
+            f"{rt.device} {str(rt.dtype).removeprefix('torch.')}, world size {rt.world_size}, "
+            f"{self.chars_per_iter:,} tokens per iteration"
+        )
+        for line in self.objective.start_lines(self.iter_num if self.resumed else None):
+            self.log.print(line)
+        if self.resumed and self.done() and self.last_eval_iter == self.iter_num:
+            self.log.print(
+                f"the run is already finished at iteration {self.iter_num} (max_iters {self.cfg.max_iters}): nothing "
+                "to train; give a larger --max_iters to continue it"
+            )
+
+    def due_for_eval(self) -> bool:
+        it = self.iter_num
+        due = it % self.cfg.eval_interval == 0 or self.done() or self.cfg.eval_only
+        return due and it != self.last_eval_iter
+
+    def evaluate(self) -> dict[str, Any]:
+        """Fresh training batches (own generators, seeded by the iteration) and the objective's validation."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.raw_model.eval()
+        gen_seed = cfg.seed + _EVAL_SEED_OFFSET + 7919 * self.iter_num + self.rt.rank
+        data_gen = torch.Generator().manual_seed(gen_seed)
+        mask_gen = torch.Generator(device=self.rt.device).manual_seed(gen_seed)
+        # A progress bar on a terminal (fresh batches, then the validation metrics); a one-line summary otherwise.
+        tty = self.rt.is_master and sys.stderr.isatty()
+        bar = tqdm(total=cfg.eval_iters + 1, desc=f"eval {self.iter_num}", unit="batch", disable=not tty, leave=False)
+        with torch.no_grad():
+            fresh = []
+            for _ in range(cfg.eval_iters):
+                fresh.append(self.objective.loss(self.raw_model, data_gen, mask_gen, False)[0])
+                bar.update()
+            train_loss = self.rt.all_reduce_sum(torch.stack(fresh).mean().double()) / self.rt.world_size
+            metrics: dict[str, Any] = {"iter": self.iter_num, "epochs": self.epochs, "train_loss": float(train_loss)}
+            bar.set_postfix_str("validation")
+            metrics |= self.objective.validate(self.raw_model)
+            bar.update()
+        bar.close()
+        self.raw_model.train()
+        self.last_eval_iter = self.iter_num
+        self.eval_seconds = time.perf_counter() - t0
+        metrics["eval_seconds"] = self.eval_seconds
+        if not tty:
+            self.log.print(f"evaluation at iteration {self.iter_num}: {self.eval_seconds:.1f} s")
+        if not (math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["train_loss"])):
+            raise UserError(
+                f"evaluation at iteration {self.iter_num} gave a non-finite loss "
+                f"(train {metrics['train_loss']}, val {metrics['val_loss']}); lower --learning_rate "
+                f"or raise --warmup_iters, and resume from the last checkpoint"
+            )
+        return metrics
+
+    def after_eval(self, m: dict[str, Any]) -> None:
+        """The objective reacts (the curriculum may change stage); then the learning rate of the next step."""
+        self.objective.after_eval(m, self.iter_num, self.epochs)
+        m["lr"] = self.current_lr()  # after the decision: a stage change restarts the schedule
+        for key in ("val_loss", "val_bpc"):
+            if key in m and m[key] < self.best.get(key, (math.inf, 0))[0]:
+                self.best[key] = (m[key], self.iter_num)
+
+    def report(self, m: dict[str, Any]) -> None:
+        """The README's "Training Logs Example" block, then one metrics.jsonl record."""
+        p = self.log.print
+        p(f"step {m['iter']}: train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}, lr {m['lr']:.6f}")
+        for line in self.objective.report_lines(m):
+            p(line)
+        if "decision" in m:
+            p(m.pop("decision"))
+        self.log.record("eval", m)
+
+    def save_checkpoint(self, m: dict[str, Any]) -> None:
+        improved = m["val_loss"] < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, m["val_loss"])
+        if self.iter_num == 0 or not (improved or self.cfg.always_save_checkpoint):
+            return
+        self.write_checkpoint({"val_loss": m["val_loss"]})
+
+    def write_checkpoint(self, extra: dict[str, Any]) -> Path | None:
+        """Write the checkpoint of the current state (rank 0; every rank takes part); returns its path on rank 0."""
+        rng = self.gather_rng_states()  # collective: every rank takes part
+        path = None
+        if self.rt.is_master:
+            state = self.state_dict(rng)
+            sidecar = {
+                "iter": self.iter_num,
+                "run_id": self.run_id,
+                "seq": self.seq,
+                **extra,
+                "best_val_loss": self.best_val_loss,
+                **self.objective.state_dict(),
+                "model_config": self.model_config.__dict__,
+                "vocab": list(self.vocab.itos),
+                "task": state["task"],
+                "config": self.cfg.to_dict(),
+                "versions": state["versions"],
+            }
+            own = partial(run_dir.lineage, self.out_dir, self.run_id)  # rotation never touches another run's files
+            path = ckpt_io.save_checkpoint(self.out_dir, self.iter_num, state, sidecar, self.cfg.keep_last, own)
+            self.seq += 1
+            self.last_checkpoint = path
+            self.log.print(f"saved checkpoint {path}")
+        self.rt.barrier()
+        return path
+
+    def stop_for_signal(self, signum: int) -> None:
+        """Checkpoint the state after the step just taken (no evaluation), then end the run."""
+        path = self.write_checkpoint({"val_loss": None, "stopped_by": signal.Signals(signum).name})
+        self.log.close()
+        raise TrainingInterrupted(signum, self.iter_num, None if path is None else str(path))
+
+    def stop_diverged(self) -> None:
+        """Several non-finite steps in a row: save the state they left untouched (skipped steps change no weight),
+        so that a resume with a lower learning rate loses no work, then stop with advice."""
+        finite = all(bool(torch.isfinite(t).all()) for t in self.raw_model.state_dict().values())
+        path = self.write_checkpoint({"val_loss": None, "stopped_by": "non-finite steps"}) if finite else None
+        self.log.close()
+        saved = f"the weights before them are saved in {path}; " if path is not None else ""
+        raise UserError(
+            f"training diverged at iteration {self.iter_num}: {_MAX_NONFINITE_STEPS} non-finite losses or gradients "
+            f"in a row; {saved}lower --learning_rate and continue with --init_from=resume"
+        )
+
+    def finish(self) -> None:
+        """Say why training ended, then the run's summary."""
+        if self.iter_num < self.cfg.max_iters and not self.cfg.eval_only:
+            for line in self.objective.end_lines(self.iter_num, self.epochs):
+                self.log.print(line)
+        self.log.print(self.summary_line())
+        self.log.close()
+
+    def summary_line(self) -> str:
+        """Best val loss / val_bpc with their iterations, wall time, the newest checkpoint, the command to sample."""
+        parts = [f"done: {self.iter_num} iterations in {time.time() - self.started:.1f} s"]
+        for key, (value, it) in self.best.items():
+            parts.append(f"best {key.replace('_', ' ')} {value:.4f} (iter {it})")
+        if self.last_checkpoint is not None:
+            parts.append(f"checkpoint {self.last_checkpoint}")
+            if self.model_config.head == "lm":
+                parts.append(f"sample with: unmask sample --ckpt={self.last_checkpoint}")
+        return "; ".join(parts)
+
+    def train_step(self) -> float:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch_time = 0.0
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = cfg.gradient_accumulation_steps
+        total = torch.zeros((), device=self.rt.device)
+        for micro in range(accum):
+            # Under DDP, all-reduce gradients only on the last micro-step.
+            sync = isinstance(self.model, DDP) and micro < accum - 1
+            with self.model.no_sync() if sync else nullcontext():  # type: ignore[operator]
+                loss, seconds = self.objective.loss(self.model, self.data_gen, self.mask_gen, True)
+                loss = loss / accum
+                self.scaler.scale(loss).backward()
+            batch_time += seconds
+            total += loss.detach()
+        grad_norm = self.clip_gradients()
+        if self.step_is_finite(total, grad_norm):
+            self.nonfinite_steps = 0
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.skip_nonfinite_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.iter_num += 1
+        self.train_chars_seen += self.chars_per_iter
+        self.step_lr = lr
+        self.batch_times.append(batch_time)
+        self.step_times.append(time.perf_counter() - t0)
+        return float(total)
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Unscale (float16) and clip to --grad_clip; returns the total gradient norm, measured even without
+        clipping (a factor min(1, inf / norm) = 1 leaves the gradients bit for bit as they are)."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        return torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+
+    def step_is_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether to take the optimizer step: the loss and the gradient norm are finite on every rank.
+
+        The answer is all-reduced, so all ranks skip together: a NaN on one rank already reached the others'
+        gradients through DDP's all-reduce, and ranks that stepped on them would diverge silently (torchtitan
+        checks loss and grad norm the same way). With float16 an infinite gradient is an overflow, which the
+        GradScaler handles by skipping the step and lowering the scale; only the loss counts then.
+        """
+        bad = ~torch.isfinite(loss.detach())
+        if not self.scaler.is_enabled():
+            bad = bad | ~torch.isfinite(grad_norm)
+        flag = bad.to(torch.float32).reshape(1)
+        return float(self.rt.all_reduce_sum(flag).item()) == 0.0
+
+    def skip_nonfinite_step(self) -> None:
+        """A non-finite loss or gradient skips the update (several in a row stop the run: `stop_diverged`)."""
+        self.nonfinite_steps += 1
+        self.log.print(
+            f"iter {self.iter_num}: non-finite loss or gradient, update skipped "
+            f"({self.nonfinite_steps}/{_MAX_NONFINITE_STEPS})"
+        )
+        if self.scaler.is_enabled():
+            self.scaler.update()  # let the float16 loss scale back off, as GradScaler does for inf gradients
+
+    def log_step(self, loss: float) -> None:
+        """Every log_interval iterations: loss, smoothed ms/iter, tokens/s, MFU (known peak only), ETA."""
+        cfg = self.cfg
+        if self.iter_num % cfg.log_interval and self.iter_num != cfg.max_iters:
+            return
+        step_s = sum(self.step_times) / len(self.step_times)
+        batch_share = sum(self.batch_times) / sum(self.step_times)
+        # An exponential average over log intervals (nanoGPT smooths its MFU the same way).
+        ms = 1000 * step_s
+        self.ms_per_iter = ms if self.ms_per_iter is None else 0.9 * self.ms_per_iter + 0.1 * ms
+        tokens_per_s = self.chars_per_iter / step_s
+        mfu = self.mfu(step_s)
+        eta = self.eta_seconds()
+        lr = self.step_lr  # the effective learning rate of the step just taken (schedule x stage lr_factor)
+        fields = self.objective.log_fields()
+        self.log.print(
+            f"iter {self.iter_num}/{cfg.max_iters}: loss {loss:.4f}, {self.ms_per_iter:.2f}ms/iter, "
+            f"{tokens_per_s:,.0f} tok/s"
+            + (f", mfu {100 * mfu:.1f}%" if mfu is not None else "")
+            + f", eta {_duration(eta)}, batch+mask {100 * batch_share:.1f}%, lr {lr:.6f}"
+            + "".join(f", {k} {v}" for k, v in fields.items())
+            + f", epochs {self.epochs:.3f}"
+        )
+        record: dict[str, Any] = {
+            "iter": self.iter_num,
+            "epochs": self.epochs,
+            "train_loss_step": loss,
+            "lr": lr,
+            "ms_per_iter": ms,
+            "ms_per_iter_smoothed": self.ms_per_iter,
+            "tokens_per_s": tokens_per_s,
+            "batch_share": batch_share,
+            "eta_s": eta,
+            **fields,
+        }
+        if mfu is not None:
+            record["mfu"] = mfu
+        self.log.record("train", record)
+        self.step_times.clear()
+        self.batch_times.clear()
+
+    def mfu(self, step_s: float) -> float | None:
+        """Model FLOPs utilisation (nanoGPT's estimate: PaLM's 6N + 12 L T C FLOPs per token) against the
+        device's peak; None where the peak is unknown (CPUs)."""
+        peak = peak_flops(self.rt.device, self.rt.dtype)
+        if peak is None:
+            return None
+        flops = self.raw_model.flops_per_token(self.cfg.block_size) * self.chars_per_iter / self.rt.world_size
+        return flops / step_s / peak
+
+    def eta_seconds(self) -> float:
+        """Remaining iterations at the smoothed step time, plus the remaining evaluations at the last one's time."""
+        left = max(0, self.cfg.max_iters - self.iter_num)
+        evals = left // self.cfg.eval_interval + 1
+        return left * (self.ms_per_iter or 0.0) / 1000 + evals * self.eval_seconds
+
+    # --- checkpoint state ----------------------------------------------------------------------------------------
+
+    def gather_rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG states (index = rank): each rank draws its own data and masks."""
+        rng: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "data": self.data_gen.get_state(),
+            "mask": self.mask_gen.get_state(),
+            **self.objective.rank_state(),
+        }
+        if self.rt.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+        if not self.rt.ddp:
+            return [rng]
+        gathered: list[Any] = [None] * self.rt.world_size
+        torch.distributed.all_gather_object(gathered, rng)
+        return gathered
+
+    def state_dict(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iter_num": self.iter_num,
+            "run_id": self.run_id,
+            "seq": self.seq,
+            "last_eval_iter": self.last_eval_iter,
+            "nonfinite_steps": self.nonfinite_steps,
+            "train_chars_seen": self.train_chars_seen,
+            "best_val_loss": self.best_val_loss,
+            **self.objective.state_dict(),
+            "rng": rng,
+            "model_config": dict(self.model_config.__dict__),
+            "vocab": list(self.vocab.itos),
+            "task": self.objective.task_record(self.model_config.head),
+            "config": self.cfg.to_dict(),
+            "versions": environment_record()["versions"],
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any], path: Path) -> None:
+        saved_vocab = ckpt.get("vocab")
+        if saved_vocab is not None and list(saved_vocab) != list(self.vocab.itos):
+            raise UserError(f"{path}: the checkpoint's vocabulary differs from {self.cfg.dataset}'s meta.json")
+        check_architecture(self.cfg, ckpt["model_config"], path)
+        self.raw_model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.iter_num = int(ckpt["iter_num"])
+        # Written right after this iteration's evaluation, or (stopped by a signal) possibly before a due one.
+        self.last_eval_iter = int(ckpt.get("last_eval_iter", self.iter_num))
+        # A resumed run starts a fresh count: the checkpoint's streak ended with the stop that wrote it.
+        self.nonfinite_steps = 0
+        # Checkpoints from before epochs were tracked: every step so far had this run's batch shape.
+        self.train_chars_seen = int(ckpt.get("train_chars_seen", self.iter_num * self.chars_per_iter))
+        self.best_val_loss = float(ckpt["best_val_loss"])
+        if len(ckpt["rng"]) != self.rt.world_size:
+            raise UserError(
+                f"{path}: saved by {len(ckpt['rng'])} process(es), resumed with {self.rt.world_size}; "
+                f"resume with the same number of processes to continue the same data streams"
+            )
+        rng = ckpt["rng"][self.rt.rank]
+        self.objective.load_state(ckpt, rng, self.iter_num, self.epochs, path)
+        torch.set_rng_state(rng["torch"])
+        self.data_gen.set_state(rng["data"])
+        self.mask_gen.set_state(rng["mask"])
+        if "cuda" in rng and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+
+
+def _duration(seconds: float) -> str:
+    """h:mm:ss."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
