@@ -2,8 +2,8 @@
 
 Times `unmask.likelihood.block.block_diffusion_loss` (one pass over the 2L-long [noisy ; clean] layout with the
 block-diffusion attention mask) against `unmask.objectives.base.autoregressive_loss` (causal, L inputs) and
-`unmask.likelihood.elbo.mdlm_training_loss` (bidirectional, L inputs) on the same architecture and batch. Random weights and
-tokens: the cost of a step does not depend on what the model has learnt. The goal (Arriola et al. 2025 train
+`unmask.likelihood.elbo.mdlm_training_loss` (bidirectional, L inputs) on the same architecture and batch. Random weights
+and tokens: the cost of a step does not depend on what the model has learnt. The goal (Arriola et al. 2025 train
 block diffusion at about twice an autoregressive step) is a ratio of at most 2.2.
 
     python benchmarks/bench_block_diffusion.py [--n_layer=4] [--n_embd=128] [--n_head=4] [--batch_size=12]

@@ -1,7 +1,7 @@
 """Sampling throughput: characters per second and model forward passes of `unmask sample`.
 
-Runs the command's own code (`unmask.commands.sample.build` + `run_samples`, metrics off) for 4 samples x 1024 characters
-at 64 steps by default. With the quickstart model (block_size 256) a 1024-character canvas is generated in
+Runs the command's own code (`unmask.commands.sample.build` + `run_samples`, metrics off) for 4 samples x 1024
+characters at 64 steps by default. With the quickstart model (block_size 256) a 1024-character canvas is generated in
 blocks of 128 inside 256-character windows, so each of the 64 steps is one forward pass over a (4, 256) batch.
 Also times that forward pass alone, and the sampler alone (the model replaced by a lookup of fixed logits), to
 show how much of a step is the model and how much the sampling maths.

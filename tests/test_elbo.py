@@ -1,4 +1,5 @@
-"""Tests for unmask.likelihood.elbo: exact enumeration vs the continuous-time bound, estimators vs exact, AR NLL, pairing."""
+"""Tests for unmask.likelihood.elbo: exact enumeration vs the continuous-time bound, estimators vs exact, AR NLL,
+pairing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests for `unmask.likelihood.policy`: exact normalisation by brute force, sampling matches the likelihood, the policies."""
+"""Tests for `unmask.likelihood.policy`: exact normalisation by brute force, sampling matches the likelihood, the
+policies."""
 
 from __future__ import annotations
 

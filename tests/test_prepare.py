@@ -1,4 +1,5 @@
-"""Tests for `unmask.data.prepare` and `unmask.data.sources`: sources, encoding, paragraph starts, refusals and atomic output.
+"""Tests for `unmask.data.prepare` and `unmask.data.sources`: sources, encoding, paragraph starts, refusals and atomic
+output.
 
 No test touches the network: the URL and PyPI fetchers are replaced by fakes (an autouse fixture makes any
 unexpected call fail loudly).

@@ -1,13 +1,13 @@
 """`unmask eval`: the likelihood of a checkpoint on a whole split, in bits per character.
 
-Diffusion checkpoints get the negative ELBO (an upper bound on the NLL; `unmask.likelihood.elbo` has the derivation and the
-estimators), autoregressive ones the exact NLL, both over every non-overlapping block_size window of the split, so
+Diffusion checkpoints get the negative ELBO (an upper bound on the NLL; `unmask.likelihood.elbo` has the derivation and
+the estimators), autoregressive ones the exact NLL, both over every non-overlapping block_size window of the split, so
 the two families are compared on the same characters. Diffusion checkpoints also get the original framework's
 per-stage masked cross-entropy on its fixed validation set (seed 42), i.e. the numbers the trainer logged.
 
 `--estimator=policy --policy=NAME` scores diffusion checkpoints instead by the *exact* likelihood of the model
-under a deterministic unmasking policy (Turok, De Sa and Kuleshov 2026, "DUEL"; `unmask.likelihood.policy`): no bound and
-no Monte Carlo, ceil(L / per_step) forward passes per window. It is the likelihood of a different generative
+under a deterministic unmasking policy (Turok, De Sa and Kuleshov 2026, "DUEL"; `unmask.likelihood.policy`): no bound
+and no Monte Carlo, ceil(L / per_step) forward passes per window. It is the likelihood of a different generative
 model than the ELBO's (the policy's order instead of a uniformly random one), the one `unmask sample --policy`
 draws from, so it is reported next to the ELBO of the same windows.
 """

@@ -1,7 +1,7 @@
 """The denoising picture: a self-contained HTML page showing a canvas fill step by step (`unmask sample --animate`).
 
-`Recorder` is an `on_step` hook of `unmask.commands.sample.run_samples` (called with the batch's first sample index and the
-sampler's `StepEvent`); it keeps only what each step changed, per sample. `animation_html` turns that into one page
+`Recorder` is an `on_step` hook of `unmask.commands.sample.run_samples` (called with the batch's first sample index and
+the sampler's `StepEvent`); it keeps only what each step changed, per sample. `animation_html` turns that into one page
 with inline CSS and JavaScript (no network access): play/pause, a step slider, masked positions as grey blocks,
 the prompt / template, earlier commits and the characters committed (or re-masked) at the current step in
 different colours, newlines as a visible glyph followed by a line break. The data travel as JSON inside a

@@ -3,8 +3,8 @@
 Both feed what is finished once into a `unmask.model.KVCache` and then run only the new positions against it:
 one character per forward pass for an autoregressive model; for a block-diffusion model (Arriola et al. 2025,
 BD3-LM) the denoising steps of one block of K characters, every remasking strategy, schedule and
-`confidence_threshold` of `unmask.generation.diffusion` inside it. Past the context, the cache is recomputed from about half of
-it, so that one recomputation serves block_size / 2 characters.
+`confidence_threshold` of `unmask.generation.diffusion` inside it. Past the context, the cache is recomputed from about
+half of it, so that one recomputation serves block_size / 2 characters.
 """
 
 from __future__ import annotations

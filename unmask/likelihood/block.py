@@ -14,8 +14,8 @@ Negative ELBO. With the linear schedule (alpha_t = 1 - t, p_mask = t) each facto
 
     -log p(x) <= sum_b int_0^1 (1 / t) E[ sum_{i in block b masked} -log p(x_i | z_t^b, x^{<b}) ] dt,
 
-and, integrating t out block by block (see `unmask.likelihood.elbo`), sum_b E_{k ~ U{1..K_b}} [(K_b / k) F_{b,k}] with F_{b,k}
-the mean over the k-subsets of block b of the summed masked NLL: the exact-k form used by `block_nelbo`.
+and, integrating t out block by block (see `unmask.likelihood.elbo`), sum_b E_{k ~ U{1..K_b}} [(K_b / k) F_{b,k}] with
+F_{b,k} the mean over the k-subsets of block b of the summed masked NLL: the exact-k form used by `block_nelbo`.
 
 Vectorised layout. Instead of one forward pass per block, the network sees [x_t ; x_0] (length 2L, both copies at
 RoPE positions 0..L-1) under the mask of `block_diffusion_attn_mask`: a noisy position of block b attends to the
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import math
-from itertools import combinations
 
 import torch
 from torch import Tensor
@@ -41,6 +40,7 @@ from torch import Tensor
 from unmask.curriculum.masking import random_k_subsets
 from unmask.errors import UserError
 from unmask.likelihood.elbo import ESTIMATORS, _row_stats, exact_k_masks, real_char_log_probs, t_masks
+from unmask.likelihood.estimators import all_subsets, bernoulli_masks, count_from_uniform, systematic_uniforms
 
 MAX_EXACT_BLOCK = 12  # 2^12 - 1 mask sets per block for the enumeration
 
@@ -138,13 +138,11 @@ def sample_block_masks(
     dev = generator.device
     n_blocks = -(-L // block_length)
     n = B * n_blocks
-    u = torch.rand(1, generator=generator, device=dev)  # (1,)
-    strata = (u + torch.arange(n, device=dev) / n) % 1.0  # (n,) in [0, 1), one per stratum
+    strata = systematic_uniforms(n, generator)  # (n,) in [0, 1), one per stratum
     t_block = lo + (hi - lo) * (1.0 - strata)  # (n,) in (lo, hi]
     t = t_block.view(B, n_blocks)[:, _block_ids(L, block_length, dev)]  # (B, L)
     p_mask = t  # linear schedule: alpha_t = 1 - t
-    selected = torch.rand(B, L, generator=generator, device=dev) < p_mask  # (B, L)
-    return selected, t
+    return bernoulli_masks(p_mask, (B, L), generator, torch.float32), t
 
 
 def sample_block_exact_k(B: int, L: int, block_length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -152,18 +150,16 @@ def sample_block_exact_k(B: int, L: int, block_length: int, generator: torch.Gen
 
     In every (row, block) k ~ U{1..K}, stratified over the B * n_blocks blocks of the batch (one uniform u shifted
     into each of B * n_blocks equal strata, as `sample_block_masks` does for t), a uniform k-subset of the block
-    masked, weight K / k at its positions. This is the block NELBO with t integrated out (`unmask.likelihood.elbo` derives
-    the exact-k form): unbiased like the t-estimator and never of a larger variance, which matters most for small
-    K: with K = 1 the 1/t weights of Bernoulli(t) masks have an infinite variance, while exact-k is exactly the
+    masked, weight K / k at its positions. This is the block NELBO with t integrated out (`unmask.likelihood.elbo`
+    derives the exact-k form): unbiased like the t-estimator and never of a larger variance, which matters most for
+    small K: with K = 1 the 1/t weights of Bernoulli(t) masks have an infinite variance, while exact-k is exactly the
     autoregressive cross-entropy (k = 1, weight 1).
     """
     if L % block_length:
         raise ValueError(f"exact_k needs whole blocks: L={L} is not a multiple of block_length={block_length}")
-    K, dev = block_length, generator.device
+    K = block_length
     n = B * (L // K)
-    u = torch.rand(1, generator=generator, device=dev)  # (1,)
-    v = (u + torch.arange(n, device=dev) / n) % 1.0  # (n,) one per stratum
-    k = (1 + (v * K).floor().long()).clamp(1, K)  # (n,) in 1..K
+    k = count_from_uniform(systematic_uniforms(n, generator), K)  # (n,) in 1..K, one per stratum
     selected = random_k_subsets(k, (n, K), generator).view(B, L)  # (B, L)
     weight = (K / k.to(torch.float32))[:, None].expand(n, K).reshape(B, L)  # (B, L)
     return selected, weight
@@ -251,8 +247,8 @@ def _block_draws(
 ) -> tuple[Tensor, Tensor]:
     """(selected (B * draws, L) bool, weight (B * draws, n_blocks) float64) for the block estimators.
 
-    Each block is one `unmask.likelihood.elbo` estimator problem of length K_b (the last block may be shorter): draw d of a
-    row takes, in every block independently, the d-th stratum of k (exact_k) or t (stratified_t), or the d-th
+    Each block is one `unmask.likelihood.elbo` estimator problem of length K_b (the last block may be shorter): draw d
+    of a row takes, in every block independently, the d-th stratum of k (exact_k) or t (stratified_t), or the d-th
     element of the antithetic pairs.
     """
     n_full, tail = divmod(L, K)
@@ -288,10 +284,10 @@ def block_nelbo(
     """Monte-Carlo block NELBO of each row of clean (B, L): (nats (B,), standard error (B,)) float64 per sequence.
 
     An upper bound on the NLL. `exact_k` (default): in each block k ~ U{1..K_b} (stratified over the draws), a
-    uniform k-subset masked, weight K_b / k; `stratified_t` / `antithetic_t` as in `unmask.likelihood.elbo.nelbo_estimate`,
-    per block. Always over the full t in (0, 1], whatever the training window. One forward pass of length 2L per
-    draw covers every block. Standard errors: the collapsed-strata estimator of `unmask.likelihood.elbo` on the per-draw
-    totals (conservative: the strata of independent blocks add up).
+    uniform k-subset masked, weight K_b / k; `stratified_t` / `antithetic_t` as in
+    `unmask.likelihood.elbo.nelbo_estimate`, per block. Always over the full t in (0, 1], whatever the training window.
+    One forward pass of length 2L per draw covers every block. Standard errors: the collapsed-strata estimator of
+    `unmask.likelihood.elbo` on the per-draw totals (conservative: the strata of independent blocks add up).
     """
     _check(clean, block_length, generator)
     if estimator not in ESTIMATORS:
@@ -320,17 +316,11 @@ def block_nelbo_exact(model: torch.nn.Module, clean: Tensor, mask_id: int, block
         Kb = min(K, L - start)
         if Kb > MAX_EXACT_BLOCK:
             raise ValueError(f"exact enumeration needs blocks of <= {MAX_EXACT_BLOCK} positions, got {Kb}")
-        rows, sizes = [], []
-        for k in range(1, Kb + 1):
-            for subset in combinations(range(start, start + Kb), k):
-                row = [False] * L
-                for i in subset:
-                    row[i] = True
-                rows.append(row)
-                sizes.append(k)
-        selected = torch.tensor(rows, dtype=torch.bool, device=clean.device)  # (S, L), S = 2^Kb - 1
-        size = torch.tensor(sizes, dtype=torch.float64, device=clean.device)  # (S,)
-        S = selected.shape[0]
+        subsets, sizes = all_subsets(Kb, clean.device)  # (S, Kb), (S,): S = 2^Kb - 1
+        S = subsets.shape[0]
+        selected = torch.zeros(S, L, dtype=torch.bool, device=clean.device)  # (S, L): only this block masked
+        selected[:, start : start + Kb] = subsets
+        size = sizes.double()
         f = block_masked_nll(model, clean.repeat_interleave(S, 0), selected.repeat(B, 1), mask_id, K)  # (B*S, nb)
         f_block = f[:, start // K].view(B, S)  # (B, S): only this block is masked
         counts = torch.tensor([math.comb(Kb, int(k)) for k in sizes], dtype=torch.float64, device=clean.device)

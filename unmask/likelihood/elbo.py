@@ -60,7 +60,6 @@ import math
 import sys
 import typing
 from collections.abc import Callable
-from itertools import combinations
 from typing import Any, Literal
 
 import numpy as np
@@ -71,6 +70,7 @@ from tqdm import tqdm
 
 from unmask.curriculum.masking import random_k_subsets
 from unmask.data.dataset import gather_windows
+from unmask.likelihood.estimators import all_subsets, bernoulli_masks, count_from_uniform, stratified_uniforms
 
 Estimator = Literal["exact_k", "stratified_t", "antithetic_t"]
 ESTIMATORS: tuple[Estimator, ...] = typing.get_args(Estimator)
@@ -126,16 +126,7 @@ def nll_by_mask_count_exact(model: torch.nn.Module, x: Tensor, mask_id: int, bat
     B, L = x.shape
     if L > MAX_EXACT_LENGTH:
         raise ValueError(f"exact enumeration needs L <= {MAX_EXACT_LENGTH} (2^L - 1 mask sets), got L={L}")
-    masks, sizes = [], []
-    for k in range(1, L + 1):
-        for subset in combinations(range(L), k):
-            row = [False] * L
-            for i in subset:
-                row[i] = True
-            masks.append(row)
-            sizes.append(k)
-    selected = torch.tensor(masks, dtype=torch.bool, device=x.device)  # (S, L), S = 2^L - 1
-    size = torch.tensor(sizes, device=x.device)  # (S,)
+    selected, size = all_subsets(L, x.device)  # (S, L), (S,): S = 2^L - 1
     S = selected.shape[0]
     f = masked_nll(
         model, x.repeat_interleave(S, 0), selected.repeat(B, 1), mask_id, batch_size
@@ -160,10 +151,8 @@ def _uniform_open(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
 
 def exact_k_masks(B: int, L: int, draws: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """(selected (B * draws, L) bool, k (B * draws,) long): k stratified over each row's draws, uniform k-subsets."""
-    dev = generator.device
-    strata = torch.arange(draws, device=dev, dtype=torch.float64)  # (D,)
-    v = (strata + torch.rand(B, draws, generator=generator, device=dev, dtype=torch.float64)) / draws  # (B, D)
-    k = (1 + (v * L).floor().long()).clamp(1, L).flatten()  # (B * D,) in 1..L
+    v = stratified_uniforms(B, draws, generator)  # (B, D)
+    k = count_from_uniform(v, L).flatten()  # (B * D,) in 1..L
     return random_k_subsets(k, (B * draws, L), generator), k  # (B * D, L): exactly k positions even on ties
 
 
@@ -180,11 +169,10 @@ def t_masks(B: int, L: int, draws: int, generator: torch.Generator, antithetic: 
         t = torch.stack((u, 1.0 - u), dim=-1).reshape(B, draws)  # (B, D): pairs side by side
     else:
         strata = torch.arange(draws, device=dev, dtype=torch.float64)
-        t = (strata + _uniform_open((B, draws), generator)) / draws  # (B, D)
+        t = (strata + _uniform_open((B, draws), generator)) / draws  # (B, D) in (d/D, (d+1)/D]
     t = t.flatten()  # (B * D,)
     p_mask = t  # linear schedule: alpha_t = 1 - t
-    selected = torch.rand(B * draws, L, generator=generator, device=dev, dtype=torch.float64) < p_mask[:, None]
-    return selected, t
+    return bernoulli_masks(p_mask[:, None], (B * draws, L), generator, torch.float64), t
 
 
 def _row_stats(est: Tensor, estimator: str) -> tuple[Tensor, Tensor]:

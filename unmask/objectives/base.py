@@ -3,8 +3,8 @@
 An objective owns what differs between kinds of training: which data a micro-batch is made of and its loss
 (`loss`), what an evaluation measures (`validate`), its console block (`start_lines`, `report_lines`), its
 checkpointed state (`state_dict`, `rank_state`, `load_state`) and, for the unmasking objective, the stage
-curriculum that decides the learning-rate window and when training ends. The trainer (`unmask.training.trainer`) keeps the
-model, optimizer, loop, learning rate, DDP, signals and checkpoints, and calls these methods without knowing which
+curriculum that decides the learning-rate window and when training ends. The trainer (`unmask.training.trainer`) keeps
+the model, optimizer, loop, learning rate, DDP, signals and checkpoints, and calls these methods without knowing which
 objective it runs. Adding an objective is one subclass of `Objective` plus `@register("name")`.
 
 Language-model objectives here:
@@ -41,6 +41,7 @@ from unmask.data.dataset import Dataset, Vocab, check_split_length, load_dataset
 from unmask.errors import UserError
 from unmask.likelihood.block import block_diffusion_loss
 from unmask.likelihood.elbo import real_char_log_probs
+from unmask.likelihood.estimators import bernoulli_masks, count_from_uniform, systematic_uniforms
 from unmask.runtime import Runtime
 from unmask.training import validation
 
@@ -109,11 +110,9 @@ def sample_mdlm_batch(
     if x.dim() != 2:
         raise ValueError(f"x must have shape (B, L), got {tuple(x.shape)}")
     B, L = x.shape
-    dev = generator.device
-    u = torch.rand(1, generator=generator, device=dev)
-    t = eps + (1.0 - eps) * ((u + torch.arange(B, device=dev) / B) % 1.0)  # (B,)
+    t = eps + (1.0 - eps) * systematic_uniforms(B, generator)  # (B,)
     p_mask = t
-    selected = torch.rand(B, L, generator=generator, device=dev) < p_mask[:, None]  # (B, L)
+    selected = bernoulli_masks(p_mask[:, None], (B, L), generator, torch.float32)  # (B, L)
     return x.masked_fill(selected, mask_id), selected, t
 
 
@@ -124,10 +123,7 @@ def sample_exact_k_batch(x: Tensor, mask_id: int, generator: torch.Generator) ->
     batch is stratified over k as `sample_mdlm_batch` stratifies t; then a uniform k_b-subset of row b is masked.
     """
     B, L = x.shape
-    dev = generator.device
-    u = torch.rand(1, generator=generator, device=dev)
-    v = (u + torch.arange(B, device=dev) / B) % 1.0  # (B,)
-    k = (1 + (v * L).floor().long()).clamp(1, L)  # (B,)
+    k = count_from_uniform(systematic_uniforms(B, generator), L)  # (B,)
     selected = random_k_subsets(k, (B, L), generator)  # (B, L)
     return x.masked_fill(selected, mask_id), selected, k
 
@@ -149,8 +145,8 @@ def mdlm_loss(
     `antithetic_t`: t stratified over the batch on [eps, 1), Bernoulli(t) masks, weight 1/t; its expectation is
     (1 / (1 - eps)) int_eps^1 (1/t) E[f | t] dt / L, i.e. NELBO / L up to O(eps) (MDLM trains with eps = 1e-3 to
     keep the 1/t weight bounded). `exact_k`: k uniform in 1..L, a uniform k-subset masked, weight L/k: the same
-    NELBO / L exactly, with t integrated out (Rao-Blackwellised, so its variance is never larger; `unmask.likelihood.elbo`
-    derives both). `zero_masking` drops the [MASK] logit from the softmax.
+    NELBO / L exactly, with t integrated out (Rao-Blackwellised, so its variance is never larger;
+    `unmask.likelihood.elbo` derives both). `zero_masking` drops the [MASK] logit from the softmax.
     """
     if estimator not in MDLM_ESTIMATORS:
         raise ValueError(f"unknown MDLM estimator {estimator!r}; expected one of {', '.join(MDLM_ESTIMATORS)}")

@@ -87,7 +87,8 @@ def load_trained(path: Path, device: torch.device | str = "cpu") -> Trained:
 
 
 def trained_from(path: Path, ckpt: dict[str, Any], device: torch.device | str = "cpu") -> Trained:
-    """A `Trained` from a checkpoint dict `unmask.storage.checkpoint` has verified (digest, declared model vs tensors)."""
+    """A `Trained` from a checkpoint dict `unmask.storage.checkpoint` has verified (digest, declared model vs
+    tensors)."""
     try:
         model_config = ModelConfig(**ckpt["model_config"])
         vocab = Vocab(tuple(ckpt["vocab"]))

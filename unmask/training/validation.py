@@ -23,14 +23,14 @@ from unmask.curriculum.batches import Batch, BatchSource
 from unmask.curriculum.masking import num_masked, random_k_subsets
 from unmask.curriculum.plateau import split_evenly
 from unmask.curriculum.stages import Stage
-from unmask.likelihood.block import block_nelbo
-from unmask.likelihood.elbo import nelbo_estimate, real_char_log_probs
+from unmask.likelihood.elbo import real_char_log_probs
+from unmask.likelihood.score import Scorer, next_char_nll, sharded_bpc
 from unmask.runtime import Runtime
 
 VALIDATION_SEED = 42
 # Mask rates at which diffusion models report their masked CE ("loss per mask-rate bucket").
 MASK_RATE_BUCKETS = (0.1, 0.3, 0.5, 0.7, 0.9)
-_BPC_SEED = 42
+_BPC_SEED = 42  # the mask draws of the masked CE by mask rate
 
 
 def build_validation_set(
@@ -111,25 +111,13 @@ def evaluate_batches(
     return out
 
 
-@torch.no_grad()
 def diffusion_val_bpc(
     model: torch.nn.Module, clean: torch.Tensor, mask_id: int, draws: int, batch_size: int, runtime: Runtime
 ) -> dict[str, float]:
-    """Negative ELBO in bits per character over fixed validation windows (B, T), same draws at every evaluation.
-
-    The generator is re-seeded each time, so differences between evaluations come from the model, not the draws.
-    """
-    gen = torch.Generator(device=runtime.device).manual_seed(_BPC_SEED + runtime.rank)
-    sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # nats, characters
-    rows = torch.arange(runtime.rank, clean.shape[0], runtime.world_size, device=runtime.device)
-    for chunk in rows.split(batch_size):
-        with runtime.autocast():
-            nats, _ = nelbo_estimate(model, clean[chunk], mask_id, draws, gen)  # (b,) nats per sequence
-        sums[0] += nats.double().sum()
-        sums[1] += chunk.numel() * clean.shape[1]
-    runtime.all_reduce_sum(sums)
-    nats_per_char = float(sums[0] / sums[1])
-    return {"val_bpc": nats_per_char / math.log(2), "val_nats_per_char": nats_per_char}
+    """Negative ELBO in bits per character over fixed validation windows (B, T), same draws at every evaluation
+    (`unmask.likelihood.score.sharded_bpc`: the one likelihood path)."""
+    scorer = Scorer("diffusion", mask_id, clean.shape[1], draws=draws)
+    return sharded_bpc(scorer, model, clean, batch_size, runtime)
 
 
 @torch.no_grad()
@@ -175,8 +163,8 @@ def autoregressive_val(
     """Exact NLL per character over fixed validation windows (N, T + 1).
 
     `val_loss` is the training cross-entropy (softmax over the whole vocabulary); `val_bpc` drops the [MASK]
-    logit first, as `unmask eval` and every diffusion likelihood do (`unmask.likelihood.elbo.real_char_log_probs`), so the
-    logged number and `unmask eval` agree on the same windows.
+    logit first, as `unmask eval` and every diffusion likelihood do (`unmask.likelihood.score.next_char_nll`, the
+    autoregressive scorer's own function), so the logged number and `unmask eval` agree on the same windows.
     """
     sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # CE nats, NLL nats, characters
     rows = torch.arange(runtime.rank, windows.shape[0], runtime.world_size, device=runtime.device)
@@ -186,7 +174,7 @@ def autoregressive_val(
             logits = model(w[:, :-1])  # (b, T, V)
         targets = w[:, 1:]  # (b, T)
         sums[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").double()
-        sums[1] -= real_char_log_probs(logits, mask_id).gather(2, targets[..., None]).sum().double()
+        sums[1] += next_char_nll(logits, targets, mask_id).sum()
         sums[2] += targets.numel()
     runtime.all_reduce_sum(sums)
     nats = float(sums[1] / sums[2])
@@ -194,7 +182,6 @@ def autoregressive_val(
     return {"val_loss": val_loss, "val_nats_per_char": nats, "val_bpc": nats / math.log(2)}
 
 
-@torch.no_grad()
 def block_diffusion_val_bpc(
     model: torch.nn.Module,
     clean: torch.Tensor,
@@ -205,15 +192,6 @@ def block_diffusion_val_bpc(
     runtime: Runtime,
 ) -> dict[str, float]:
     """Block negative ELBO (exact_k per block) in bits per character over fixed windows (B, T), same draws at
-    every evaluation (the generator is re-seeded), sharded over DDP ranks."""
-    gen = torch.Generator(device=runtime.device).manual_seed(_BPC_SEED + runtime.rank)
-    sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # nats, characters
-    rows = torch.arange(runtime.rank, clean.shape[0], runtime.world_size, device=runtime.device)
-    for chunk in rows.split(batch_size):
-        with runtime.autocast():
-            nats, _ = block_nelbo(model, clean[chunk], mask_id, block_length, draws, gen)  # (b,) per sequence
-        sums[0] += nats.double().sum()
-        sums[1] += chunk.numel() * clean.shape[1]
-    runtime.all_reduce_sum(sums)
-    nats_per_char = float(sums[0] / sums[1])
-    return {"val_bpc": nats_per_char / math.log(2), "val_nats_per_char": nats_per_char}
+    every evaluation, sharded over DDP ranks (`unmask.likelihood.score.sharded_bpc`)."""
+    scorer = Scorer("block_diffusion", mask_id, clean.shape[1], block_length=block_length, draws=draws)
+    return sharded_bpc(scorer, model, clean, batch_size, runtime)
