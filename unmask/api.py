@@ -20,7 +20,7 @@ import torch
 from unmask import elbo
 from unmask.data import Vocab
 from unmask.errors import UserError
-from unmask.export import export_config, is_export_dir, load_export, split_tied
+from unmask.export import export_config, export_dir_problem, is_export_dir, load_export, split_tied
 from unmask.loading import Trained, load_trained, resolve_checkpoint
 from unmask.model import ModelConfig, Transformer
 from unmask.sampling import SamplingConfig
@@ -205,6 +205,9 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Model:
     from unmask import checkpoint as ckpt_io
 
     path = Path(path)
+    incomplete = export_dir_problem(path)
+    if incomplete is not None:
+        raise UserError(incomplete)
     if is_export_dir(path):
         model, vocab, config = load_export(path, device)
         training = config.get("training", {})
