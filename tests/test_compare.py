@@ -171,3 +171,12 @@ def test_an_occupied_run_directory_is_refused_before_any_run_trains(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--out_dir={out / 'mdlm'}: holds run" in err[0]
     assert not (out / "autoregressive").exists()  # the first run did not train
+
+
+@pytest.mark.parametrize("k", ["²", "٣", "4.0", "+4", "1" * 5000, "0"])
+def test_parse_objectives_takes_only_ascii_digits_for_k(k: str) -> None:
+    with pytest.raises(UserError) as info:
+        parse_objectives(f"block_diffusion:{k}")
+    message = str(info.value)
+    assert message.startswith("--objectives=block_diffusion:") and "K must be an integer >= 1" in message
+    assert "\n" not in message

@@ -120,3 +120,80 @@ def test_plot_errors(tmp_path: Path, runs: list[Path], capsys: pytest.CaptureFix
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_read_records_treats_a_line_nested_too_deeply_as_a_bad_line(tmp_path: Path) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(evaluation(0, 0)) + "\n" + deep + "\n")
+    warnings: list[str] = []
+    assert [r["iter"] for r in read_records(path, warnings.append)] == [0]
+    assert warnings == [f"warning: {path}:2: skipping a torn last line (nested too deeply)"]
+    path.write_text(deep + "\n" + json.dumps(evaluation(0, 0)) + "\n")
+    with pytest.raises(UserError, match=r"metrics.jsonl:1: not a JSON record \(nested too deeply\)"):
+        read_records(path)
+
+
+def test_plot_skips_values_too_large_to_draw_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    records = [
+        evaluation(0, 0, val_loss=1.7e308, val_bpc=1e308),  # matplotlib raised LinAlgError drawing 1.7e308
+        {"kind": "train", "iter": 2, "epochs": 0.02, "train_loss_step": -1e308},
+        evaluation(4, 0, val_loss=3.0, val_bpc=4.4, epochs=10**400),  # an integer beyond the float range
+        evaluation(8, 1, val_loss=2.9, val_bpc=4.3),
+    ]
+    tail = '{"kind": "eval", "iter": 9, "val_bpc": NaN}\n{"kind": "eval", "iter": 12, "val_loss": Infinity}\n'
+    run = write_jsonl(tmp_path / "run" / "metrics.jsonl", records, tail=tail)  # inf/nan: skipped, no warning
+    out = tmp_path / "curves.png"
+    for x in ("iter", "epochs"):
+        assert main(["plot", str(run.parent), f"--out={out}", f"--x={x}"]) == 0
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"warning: {run}: skipping 4 value(s) beyond +-3.4e+38, too large to plot"), err
+        assert "(first: val_loss=1.7e+308 at iter 0)" in err and len(err.splitlines()) == 1
+        assert out.read_bytes().startswith(PNG_MAGIC)
+    curves = run_curves(run.parent, lambda _: None)
+    assert curves.val_loss.values == [3.0, 2.9] and curves.val_bpc.values == [4.4, 4.3]
+    assert curves.val_loss.epochs == [None, 0.08]
+
+
+def test_plot_draws_dollar_signs_in_titles_and_run_names_as_text(
+    runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    named = tmp_path / "$x^$ run"
+    named.mkdir()
+    (named / "metrics.jsonl").write_bytes((runs[1] / "metrics.jsonl").read_bytes())
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(named), str(runs[0]), f"--out={out}", "--title=cost in $ \\frac{$"]) == 0
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    assert main(["plot", str(named), f"--out={out}"]) == 0  # the run name as the title
+
+
+@pytest.mark.parametrize("case", ["a directory", "under a file", "disk full", "read-only"])
+def test_plot_write_errors_are_one_line_naming_out(
+    runs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    import errno
+    import os
+
+    out, expected = tmp_path / "curves.png", ""
+    if case == "a directory":
+        out.mkdir()
+        expected = "Is a directory"
+    elif case == "under a file":
+        (tmp_path / "file").write_text("x")
+        out, expected = tmp_path / "file" / "curves.png", f"{tmp_path / 'file'} is not a directory"
+    else:
+        import matplotlib.figure
+
+        code = errno.ENOSPC if case == "disk full" else errno.EROFS
+        expected = os.strerror(code)
+
+        def failing_savefig(self: Any, fname: Any, **kwargs: Any) -> None:
+            Path(fname).write_bytes(b"\x89PNG half")  # a partial file, as a full disk leaves
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing_savefig)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["plot", str(runs[1]), f"--out={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"unmask plot: error: --out={out}: cannot write: {expected}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary file left

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from unmask.commands.export import export_config, is_export_dir, load_export, split_tied
+from unmask.commands.export import export_config, export_dir_problem, is_export_dir, load_export, split_tied
 from unmask.data.dataset import Vocab
 from unmask.errors import UserError
 from unmask.generation.diffusion import SamplingConfig
@@ -205,6 +205,9 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Model:
     from unmask.storage import checkpoint as ckpt_io
 
     path = Path(path)
+    incomplete = export_dir_problem(path)
+    if incomplete is not None:
+        raise UserError(incomplete)
     if is_export_dir(path):
         model, vocab, config = load_export(path, device)
         training = config.get("training", {})

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,13 @@ def parse_objectives(text: str, diffusion_block: int = 0) -> list[RunSpec]:
             specs.append(RunSpec(name, name))
             continue
         if colon:
-            if not k_text.isdigit() or int(k_text) < 1:
-                raise UserError(f"--objectives={text}: {item!r}: K must be an integer >= 1 (block_diffusion:4)")
+            # ASCII digits only: str.isdigit accepts '²' (int() then raises) and '٣' (int() reads 3); at most 9 of
+            # them, far beyond any block_size, so int() never meets its 4300-digit limit.
+            if not re.fullmatch(r"[0-9]{1,9}", k_text) or int(k_text) < 1:
+                raise UserError(
+                    f"--objectives={text}: {item!r}: K must be an integer >= 1 in ASCII digits, at most 9 of them "
+                    "(block_diffusion:4)"
+                )
             k = int(k_text)
         elif diffusion_block:
             k, plain_block = diffusion_block, True

@@ -7,10 +7,13 @@ their directory names: this is how two finished runs are compared.
 
 matplotlib is an optional extra (`pip install 'unmask[plot]'`), imported only when drawing, with the Agg backend
 (no display needed). Reading the records (`read_records`, `run_curves`) needs nothing beyond the standard library.
+Values beyond the float32 range are skipped with a warning (no float32 loss reaches them, and matplotlib cannot
+scale an axis to them); titles and run names are drawn as plain text (a `$` never starts mathtext).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -20,9 +23,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from unmask.config.flags import format_help, parse_flags
-from unmask.errors import UserError
+from unmask.errors import UserError, file_in_the_way
 
 METRICS_FILE = "metrics.jsonl"
+# The largest finite float32: a loss computed in float32 (or lower) never exceeds it; matplotlib's axis arithmetic
+# overflows on values near the float64 limit (1.7e308 raised LinAlgError while drawing).
+PLOT_LIMIT = 3.4028234663852886e38
+PLOTTED_KEYS = ("iter", "epochs", "train_loss_step", "train_loss", "val_loss", "val_bpc")
 INSTALL_HINT = "unmask plot needs matplotlib: pip install 'unmask[plot]' (or pip install matplotlib)"
 XAxis = Literal["iter", "epochs"]
 
@@ -58,20 +65,33 @@ def read_records(path: Path, warn: Callable[[str], None] = _warn) -> list[dict[s
             record = json.loads(line)
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply for the parser
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
             if number == len(lines):
-                warn(f"warning: {path}:{number}: skipping a torn last line ({exc})")
+                warn(f"warning: {path}:{number}: skipping a torn last line ({reason})")
                 continue
-            raise UserError(f"{path}:{number}: not a JSON record ({exc})") from None
+            raise UserError(f"{path}:{number}: not a JSON record ({reason})") from None
         records.append(record)
     return records
 
 
 def _number(value: Any) -> float | None:
-    """A finite float, or None (metrics.jsonl writes inf/nan as strings)."""
+    """A finite float within +-PLOT_LIMIT, or None (metrics.jsonl writes inf/nan as strings)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        return None
+    return number if math.isfinite(number) and abs(number) <= PLOT_LIMIT else None
+
+
+def _too_large(value: Any) -> bool:
+    """A number that `_number` drops for its size (a finite float beyond +-PLOT_LIMIT, or an integer beyond the
+    float range), as opposed to inf/nan."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return _number(value) is None and (isinstance(value, int) or math.isfinite(value))
 
 
 @dataclass
@@ -126,6 +146,13 @@ def run_curves(run_dir: Path, warn: Callable[[str], None] = _warn) -> RunCurves:
     if not path.is_file():
         raise UserError(f"{run_dir}: no {METRICS_FILE} there (not a training run directory?)")
     records = read_records(path, warn)
+    huge = [(record, key) for record in records for key in PLOTTED_KEYS if _too_large(record.get(key))]
+    if huge:
+        record, key = huge[0]
+        warn(
+            f"warning: {path}: skipping {len(huge)} value(s) beyond +-{PLOT_LIMIT:.2g}, too large to plot "
+            f"(first: {key}={record[key]!r:.40} at iter {record.get('iter')!r:.40})"
+        )
     by_kind: dict[str, dict[float, dict[str, Any]]] = {"train": {}, "eval": {}}
     for record in records:
         kind, it = record.get("kind"), _number(record.get("iter"))
@@ -148,6 +175,12 @@ def run_curves(run_dir: Path, warn: Callable[[str], None] = _warn) -> RunCurves:
 def _pairs(curve: Curve, x: XAxis) -> tuple[list[float], list[float]]:
     points = [(a, b) for a, b in zip(curve.xs(x), curve.values, strict=True) if a is not None]
     return [a for a, _ in points], [b for _, b in points]
+
+
+def plain_text(text: str) -> str:
+    """`text` for a matplotlib label, drawn as written: each `$` escaped, so no user text starts mathtext (a run
+    named `$x^$` raised a parse error)."""
+    return text.replace("$", r"\$")
 
 
 def _unique_names(runs: list[RunCurves]) -> None:
@@ -173,14 +206,14 @@ def plot_runs(runs: list[RunCurves], out: Path, x: XAxis = "iter", title: str | 
     panels = [("training loss", "loss"), ("validation loss", "loss"), ("val_bpc", "bits per character")]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
-        colour = colours[i % len(colours)]
+        colour, name = colours[i % len(colours)], plain_text(run.name)
         xs, ys = _pairs(run.train_loss_step, x)
-        axes[0].plot(xs, ys, color=colour, alpha=0.35, linewidth=1, label=f"{run.name} (step)")
+        axes[0].plot(xs, ys, color=colour, alpha=0.35, linewidth=1, label=f"{name} (step)")
         xs, ys = _pairs(run.train_loss, x)
-        axes[0].plot(xs, ys, color=colour, marker=".", label=f"{run.name} (eval)")
+        axes[0].plot(xs, ys, color=colour, marker=".", label=f"{name} (eval)")
         for ax, curve in ((axes[1], run.val_loss), (axes[2], run.val_bpc)):
             xs, ys = _pairs(curve, x)
-            ax.plot(xs, ys, color=colour, marker=".", label=run.name)
+            ax.plot(xs, ys, color=colour, marker=".", label=name)
         for it, epochs, stage in run.stage_changes:
             where = it if x == "iter" else epochs
             if where is None:
@@ -204,16 +237,21 @@ def plot_runs(runs: list[RunCurves], out: Path, x: XAxis = "iter", title: str | 
         if ax.lines:
             ax.legend(fontsize=8)
     axes[-1].set_xlabel("iteration" if x == "iter" else "epochs")
-    fig.suptitle(title or ", ".join(run.name for run in runs))
+    fig.suptitle(plain_text(title or ", ".join(run.name for run in runs)))
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, dpi=100, format="png")
         tmp.replace(out)
+    except OSError as exc:  # disk full, read-only, --out a directory, a file where a directory should be
+        blocker = file_in_the_way(out)
+        reason = f"{blocker} is not a directory" if blocker else exc.strerror or exc
+        raise UserError(f"--out={out}: cannot write: {reason}") from None
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return out
 
 
