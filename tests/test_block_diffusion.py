@@ -321,20 +321,20 @@ def test_unmask_eval_scores_a_block_diffusion_checkpoint_by_its_block_elbo(
 ) -> None:
     import json
 
-    import unmask.commands.eval as evaluate
+    import unmask.likelihood.score as score
     from tests.conftest import tiny_flags
     from unmask.cli import main
 
     flags = [*tiny_flags(tiny_data, tmp_path, objective="block_diffusion", max_iters=4), "--diffusion_block=8"]
     assert main(["train", *flags]) == 0
     calls: list[int] = []
-    real = evaluate.block_nelbo
+    real = score.block_nelbo
 
     def counted(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(int(args[3]))  # type: ignore[call-overload]
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(evaluate, "block_nelbo", counted)
+    monkeypatch.setattr(score, "block_nelbo", counted)
     capsys.readouterr()
     assert main(["eval", f"--out_dir={tmp_path}", "--json", "--device=cpu", "--max_windows=8"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -20,10 +20,9 @@ from unmask.likelihood.elbo import (
     nll_by_mask_count_exact,
     real_char_log_probs,
     score_windows,
-    split_likelihood,
-    split_window_offsets,
     t_masks,
 )
+from unmask.likelihood.score import Scorer, split_likelihood, split_window_offsets
 from unmask.model import ModelConfig, Transformer
 from unmask.objectives.base import mdlm_loss as mdlm_training_loss
 from unmask.objectives.base import sample_exact_k_batch, sample_mdlm_batch
@@ -264,21 +263,22 @@ def test_window_offsets() -> None:
 def test_split_likelihood_over_every_window() -> None:
     L, split = 8, np.random.default_rng(0).integers(0, MASK_ID, 70).astype(np.uint8)
     ar = tiny_model(1, causal=True)
-    out = split_likelihood(ar, split, L, True, MASK_ID, 1, torch.Generator(), 3, "cpu", progress=False)
+    ar_scorer = Scorer("autoregressive", MASK_ID, L)
+    out = split_likelihood(ar_scorer, ar, split, torch.Generator(), 3, "cpu")
     windows = torch.from_numpy(split[:65].astype(np.int64)).unfold(0, L + 1, L)  # (8, 9): offsets 0, 8, ..., 56
     assert out["windows"] == out["windows_total"] == 8 and out["chars"] == 64 and out["estimator"] == "exact"
     assert out["nats_per_char"] == pytest.approx(float(ar_nll(ar, windows).mean()), rel=1e-6)
     assert out["bpc"] == pytest.approx(out["nats_per_char"] / math.log(2))
 
     diffusion = tiny_model(2)
-    args = (diffusion, split, L, False, MASK_ID, 4)
-    out = split_likelihood(*args, torch.Generator().manual_seed(0), 8, "cpu", progress=False)
-    again = split_likelihood(*args, torch.Generator().manual_seed(0), 8, "cpu", progress=False)
+    args = (Scorer("diffusion", MASK_ID, L, draws=4), diffusion, split)
+    out = split_likelihood(*args, torch.Generator().manual_seed(0), 8, "cpu")
+    again = split_likelihood(*args, torch.Generator().manual_seed(0), 8, "cpu")
     assert out == again and out["windows"] == 8 and out["estimator"] == "exact_k"
     assert out["bpc_mc_stderr"] > 0 and out["bpc_stderr"] > 0
     exact = nelbo_exact(diffusion, torch.from_numpy(split[:64].astype(np.int64)).view(8, L), MASK_ID)
     assert abs(out["bpc"] - float(exact.mean()) / L / math.log(2)) < 4 * out["bpc_mc_stderr"]
-    few = split_likelihood(*args, torch.Generator(), 8, "cpu", progress=False, max_windows=3)
+    few = split_likelihood(*args, torch.Generator(), 8, "cpu", max_windows=3)
     assert few["windows"] == 3 and few["windows_total"] == 8
 
 

@@ -14,7 +14,8 @@ import torch
 from tests.conftest import REPO, tiny_flags
 from unmask.cli import main
 from unmask.data.dataset import gather_windows, load_dataset
-from unmask.likelihood.elbo import ar_nll, split_window_offsets
+from unmask.likelihood.elbo import ar_nll
+from unmask.likelihood.score import split_window_offsets
 from unmask.storage.loading import load_trained
 
 BLOCK = 32  # tiny_flags' block_size

@@ -28,15 +28,7 @@ from unmask.config.command import parse_command
 from unmask.curriculum.stages import parse_stages
 from unmask.data.dataset import gather_windows, load_dataset
 from unmask.errors import UserError
-from unmask.likelihood.block import block_nelbo
-from unmask.likelihood.elbo import (
-    DEFAULT_ESTIMATOR,
-    ESTIMATOR_DESCRIPTIONS,
-    LN2,
-    NelboFn,
-    split_likelihood,
-    split_window_offsets,
-)
+from unmask.likelihood.elbo import DEFAULT_ESTIMATOR, ESTIMATOR_DESCRIPTIONS, LN2
 from unmask.likelihood.policy import (
     POLICIES,
     POLICY_DESCRIPTIONS,
@@ -45,9 +37,16 @@ from unmask.likelihood.policy import (
     policy_log_likelihood,
     policy_steps,
 )
+from unmask.likelihood.score import (
+    Scorer,
+    evenly_spaced,
+    scorer_for,
+    split_window_offsets,
+    windows_likelihood,
+)
 from unmask.runtime import Runtime, resolve_device, set_threads
 from unmask.storage.loading import Trained, read_trained
-from unmask.training.validation import build_validation_set, evaluate_batches
+from unmask.training.validation import build_validation_set, evaluate_batches, validation_window_offsets
 
 USAGE = (
     "unmask eval --out_dir=DIR|--ckpt=PATH [--split=val] [--draws=N] [--seed=S] [--json]\n"
@@ -100,6 +99,31 @@ class EvalArgs:
     """Directory holding the prepared dataset (default: the checkpoint's training data_dir)."""
     max_windows: int | None = None
     """Score only this many evenly spaced windows (a quick look; the report says so)."""
+    windows: Literal["split", "validation_set"] = "split"
+    """Which windows: split (every non-overlapping block_size window of --split) or validation_set (the training
+    run's fixed validation windows, at paragraph starts like its training windows: reproduces the val_bpc the
+    training log reports, within Monte-Carlo error; --split=val only)."""
+
+
+WINDOWS = {
+    "split": "every non-overlapping block_size window of the split (offsets 0, L, 2L, ...)",
+    "validation_set": "the run's fixed validation windows (seed 42, eval_iters x batch_size windows, at paragraph "
+    "starts unless --use_paragraph_boundaries=False): the windows its logged val_bpc scores",
+}
+
+
+def scored_windows(
+    args: EvalArgs, trained: Trained, scorer: Scorer, tokens: np.ndarray, paragraphs: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """(offsets of the windows to score, how many `--windows` names before --max_windows)."""
+    if args.windows == "split":
+        starts = split_window_offsets(len(tokens), scorer.block_size, scorer.exact)
+    else:
+        cfg = trained.config
+        count = int(cfg.get("eval_iters", _DEFAULT_EVAL_ITERS)) * int(cfg.get("batch_size", _DEFAULT_BATCH_SIZE))
+        aligned = paragraphs if bool(cfg.get("use_paragraph_boundaries", True)) else None
+        starts = validation_window_offsets(tokens, aligned, scorer.block_size + scorer.context, count)
+    return evenly_spaced(starts, args.max_windows), len(starts)
 
 
 def _validate(args: EvalArgs) -> None:
@@ -109,6 +133,10 @@ def _validate(args: EvalArgs) -> None:
             raise UserError(f"--{name}={value}: must be >= 1")
     if args.estimator == "antithetic_t" and args.draws % 2:
         raise UserError(f"--draws={args.draws}: --estimator=antithetic_t needs an even number of draws (pairs)")
+    if args.windows == "validation_set" and args.split != "val":
+        raise UserError(
+            f"--windows=validation_set: the run's validation windows are in the val split, not --split={args.split}"
+        )
     if args.per_step < 1:
         raise UserError(f"--per_step={args.per_step}: must be >= 1")
     if args.estimator == "policy":
@@ -148,12 +176,9 @@ def stage_metrics(
 
 
 def window_starts(n_tokens: int, block_size: int, max_windows: int | None) -> tuple[np.ndarray, int]:
-    """Offsets of the scored diffusion windows and the split's total: `elbo.split_likelihood`'s selection."""
+    """Offsets of the scored diffusion windows of a split and the split's total (`--windows=split`)."""
     starts = split_window_offsets(n_tokens, block_size, causal=False)
-    total = len(starts)
-    if max_windows is not None and max_windows < total:
-        starts = starts[np.unique(np.linspace(0, total - 1, max_windows).round().astype(np.int64))]
-    return starts, total
+    return evenly_spaced(starts, max_windows), len(starts)
 
 
 @torch.no_grad()
@@ -168,10 +193,15 @@ def policy_split_likelihood(
     device: torch.device,
     block_length: int | None = None,
     max_windows: int | None = None,
+    starts: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Exact NLL under `policy` of every non-overlapping block_size window of a split (the ELBO's windows), in
-    bits per character, with the standard error across windows (data only: the number has no estimator noise)."""
-    starts, total = window_starts(len(tokens), block_size, max_windows)
+    """Exact NLL under `policy` of every non-overlapping block_size window of a split (the ELBO's windows; or the
+    windows at `starts`), in bits per character, with the standard error across windows (data only: the number
+    has no estimator noise)."""
+    if starts is None:
+        starts, total = window_starts(len(tokens), block_size, max_windows)
+    else:
+        total = len(starts)
     W, L = len(starts), block_size
     per_window = torch.empty(W, dtype=torch.float64)  # nats per character
     predict = model_predict(model, mask_id)
@@ -220,26 +250,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _block_nelbo(block_length: int | None) -> NelboFn | None:
-    """The block NELBO of a block-diffusion checkpoint (None: the plain masked-diffusion ELBO)."""
-    if block_length is None:
-        return None
-    K = block_length
-
-    def nelbo(
-        model: torch.nn.Module,
-        x: torch.Tensor,
-        mask_id: int,
-        draws: int,
-        generator: torch.Generator,
-        estimator: str,
-        batch_size: int | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return block_nelbo(model, x, mask_id, K, draws, generator, estimator)
-
-    return nelbo
-
-
 def evaluate(args: EvalArgs) -> dict[str, Any]:
     """Run the evaluation described by `args`; returns the report as a JSON-able dict."""
     _validate(args)
@@ -277,21 +287,11 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
     start = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(args.seed)
     elbo_estimator = DEFAULT_ESTIMATOR if args.estimator == "policy" else args.estimator
-    result = split_likelihood(
-        trained.model,
-        tokens,
-        block,
-        causal,
-        trained.vocab.mask_id,
-        args.draws,
-        generator,
-        args.batch_size,
-        device,
-        progress=True,
-        estimator=elbo_estimator,
-        max_windows=args.max_windows,
-        nelbo=_block_nelbo(_block_length(trained)),
-    )
+    K = _block_length(trained) or 0
+    scorer = scorer_for(causal, K, trained.vocab.mask_id, block, args.draws, elbo_estimator)
+    starts, total = scored_windows(args, trained, scorer, tokens, dataset.paragraphs[args.split])
+    result = windows_likelihood(scorer, trained.model, tokens, starts, generator, args.batch_size, device, True)
+    result |= {"windows_total": total, "windows_kind": args.windows, "windows_description": WINDOWS[args.windows]}
     seconds = time.perf_counter() - start
     extra: dict[str, Any] = {}
     if args.estimator == "policy":
@@ -308,8 +308,9 @@ def evaluate(args: EvalArgs) -> dict[str, Any]:
             args.batch_size,
             device,
             _block_length(trained),
-            args.max_windows,
+            starts=starts,
         )
+        result |= {"windows_total": total, "windows_kind": args.windows, "windows_description": WINDOWS[args.windows]}
         seconds = time.perf_counter() - start
         extra = {"elbo": elbo}
     masked_ce: dict[str, Any] | None = None
@@ -364,6 +365,7 @@ def report_lines(r: dict[str, Any]) -> list[str]:
         f"{m['n_layer']} layers x {m['n_embd']}, block {r['block_size']})",
         f"data        {r['dataset']} {r['split']} split: {r['windows']:,} windows of {r['block_size']} "
         f"({r['chars']:,} characters scored)",
+        f"windows     --windows={r['windows_kind']}: {r['windows_description']}",
     ]
     if r["windows"] < r["windows_total"]:
         lines.append(

@@ -57,19 +57,14 @@ generator (on the device of x), and callers put the model in eval mode for likel
 from __future__ import annotations
 
 import math
-import sys
 import typing
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from unmask.curriculum.masking import random_k_subsets
-from unmask.data.dataset import gather_windows
 from unmask.likelihood.estimators import all_subsets, bernoulli_masks, count_from_uniform, stratified_uniforms
 
 Estimator = Literal["exact_k", "stratified_t", "antithetic_t"]
@@ -247,84 +242,3 @@ def ar_nll(model: torch.nn.Module, x: Tensor, mask_id: int | None = None) -> Ten
     logp = real_char_log_probs(model(x[:, :-1]), mask_id)  # (B, L, V)
     nll = -logp.gather(2, x[:, 1:, None]).squeeze(2)  # (B, L)
     return nll.double().mean(dim=1)
-
-
-# (model, x (B, L), mask_id, draws, generator, estimator, batch_size) -> (nats (B,), standard error (B,))
-NelboFn = Callable[[torch.nn.Module, Tensor, int, int, torch.Generator, str, "int | None"], tuple[Tensor, Tensor]]
-
-
-def split_window_offsets(n_tokens: int, block_size: int, causal: bool) -> np.ndarray:
-    """Offsets of the non-overlapping windows of a split: jL for diffusion; jL as well (of L + 1 ids) for causal.
-
-    A causal window tokens[s - 1 : s + L] with s = 1 + jL feeds exactly the diffusion window j as input and
-    predicts it shifted by one, so the AR model never scores the split's first character.
-    """
-    need = block_size + 1 if causal else block_size
-    count = (n_tokens - need) // block_size + 1 if n_tokens >= need else 0
-    return np.arange(count, dtype=np.int64) * block_size
-
-
-@torch.no_grad()
-def split_likelihood(
-    model: torch.nn.Module,
-    tokens: np.ndarray,
-    block_size: int,
-    causal: bool,
-    mask_id: int,
-    draws: int,
-    generator: torch.Generator,
-    batch_size: int,
-    device: torch.device | str,
-    progress: bool,
-    estimator: str = DEFAULT_ESTIMATOR,
-    max_windows: int | None = None,
-    nelbo: NelboFn | None = None,
-) -> dict[str, Any]:
-    """Bits per character over every non-overlapping block_size window of a split (1-D array of ids).
-
-    Diffusion: NELBO per window by `nelbo` (default `nelbo_estimate`, `draws` forward passes per window; a
-    block-diffusion model passes its block NELBO); causal: `ar_nll` on
-    windows of L + 1 (see `split_window_offsets`). `batch_size` is rows per forward pass (a window takes `draws` rows).
-    `max_windows` keeps that many evenly spaced windows. The standard error is across windows: the sample standard
-    deviation of the per-window nats per character over sqrt(windows), so it counts both the data (which windows)
-    and the estimator noise; `bpc_mc_stderr` is the estimator noise alone, sqrt(sum_w se_w^2) / windows / L.
-    """
-    L = block_size
-    starts = split_window_offsets(len(tokens), L, causal)
-    total = len(starts)
-    if total == 0:
-        raise ValueError(f"a split of {len(tokens)} characters has no window of {L + int(causal)}")
-    if max_windows is not None and max_windows < total:
-        starts = starts[np.unique(np.linspace(0, total - 1, max_windows).round().astype(np.int64))]
-    W = len(starts)
-    per_window = torch.empty(W, dtype=torch.float64)  # nats per character
-    mc_var = torch.zeros(W, dtype=torch.float64)  # estimator variance of each window's nats per sequence
-    per_chunk = max(1, batch_size if causal else batch_size // draws)
-    bar = tqdm(total=W, unit="window", desc="eval", disable=not progress or not sys.stderr.isatty(), leave=False)
-    for i in range(0, W, per_chunk):
-        chunk = torch.from_numpy(starts[i : i + per_chunk])
-        x = gather_windows(tokens, chunk, L + 1 if causal else L).to(device)  # (b, L [+ 1])
-        if causal:
-            per_window[i : i + len(chunk)] = ar_nll(model, x, mask_id).cpu()
-        else:
-            seq_nats, se = (nelbo or nelbo_estimate)(model, x, mask_id, draws, generator, estimator, batch_size)
-            per_window[i : i + len(chunk)] = seq_nats.cpu() / L
-            mc_var[i : i + len(chunk)] = se.cpu() ** 2
-        bar.update(len(chunk))
-    bar.close()
-    nats = float(per_window.mean())
-    stderr = float(per_window.std() / math.sqrt(W)) if W > 1 else None
-    mc = float(mc_var.sum().sqrt() / W / L)
-    return {
-        "bpc": nats / LN2,
-        "bpc_stderr": None if stderr is None else stderr / LN2,
-        "bpc_mc_stderr": 0.0 if causal else (None if math.isnan(mc) else mc / LN2),
-        "nats_per_char": nats,
-        "nats_stderr": stderr,
-        "estimator": "exact" if causal else estimator,
-        "draws": 1 if causal else draws,
-        "windows": W,
-        "windows_total": total,
-        "chars": W * L,
-        "block_size": L,
-    }

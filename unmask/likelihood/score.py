@@ -21,14 +21,23 @@ evaluating it as a split give the same number (up to the Monte-Carlo noise of a 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
+from unmask.data.dataset import gather_windows
 from unmask.likelihood.block import block_nelbo
-from unmask.likelihood.elbo import DEFAULT_ESTIMATOR, ESTIMATORS, nelbo_estimate, real_char_log_probs
+from unmask.likelihood.elbo import (
+    DEFAULT_ESTIMATOR,
+    ESTIMATORS,
+    nelbo_estimate,
+    real_char_log_probs,
+)
 from unmask.runtime import Runtime
 
 Kind = Literal["autoregressive", "diffusion", "block_diffusion"]
@@ -73,6 +82,15 @@ class Scorer:
     def context(self) -> int:
         """Characters a window carries before its first scored one (1 for autoregressive windows of L + 1)."""
         return 1 if self.exact else 0
+
+    @property
+    def kind_description(self) -> str:
+        """What the number is: the exact NLL, or which upper bound on it."""
+        return {
+            "autoregressive": "exact NLL",
+            "diffusion": "negative ELBO (upper bound on the NLL)",
+            "block_diffusion": f"block negative ELBO, K={self.block_length} (upper bound on the NLL)",
+        }[self.kind]
 
     @property
     def description(self) -> str:
@@ -171,3 +189,97 @@ def sharded_bpc(
     runtime.all_reduce_sum(sums)
     nats_per_char = float(sums[0] / sums[1])
     return {"val_bpc": nats_per_char / LN2, "val_nats_per_char": nats_per_char}
+
+
+# --- a split: every non-overlapping window (`unmask eval`) -----------------------------------------------------------
+
+
+def split_window_offsets(n_tokens: int, block_size: int, causal: bool) -> np.ndarray:
+    """Offsets of the non-overlapping windows of a split: jL for diffusion; jL as well (of L + 1 ids) for causal.
+
+    A causal window tokens[s - 1 : s + L] with s = 1 + jL feeds exactly the diffusion window j as input and
+    predicts it shifted by one, so the AR model never scores the split's first character.
+    """
+    need = block_size + 1 if causal else block_size
+    count = (n_tokens - need) // block_size + 1 if n_tokens >= need else 0
+    return np.arange(count, dtype=np.int64) * block_size
+
+
+def evenly_spaced(starts: np.ndarray, max_windows: int | None) -> np.ndarray:
+    """`max_windows` evenly spaced offsets of `starts` (all of them when None or not fewer)."""
+    if max_windows is None or max_windows >= len(starts):
+        return starts
+    return starts[np.unique(np.linspace(0, len(starts) - 1, max_windows).round().astype(np.int64))]
+
+
+@torch.no_grad()
+def windows_likelihood(
+    scorer: Scorer,
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    starts: np.ndarray,
+    generator: torch.Generator,
+    batch_size: int,
+    device: torch.device | str,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Bits per character over the windows of `tokens` (1-D ids) starting at `starts`, each of
+    block_size + context characters (block_size scored).
+
+    `batch_size` is rows per forward pass (a diffusion window takes `draws` of them). The standard error is across
+    windows: the sample standard deviation of the per-window nats per character over sqrt(windows), so it counts
+    both the data (which windows) and the estimator noise; `bpc_mc_stderr` is the estimator noise alone,
+    sqrt(sum_w se_w^2) / windows / L.
+    """
+    L, W = scorer.block_size, len(starts)
+    if W == 0:
+        raise ValueError(f"no window of {L + scorer.context} to score")
+    per_window = torch.empty(W, dtype=torch.float64)  # nats per character
+    mc_var = torch.zeros(W, dtype=torch.float64)  # estimator variance of each window's nats per sequence
+    per_chunk = max(1, batch_size if scorer.exact else batch_size // scorer.draws)
+    bar = tqdm(total=W, unit="window", desc="eval", disable=not progress or not sys.stderr.isatty(), leave=False)
+    for i in range(0, W, per_chunk):
+        chunk = torch.from_numpy(starts[i : i + per_chunk])
+        x = gather_windows(tokens, chunk, L + scorer.context).to(device)  # (b, L [+ 1])
+        nats, se = scorer.window_nats(model, x, generator, batch_size)
+        per_window[i : i + len(chunk)] = nats.cpu() / L
+        mc_var[i : i + len(chunk)] = se.cpu() ** 2
+        bar.update(len(chunk))
+    bar.close()
+    nats_per_char = float(per_window.mean())
+    stderr = float(per_window.std() / math.sqrt(W)) if W > 1 else None
+    mc = float(mc_var.sum().sqrt() / W / L)
+    return {
+        "bpc": nats_per_char / LN2,
+        "bpc_stderr": None if stderr is None else stderr / LN2,
+        "bpc_mc_stderr": 0.0 if scorer.exact else (None if math.isnan(mc) else mc / LN2),
+        "nats_per_char": nats_per_char,
+        "nats_stderr": stderr,
+        "estimator": "exact" if scorer.exact else scorer.estimator,
+        "measure": scorer.kind_description,
+        "draws": 1 if scorer.exact else scorer.draws,
+        "windows": W,
+        "chars": W * L,
+        "block_size": L,
+    }
+
+
+def split_likelihood(
+    scorer: Scorer,
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    generator: torch.Generator,
+    batch_size: int,
+    device: torch.device | str,
+    progress: bool = False,
+    max_windows: int | None = None,
+) -> dict[str, Any]:
+    """`windows_likelihood` over every non-overlapping block_size window of a split (`split_window_offsets`), or
+    `max_windows` evenly spaced ones; adds `windows_total`."""
+    starts = split_window_offsets(len(tokens), scorer.block_size, scorer.exact)
+    if len(starts) == 0:
+        raise ValueError(f"a split of {len(tokens)} characters has no window of {scorer.block_size + scorer.context}")
+    result = windows_likelihood(
+        scorer, model, tokens, evenly_spaced(starts, max_windows), generator, batch_size, device, progress
+    )
+    return {**result, "windows_total": len(starts)}

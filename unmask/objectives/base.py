@@ -350,8 +350,16 @@ class LanguageModel(Objective):
         """eval_iters x batch_size clean validation windows of the objective's length, the same at every
         evaluation and in every run (seed 42)."""
         cfg = self.cfg
-        source = BatchSource(self.data.val, self.window, self.rt.device, self.paragraphs["val"])
-        return source.clean(cfg.eval_iters * cfg.batch_size, torch.Generator().manual_seed(validation.VALIDATION_SEED))
+        count = cfg.eval_iters * cfg.batch_size
+        return validation.fixed_windows(self.data.val, self.paragraphs["val"], self.window, count, self.rt.device)
+
+    def windows_note(self) -> str:
+        """Which windows val_bpc scores, and how `unmask eval` reproduces it."""
+        where = "at paragraph starts" if self.paragraphs["val"] is not None else "at uniform offsets"
+        return (
+            f"{where}: val_bpc scores these (`unmask eval --windows=validation_set`); `unmask eval` scores every "
+            "window of the split by default"
+        )
 
     def start_lines(self, resumed_at: int | None) -> list[str]:
         cfg = self.cfg
@@ -399,7 +407,8 @@ class DiffusionModel(LanguageModel):
         n = len(self.cfg.stages_for_validation)
         return [
             *super().start_lines(resumed_at),
-            f"Validation set: {len(self.val_set)} samples from all {n} validation stages (seed 42)",
+            f"Validation set: {len(self.val_set)} samples from all {n} validation stages (seed 42), "
+            f"{self.windows_note()}",
         ]
 
     def report_lines(self, m: dict[str, Any]) -> list[str]:
@@ -565,7 +574,10 @@ class Autoregressive(LanguageModel):
 
     def start_lines(self, resumed_at: int | None) -> list[str]:
         n, width = len(self.val_windows), self.cfg.block_size + 1
-        return [*super().start_lines(resumed_at), f"Validation set: {n} windows of {width} characters (seed 42)"]
+        return [
+            *super().start_lines(resumed_at),
+            f"Validation set: {n} windows of {width} characters (seed 42), {self.windows_note()}",
+        ]
 
     def report_lines(self, m: dict[str, Any]) -> list[str]:
         return [f"  val bpc: {m['val_bpc']:.4f} (exact NLL), epochs {m['epochs']:.3f}"]
@@ -613,7 +625,8 @@ class BlockDiffusion(LanguageModel):
                 if cfg.training_estimator == "antithetic_t"
                 else ""
             ),
-            f"Validation set: {len(self.val_windows)} windows of {cfg.block_size} characters (seed 42)",
+            f"Validation set: {len(self.val_windows)} windows of {cfg.block_size} characters (seed 42), "
+            f"{self.windows_note()}",
         ]
 
     def report_lines(self, m: dict[str, Any]) -> list[str]:

@@ -51,6 +51,22 @@ def build_validation_set(
     return source.batch(counts, stages, mask_id, n_chars, data_gen, mask_gen)
 
 
+def validation_window_offsets(tokens: np.ndarray, paragraphs: np.ndarray | None, window: int, count: int) -> np.ndarray:
+    """Offsets of the fixed validation windows of a run: `count` windows of `window` characters drawn with seed 42
+    (at paragraph starts when `paragraphs` is given), the windows `fixed_windows` and `build_validation_set` take."""
+    from unmask.data.dataset import window_starts
+
+    generator = torch.Generator().manual_seed(VALIDATION_SEED)
+    return window_starts(len(tokens), window, paragraphs, count, generator).numpy()
+
+
+def fixed_windows(
+    tokens: np.ndarray, paragraphs: np.ndarray | None, window: int, count: int, device: torch.device
+) -> torch.Tensor:
+    """(count, window) clean validation windows on the device: the same at every evaluation and in every run."""
+    return BatchSource(tokens, window, device, paragraphs).clean(count, torch.Generator().manual_seed(VALIDATION_SEED))
+
+
 @torch.no_grad()
 def evaluate_batches(
     model: torch.nn.Module,
