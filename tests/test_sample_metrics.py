@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
-import torch
-from torch import Tensor, nn
 
 from unmask.generation import metrics as sm
 
@@ -57,53 +53,3 @@ def test_word_hit_rate_and_corpus_stats() -> None:
         "char_entropy_bits", "word_hit_rate",
     }  # fmt: skip
     assert "word_hit_rate" not in sm.text_metrics(["ab"])
-
-
-class Bigram(nn.Module):
-    """A causal 'model' whose prediction at position i depends on x_i only: windows cannot change its NLL."""
-
-    def __init__(self, V: int) -> None:
-        super().__init__()
-        self.table = nn.Parameter(torch.randn(V, V, generator=torch.Generator().manual_seed(0)))
-
-    def forward(self, idx: Tensor) -> Tensor:
-        return self.table[idx]  # (B, T, V)
-
-
-def test_causal_nll_is_exact_and_windowing_does_not_change_it() -> None:
-    V, L = 6, 37
-    model = Bigram(V)
-    x = torch.randint(0, V, (3, L), generator=torch.Generator().manual_seed(1))
-    logp = torch.log_softmax(model.table.double(), dim=-1)
-    per_position = -logp[x[:, :-1], x[:, 1:]]  # (B, L - 1): NLL of positions 1..L-1
-    scored = torch.ones(3, L, dtype=torch.bool)
-    expected = per_position.mean(dim=1)
-    for block_size in (L, 8, 5, 2):
-        assert torch.allclose(sm.causal_nll(model, x, scored, block_size), expected), block_size
-    scored[:, :10] = False  # a prompt: only the generated positions count
-    assert torch.allclose(sm.causal_nll(model, x, scored, 8), per_position[:, 9:].mean(dim=1))
-
-
-def test_causal_nll_of_a_uniform_model_is_log_v() -> None:
-    class Uniform(nn.Module):
-        def forward(self, idx: Tensor) -> Tensor:
-            return torch.zeros(*idx.shape, 5)
-
-    x = torch.randint(0, 5, (2, 20), generator=torch.Generator().manual_seed(0))
-    nll = sm.causal_nll(Uniform(), x, torch.ones(2, 20, dtype=torch.bool), 8)
-    assert torch.allclose(nll, torch.full((2,), math.log(5), dtype=torch.float64))
-
-
-def test_diffusion_nll_weights_chunks_by_length(monkeypatch: pytest.MonkeyPatch) -> None:
-    elbo = pytest.importorskip("unmask.likelihood.elbo")
-    calls: list[int] = []
-
-    def fake_score(model: nn.Module, x: Tensor, mask_id: int, draws: int, generator: torch.Generator) -> Tensor:
-        calls.append(x.shape[1])
-        return x.double().mean(dim=1)  # "nats per character" = mean id of the chunk
-
-    monkeypatch.setattr(elbo, "score_windows", fake_score)
-    x = torch.tensor([[1] * 8 + [4] * 2, [2] * 10])
-    nll = sm.diffusion_nll(nn.Identity(), x, 9, 8, 1, torch.Generator())
-    assert calls == [8, 2]
-    assert torch.allclose(nll, torch.tensor([(8 * 1 + 2 * 4) / 10, 2.0], dtype=torch.float64))

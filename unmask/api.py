@@ -21,7 +21,7 @@ from unmask.commands.export import export_config, export_dir_problem, is_export_
 from unmask.data.dataset import Vocab
 from unmask.errors import UserError
 from unmask.generation.diffusion import SamplingConfig
-from unmask.likelihood import elbo
+from unmask.likelihood.score import Scorer, scorer_for
 from unmask.model import ModelConfig, Transformer
 from unmask.storage.loading import Trained, load_trained, resolve_checkpoint
 
@@ -161,11 +161,13 @@ class Model:
     def score(self, texts: str | list[str], draws: int = SCORE_DRAWS, seed: int = 0) -> list[float]:
         """Bits per character of each text.
 
-        Diffusion models: the negative ELBO (exact-k masks stratified over `draws` forward passes per window, L/k
-        weights), summed over consecutive block_size windows of the text, per character; every text uses a
-        generator seeded with `seed`, so its score does not depend on the other texts. Autoregressive models: the
-        exact NLL of every character after the first (the first is context only), each given at most block_size
-        characters before it in non-overlapping windows (as `unmask eval`).
+        The number of the model's kind (`unmask.likelihood.score.Scorer`, the one `unmask eval` and the training
+        log use): diffusion models the negative ELBO (exact-k masks stratified over `draws` forward passes per
+        window), block-diffusion models the block negative ELBO, both summed over consecutive block_size windows
+        of the text, per character; every text uses a generator seeded with `seed`, so its score does not depend
+        on the other texts. Autoregressive models: the exact NLL of every character after the first (the first is
+        context only), each given at most block_size characters before it in non-overlapping windows (as
+        `unmask eval`).
         """
         self.trained.require_head(("lm",), "Model.score")
         if isinstance(texts, str):
@@ -174,30 +176,20 @@ class Model:
             raise UserError(f"draws={draws}: must be at least 1")
         return [self._score_one(text, i, draws, seed) for i, text in enumerate(texts)]
 
+    def scorer(self, draws: int = SCORE_DRAWS) -> Scorer:
+        """The likelihood of this model's kind (`unmask.likelihood.score`): what `unmask eval` and training report."""
+        mc = self.model_config
+        return scorer_for(mc.causal, mc.diffusion_block, self.vocab.mask_id, mc.block_size, draws)
+
     def _score_one(self, text: str, index: int, draws: int, seed: int) -> float:
         ids = torch.tensor(self.vocab.encode(text, source=f"texts[{index}]"), dtype=torch.long, device=self.device)
-        L, mask_id = self.model_config.block_size, self.vocab.mask_id
-        if self.model_config.causal:
-            if len(ids) < 2:
-                raise UserError(f"texts[{index}]: an autoregressive score needs at least 2 characters")
-            nats = 0.0
-            for start in range(0, len(ids) - 1, L):
-                window = ids[start : start + L + 1][None]  # (1, n + 1): n characters predicted
-                predicted = window.shape[1] - 1
-                nats += float(elbo.ar_nll(self.model, window, mask_id)[0]) * predicted
-            return nats / (len(ids) - 1) / math.log(2)
+        scorer = self.scorer(draws)
+        if scorer.exact and len(ids) < 2:
+            raise UserError(f"texts[{index}]: an autoregressive score needs at least 2 characters")
         if len(ids) == 0:
             raise UserError(f"texts[{index}]: empty text")
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        full = len(ids) // L * L
-        nats = 0.0
-        if full:
-            seq, _ = elbo.nelbo_estimate(self.model, ids[:full].view(-1, L), mask_id, draws, generator, "exact_k")
-            nats += float(seq.sum())
-        if full < len(ids):
-            seq, _ = elbo.nelbo_estimate(self.model, ids[full:][None], mask_id, draws, generator, "exact_k")
-            nats += float(seq.sum())
-        return nats / len(ids) / math.log(2)
+        return float(scorer.text_nats(self.model, ids[None], generator)[0]) / math.log(2)
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> Model:

@@ -44,6 +44,7 @@ from unmask.generation.diffusion import (
     prompt_canvas,
 )
 from unmask.likelihood.policy import Policy, generate_with_policy
+from unmask.likelihood.score import scorer_for
 from unmask.runtime import resolve_device, set_threads
 from unmask.storage.loading import Trained, read_trained
 
@@ -229,20 +230,20 @@ class Judge:
     draws: int  # Monte-Carlo draws of the ELBO (diffusion judges)
 
     def nll(self, texts: list[str], scored: torch.Tensor) -> list[float]:
-        """NLL per character (nats) of each text: exact for causal judges, the negative ELBO otherwise.
+        """NLL per character (nats) of each text under the judge, by its kind's scorer (the number `unmask eval`
+        and `Model.score` give: `unmask.likelihood.score`): exact for causal judges, a bound otherwise.
 
         `scored` (N, L) marks the generated positions; a causal judge scores only those (given everything before
-        them), a diffusion judge's bound covers whole texts. Diffusion judges draw their masks from a generator
-        seeded the same way at every call, so samples and real text are scored with the same draws.
+        them, in the windows `unmask eval` takes), a diffusion judge's bound covers whole texts. Diffusion judges
+        draw their masks from a generator seeded the same way at every call, so samples and real text are scored
+        with the same draws.
         """
-        vocab, model = self.trained.vocab, self.trained.model
+        vocab, model, mc = self.trained.vocab, self.trained.model, self.trained.model_config
         device = next(model.parameters()).device
         x = torch.tensor([vocab.encode(t, source=f"--judge_ckpt={self.trained.path}") for t in texts], device=device)
-        block_size = self.trained.model_config.block_size
-        if self.trained.model_config.causal:
-            return sm.causal_nll(model, x, scored.to(device), block_size).tolist()
+        scorer = scorer_for(mc.causal, mc.diffusion_block, vocab.mask_id, mc.block_size, self.draws)
         generator = torch.Generator(device=device).manual_seed(REFERENCE_SEED)
-        return sm.diffusion_nll(model, x, vocab.mask_id, block_size, self.draws, generator).tolist()
+        return scorer.text_nats(model, x, generator, scored.to(device)).tolist()
 
 
 KINDS = ("diffusion", "autoregressive", "block_diffusion")

@@ -31,8 +31,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import Tensor
 
 _WORD = re.compile(r"\w+")
 START_CHARS = 10  # characters compared by distinct_starts
@@ -116,56 +114,6 @@ def text_metrics(texts: Sequence[str], corpus: CorpusStats | None = None) -> dic
     if corpus is not None:
         metrics["word_hit_rate"] = word_hit_rate(texts, corpus.words)
     return metrics
-
-
-# --- likelihood under a judge ---------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def causal_nll(model: torch.nn.Module, x: Tensor, scored: Tensor, block_size: int) -> Tensor:
-    """Per-row mean NLL in nats of the `scored` positions of x (B, L) under a causal model: (B,) float64.
-
-    Position i is predicted from its prefix; position 0 has none and is never scored. Rows longer than
-    `block_size` are read in windows overlapping by half a context, so every prediction sees at least
-    block_size / 2 characters of prefix (or all of it, near the start).
-    """
-    B, L = x.shape
-    nll = torch.zeros(B, L, dtype=torch.float64, device=x.device)  # (B, L): NLL of predicting position i
-    stride = max(1, block_size // 2)
-    start, next_target = 0, 1
-    while next_target < L:
-        end = min(start + block_size, L)
-        logits = model(x[:, start:end])  # (B, T, V): position j predicts j + 1
-        logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)  # (B, T - 1, V)
-        targets = x[:, start + 1 : end]  # (B, T - 1)
-        window_nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T - 1)
-        first = next_target - (start + 1)  # targets before this one were scored with more context
-        nll[:, next_target:end] = window_nll[:, first:]
-        next_target = end
-        start = end - block_size + stride if end < L else end
-    mask = scored.clone()
-    mask[:, 0] = False
-    counts = mask.sum(dim=1).clamp(min=1)
-    return (nll * mask).sum(dim=1) / counts
-
-
-def diffusion_nll(
-    model: torch.nn.Module, x: Tensor, mask_id: int, block_size: int, draws: int, generator: torch.Generator
-) -> Tensor:
-    """Per-row negative ELBO in nats per character under a masked-diffusion model: (B,) float64.
-
-    Uses `unmask.likelihood.elbo.score_windows`; rows longer than `block_size` are scored in consecutive chunks of at
-    most `block_size` (each chunk without the others as context), weighted by chunk length. The bound covers
-    every position, prompt or template included: it cannot be restricted to the generated ones.
-    """
-    from unmask.likelihood.elbo import score_windows
-
-    B, L = x.shape
-    total = torch.zeros(B, dtype=torch.float64, device=x.device)
-    for start in range(0, L, block_size):
-        chunk = x[:, start : start + block_size]
-        total += score_windows(model, chunk, mask_id, draws, generator).double().to(x.device) * chunk.shape[1]
-    return total / L
 
 
 def mean(values: Iterable[float]) -> float:
