@@ -124,3 +124,38 @@ def test_compare_refuses_to_overwrite_earlier_runs(tiny_data: Path, tmp_path: Pa
     assert main(["compare", *flags]) == 0
     assert main(["compare", *flags]) == 2
     assert main(["compare", *flags, "--overwrite=True"]) == 0
+
+
+# --- metrics.jsonl lines that are not records -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["5", "[1, 2]", '{"iter": null}', '{"iter": true}', '"text"', "{not json", "[" * 100_000 + "]" * 100_000],
+)
+def test_a_metrics_line_that_is_not_a_record_is_dropped_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    from unmask.run_log import RunLog
+
+    good = [json.dumps({"kind": "train", "iter": i}) for i in (2, 4, 6)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join([good[0], bad, *good[1:]]) + "\n")
+    RunLog(tmp_path, True).truncate_after(4)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and f"{path}:2: " in out[0] and out[0].startswith("warning: "), out
+    assert path.read_text().splitlines() == good[:2]
+
+
+def test_a_metrics_line_that_is_not_a_record_does_not_stop_a_resume(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert _train(tiny_data, out, max_iters=8) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], '{"iter": null}', "5", *lines[1:]]) + "\n")
+    capsys.readouterr()
+    assert main(["train", "--init_from=resume", f"--out_dir={out}", "--max_iters=12"]) == 0
+    assert f"{out / 'metrics.jsonl'}:2: " in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["iter"], int) for r in records) and max(r["iter"] for r in records) == 12
