@@ -21,7 +21,7 @@ from unmask import elbo
 from unmask.data import Vocab
 from unmask.errors import UserError
 from unmask.export import export_config, is_export_dir, load_export, split_tied
-from unmask.loading import Trained, load_trained, resolve_checkpoint
+from unmask.loading import Trained, trained_from
 from unmask.model import ModelConfig, Transformer
 from unmask.sampling import SamplingConfig
 
@@ -220,7 +220,7 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Model:
         return Model(trained, config)
     if not path.exists():
         raise UserError(f"{path}: no such export directory, checkpoint file or run directory")
-    ckpt_path = resolve_checkpoint(str(path), None)
-    trained = load_trained(ckpt_path, device)
+    ckpt_path, ckpt = ckpt_io.read_checkpoint(path, str(path))  # a run directory: the run's newest checkpoint
+    trained = trained_from(ckpt_path, ckpt, device)
     _, tied = split_tied(trained.model.state_dict())
-    return Model(trained, export_config(trained, ckpt_io.load_checkpoint(ckpt_path), tied))
+    return Model(trained, export_config(trained, ckpt, tied))
