@@ -34,15 +34,15 @@ def test_newest_and_keep_last(tmp_path: Path) -> None:
     for i in (5, 100, 20, 40):
         ck.save_checkpoint(tmp_path, i, _state(i), {}, keep_last=2)
     assert [i for i, _ in ck.list_checkpoints(tmp_path)] == [40, 100]
-    assert ck.find_checkpoint(tmp_path).name == "ckpt_unmasking_100.pt"
-    assert ck.find_checkpoint(tmp_path, "ckpt_unmasking_40.pt").name == "ckpt_unmasking_40.pt"
+    assert ck.read_checkpoint(tmp_path, "--out_dir")[0].name == "ckpt_unmasking_100.pt"  # no run.json: by number
+    assert ck.named_checkpoint(tmp_path, "ckpt_unmasking_40.pt").name == "ckpt_unmasking_40.pt"
     assert not (tmp_path / "ckpt_unmasking_20.json").exists()
 
 
 def test_partial_temp_file_is_ignored(tmp_path: Path) -> None:
     ck.save_checkpoint(tmp_path, 10, _state(10), {})
     (tmp_path / ".ckpt_unmasking_20.pt.abc.tmp").write_bytes(b"half a checkpoint")
-    assert ck.find_checkpoint(tmp_path).name == "ckpt_unmasking_10.pt"
+    assert ck.read_checkpoint(tmp_path, "--out_dir")[0].name == "ckpt_unmasking_10.pt"
 
 
 def test_failed_write_leaves_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,9 +61,9 @@ def test_failed_write_leaves_old_file(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no ckpt_unmasking_<iter>.pt checkpoint"):
-        ck.find_checkpoint(tmp_path)
+        ck.load_for_resume(tmp_path)
     with pytest.raises(UserError, match="--ckpt_filename=nope.pt: no such file"):
-        ck.find_checkpoint(tmp_path, "nope.pt")
+        ck.named_checkpoint(tmp_path, "nope.pt")
     bad = tmp_path / "ckpt_unmasking_3.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read checkpoint"):

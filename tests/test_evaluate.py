@@ -167,12 +167,12 @@ def test_cli_subprocess_json(runs: dict[str, Path]) -> None:
 def test_ckpt_flags_accept_a_run_directory(tmp_path: Path) -> None:
     """--ckpt / --judge_ckpt / --critic_ckpt given a run directory mean its newest checkpoint."""
     from unmask.errors import UserError
+    from unmask.storage import checkpoint as ck
     from unmask.storage.loading import resolve_checkpoint
 
     run = tmp_path / "run"
-    run.mkdir()
     for it in (5, 40, 200):
-        (run / f"ckpt_unmasking_{it}.pt").write_bytes(b"x")
+        ck.save_checkpoint(run, it, {"model": {"w": torch.zeros(2)}, "iter_num": it}, {"iter": it})
     assert resolve_checkpoint(str(run), None, flag_prefix="judge_") == run / "ckpt_unmasking_200.pt"
     assert resolve_checkpoint(str(run / "ckpt_unmasking_40.pt"), None) == run / "ckpt_unmasking_40.pt"
     assert resolve_checkpoint(None, str(run)) == run / "ckpt_unmasking_200.pt"

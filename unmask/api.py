@@ -23,7 +23,7 @@ from unmask.errors import UserError
 from unmask.generation.diffusion import SamplingConfig
 from unmask.likelihood.score import Scorer, scorer_for
 from unmask.model import ModelConfig, Transformer
-from unmask.storage.loading import Trained, load_trained, resolve_checkpoint
+from unmask.storage.loading import Trained, trained_from
 
 DEFAULT_SEED = 1337  # `unmask sample`'s default
 SCORE_DRAWS = 16  # forward passes per window of a diffusion score (exact_k: k stratified over them)
@@ -215,7 +215,7 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Model:
         return Model(trained, config)
     if not path.exists():
         raise UserError(f"{path}: no such export directory, checkpoint file or run directory")
-    ckpt_path = resolve_checkpoint(str(path), None)
-    trained = load_trained(ckpt_path, device)
+    ckpt_path, ckpt = ckpt_io.read_checkpoint(path, str(path))  # a run directory: the run's newest checkpoint
+    trained = trained_from(ckpt_path, ckpt, device)
     _, tied = split_tied(trained.model.state_dict())
-    return Model(trained, export_config(trained, ckpt_io.load_checkpoint(ckpt_path), tied))
+    return Model(trained, export_config(trained, ckpt, tied))

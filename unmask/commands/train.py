@@ -25,6 +25,8 @@ class TrainRun:
     path: Path | None = None
     pretrained: Any = None  # unmask.transfer.pretrained.Pretrained: a new run from these weights
     default_model: bool = False  # a new run with no preset and no model flag: the GPU-sized default model
+    # A plain resume: the highest `seq` of the run's checkpoints (damaged ones too) before it read its own.
+    seen_seq: int | None = None
 
 
 def build_train_run(argv: list[str]) -> TrainRun:
@@ -45,10 +47,10 @@ def build_train_run(argv: list[str]) -> TrainRun:
         default_model = not positional and not set(values) & {*ARCHITECTURE_FLAGS, "batch_size"}
         return TrainRun(TrainConfig.from_dict(values), default_model=default_model)
     out_dir = Path(values.get("out_dir", TrainConfig.out_dir))
-    run_id, candidates = run_dir.resume_candidates(out_dir)
-    path, checkpoint = ckpt_io.load_for_resume(
-        out_dir, values.get("ckpt_filename"), candidates=candidates if run_id is not None else None
-    )
+    # What the run had written before this resume read its checkpoint: the trainer compares it under the lock.
+    manifest = None if values.get("ckpt_filename") is not None else run_dir.read_manifest(out_dir)
+    seen_seq = None if manifest is None else run_dir.next_seq(out_dir, manifest["run_id"]) - 1
+    path, checkpoint = ckpt_io.load_for_resume(out_dir, values.get("ckpt_filename"))
     saved = checkpoint["config"]
     # Logging to an external service is decided by whoever resumes, never by a checkpoint (which may come from
     # elsewhere): --wandb_log is off unless given now.
@@ -64,7 +66,7 @@ def build_train_run(argv: list[str]) -> TrainRun:
         from unmask.transfer import pretrained as transfer
 
         transfer.check_resume_task(cfg, checkpoint, path)
-    return TrainRun(cfg, checkpoint, path)
+    return TrainRun(cfg, checkpoint, path, seen_seq=seen_seq)
 
 
 def main(argv: list[str]) -> int:
@@ -89,7 +91,7 @@ def main(argv: list[str]) -> int:
     if run.default_model and runtime.device.type == "cpu" and runtime.is_master:
         print(cpu_default_note(run.cfg), flush=True)
     try:
-        Trainer(run.cfg, runtime, run.checkpoint, run.path, run.pretrained).run()
+        Trainer(run.cfg, runtime, run.checkpoint, run.path, run.pretrained, run.seen_seq).run()
     finally:
         runtime.shutdown()
     return 0

@@ -13,7 +13,7 @@ sidecar only. Before any model is allocated, the architecture a checkpoint decla
 with the tensors actually in it.
 
 Every load goes through `load_checkpoint` (one file, which must be intact) or `read_checkpoint` (a file, or a run
-directory whose newest intact checkpoint is taken, each damaged newer one reported in one warning line).
+directory whose newest intact checkpoint is taken: `unmask.storage.run_dir.newest_checkpoint` says which that is).
 
 Files are written to a temporary file in the same directory (created with the process umask, like any file),
 fsynced and renamed, so a crash never leaves a partial file under the final name; `sweep_temp_files` removes the
@@ -53,7 +53,8 @@ _temp_counter = itertools.count()
 Warn = Callable[[str], None]
 
 
-def _stderr(line: str) -> None:
+def warn_stderr(line: str) -> None:
+    """The default `Warn`: one line on stderr."""
     print(line, file=sys.stderr)
 
 
@@ -210,36 +211,26 @@ def save_checkpoint(
 # --- finding and reading ----------------------------------------------------------------------------------------
 
 
-def find_checkpoint(out_dir: Path, ckpt_filename: str | None = None) -> Path:
-    """The checkpoint to resume from: `ckpt_filename` in `out_dir`, else the newest one there (not verified: use
-    `load_for_resume` / `read_checkpoint` to load)."""
-    if ckpt_filename is not None:
-        path = out_dir / ckpt_filename
-        if not path.is_file():
-            raise UserError(f"--ckpt_filename={ckpt_filename}: no such file in {out_dir}")
-        return path
-    found = list_checkpoints(out_dir)
-    if not found:
-        raise UserError(f"--init_from=resume: no {PREFIX}<iter>.pt checkpoint in {out_dir}")
-    return found[-1][1]
+def named_checkpoint(out_dir: Path, ckpt_filename: str) -> Path:
+    """`--ckpt_filename`: that file in `out_dir` (not verified: `load_checkpoint` verifies)."""
+    path = out_dir / ckpt_filename
+    if not path.is_file():
+        raise UserError(f"--ckpt_filename={ckpt_filename}: no such file in {out_dir}")
+    return path
 
 
 def load_for_resume(
-    out_dir: Path,
-    ckpt_filename: str | None = None,
-    warn: Warn | None = None,
-    candidates: list[Path] | None = None,
+    out_dir: Path, ckpt_filename: str | None = None, warn: Warn | None = None
 ) -> tuple[Path, dict[str, Any]]:
-    """(path, checkpoint) to resume from. A named file must load; otherwise the first intact one of `candidates`
-    (the run's own checkpoints, newest written first; default: every checkpoint, highest iteration first), every
-    damaged one before it reported through `warn` (default: a line on stderr)."""
+    """(path, checkpoint) to resume from: a named file, which must be intact, or the run's newest intact
+    checkpoint (`unmask.storage.run_dir.newest_checkpoint`, each damaged newer one reported through `warn`)."""
     if ckpt_filename is not None:
-        path = find_checkpoint(out_dir, ckpt_filename)
+        path = named_checkpoint(out_dir, ckpt_filename)
         return path, load_checkpoint(path)
-    find_checkpoint(out_dir)  # the "no checkpoint" error
-    if candidates is None:
-        return _newest_intact(out_dir, "--init_from=resume", warn)
-    return _first_intact(candidates, out_dir, "--init_from=resume", warn)
+    from unmask.storage.run_dir import newest_checkpoint  # run_dir builds on this module
+
+    advice = "; nothing to --init_from=resume: start a new run there (--overwrite=True replaces what is left)"
+    return newest_checkpoint(out_dir, f"--out_dir={out_dir}", warn, advice=advice)
 
 
 def read_checkpoint(
@@ -247,38 +238,17 @@ def read_checkpoint(
 ) -> tuple[Path, dict[str, Any]]:
     """The one checkpoint reader: (path, verified checkpoint dict) from a file or a run directory.
 
-    A file must be intact. A run directory gives its newest intact checkpoint; each damaged newer one is reported
-    in one line through `warn` (default: stderr), as `train --init_from=resume` does. `flag` (e.g.
-    `--ckpt=out/run`) starts the errors about `source` itself."""
+    A file must be intact. A run directory gives the run's newest intact checkpoint
+    (`unmask.storage.run_dir.newest_checkpoint`, the one rule every command follows); each damaged newer one is reported
+    in one line through `warn` (default: stderr), as `train --init_from=resume` does. `flag` (e.g. `--ckpt=out/run`)
+    starts the errors about `source` itself."""
     if source.is_dir():
-        if not list_checkpoints(source):
-            raise UserError(f"{flag}: no {PREFIX}<iter>.pt checkpoint there")
-        return _newest_intact(source, flag, warn, map_location)
+        from unmask.storage.run_dir import newest_checkpoint  # run_dir builds on this module
+
+        return newest_checkpoint(source, flag, warn, map_location)
     if not source.is_file():
         raise UserError(f"{flag}: no such checkpoint file or run directory")
     return source, load_checkpoint(source, map_location)
-
-
-def _newest_intact(
-    run_dir: Path, flag: str, warn: Warn | None, map_location: str | torch.device = "cpu"
-) -> tuple[Path, dict[str, Any]]:
-    return _first_intact([p for _, p in reversed(list_checkpoints(run_dir))], run_dir, flag, warn, map_location)
-
-
-def _first_intact(
-    paths: list[Path], run_dir: Path, flag: str, warn: Warn | None, map_location: str | torch.device = "cpu"
-) -> tuple[Path, dict[str, Any]]:
-    warn = warn or _stderr
-    problems = []
-    for path in paths:
-        try:
-            ckpt = load_checkpoint(path, map_location)
-        except UserError as exc:
-            problems.append(str(exc))
-            warn(f"warning: {exc}; trying the previous checkpoint")
-            continue
-        return path, ckpt
-    raise UserError(f"{flag}: no intact checkpoint in {run_dir} ({'; '.join(problems)})")
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

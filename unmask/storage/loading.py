@@ -51,16 +51,15 @@ def checkpoint_source(ckpt: str | None, out_dir: str | None, flag_prefix: str = 
     return Path(out_dir), f"--out_dir={out_dir}"
 
 
-def resolve_checkpoint(ckpt: str | None, out_dir: str | None, flag_prefix: str = "") -> Path:
-    """`--ckpt=PATH` wins (a run directory there means its newest checkpoint); else the newest checkpoint in
-    `--out_dir`; one of them is required. Nothing is verified: `read_trained` loads with the fallback past a
-    damaged newest checkpoint."""
+def resolve_checkpoint(
+    ckpt: str | None, out_dir: str | None, flag_prefix: str = "", warn: ckpt_io.Warn | None = None
+) -> Path:
+    """The checkpoint file `--ckpt=PATH` names (a run directory there means the run's newest intact checkpoint, as
+    `unmask.storage.run_dir.newest_checkpoint` says), else the run's newest intact checkpoint in `--out_dir`; one of
+    them is required. A file named directly is not verified here: `load_trained` verifies it."""
     source, flag = checkpoint_source(ckpt, out_dir, flag_prefix)
     if source.is_dir():
-        found = ckpt_io.list_checkpoints(source)
-        if not found:
-            raise UserError(f"{flag}: no {ckpt_io.PREFIX}<iter>.pt checkpoint there")
-        return found[-1][1]
+        return ckpt_io.read_checkpoint(source, flag, warn)[0]
     if not source.is_file():
         raise UserError(f"{flag}: no such checkpoint file or run directory")
     return source
@@ -74,8 +73,8 @@ def read_trained(
     warn: ckpt_io.Warn | None = None,
 ) -> Trained:
     """The model `--{flag_prefix}ckpt` / `--out_dir` name, verified: a file must be intact; a run directory gives
-    its newest intact checkpoint, each damaged newer one reported in one warning line (`warn`, default stderr),
-    exactly as `train --init_from=resume` falls back."""
+    the run's newest intact checkpoint (`unmask.storage.run_dir.newest_checkpoint`), each damaged newer one reported in
+    one warning line (`warn`, default stderr), exactly as `train --init_from=resume` falls back."""
     source, flag = checkpoint_source(ckpt, out_dir, flag_prefix)
     path, payload = ckpt_io.read_checkpoint(source, flag, warn)
     return trained_from(path, payload, device)

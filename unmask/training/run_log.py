@@ -16,6 +16,25 @@ from typing import Any
 from unmask.errors import UserError
 from unmask.storage.checkpoint import atomic_write_bytes, describe_os_error
 
+_MAX_WARNINGS = 5  # lines named one by one; more are counted in one line
+
+
+def _read_record(line: str, torn: bool) -> dict[str, Any] | str:
+    """The metrics record on `line` (a JSON object whose `iter` is an integer), or what the line is instead."""
+    if torn:
+        return f"a torn last line ({len(line)} characters of an unfinished record)"
+    shown = line if len(line) <= 40 else line[:37] + "..."
+    try:
+        record = json.loads(line)
+    except RecursionError:  # nested deeper than the parser recurses: certainly not a flat record
+        return f"a line that is not a metrics record (JSON nested too deep: {shown})"
+    except ValueError:
+        return f"a line that is not JSON ({shown})"
+    it = record.get("iter") if isinstance(record, dict) else None
+    if not isinstance(it, int) or isinstance(it, bool):
+        return f"a line that is not a metrics record (no integer iter: {shown})"
+    return record
+
 
 def _jsonable(value: Any) -> Any:
     # JSON has no inf/nan: write them as strings so the file stays valid JSON.
@@ -74,29 +93,33 @@ class RunLog:
         """On resume, drop the records written after the checkpoint's iteration (they are about to be redone).
 
         The file is never rewritten in place: the kept records go to a temporary file that replaces it atomically,
-        so a kill at any moment leaves either the old file or the new one. A torn last line (a write cut short,
-        e.g. by a full disk) is dropped with a one-line warning; a damaged line elsewhere is an error naming it.
-        """
+        so a kill at any moment leaves either the old file or the new one. A line that is not a record (a torn last
+        line of a write cut short, e.g. by a full disk; or anything else that is not a JSON object with an integer
+        `iter`) is dropped with a warning naming it (file:line): the log must never stop a resume. OS errors are one
+        line naming the file."""
         if not (self.enabled and self.path.exists()):
             return
-        lines = self.path.read_text(encoding="utf-8", errors="replace").split("\n")
-        complete, tail = lines[:-1], lines[-1]  # the text after the last newline: "" unless a write was cut short
-        kept = []
-        for number, line in enumerate(complete, 1):
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot read: {describe_os_error(exc)}; the checkpoints are intact") from None
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()  # the file ends with a newline, as every complete write leaves it
+        kept, dropped = [], []
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if number == len(complete) and not tail:
-                    tail = line
-                    break
-                raise UserError(f"{self.path}:{number}: not a JSON record; repair or remove that line") from None
-            if record.get("iter", 0) <= iter_num:
+            record = _read_record(line, torn=number == len(lines) and not text.endswith("\n"))
+            if isinstance(record, str):
+                dropped.append(f"{self.path}:{number}: dropped {record}")
+            elif record["iter"] <= iter_num:
                 kept.append(line)
-        if tail.strip():
+        for warning in dropped[:_MAX_WARNINGS]:
+            self.print(f"warning: {warning}")
+        if len(dropped) > _MAX_WARNINGS:
             self.print(
-                f"warning: {self.path}: dropped a torn last line ({len(tail)} characters of an unfinished record)"
+                f"warning: {self.path}: dropped {len(dropped) - _MAX_WARNINGS} more line(s) that are not records"
             )
         atomic_write_bytes(
             self.path, "".join(line + "\n" for line in kept).encode("utf-8"), kept="the old metrics.jsonl"

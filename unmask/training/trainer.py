@@ -57,16 +57,24 @@ class Trainer:
         checkpoint: dict[str, Any] | None = None,
         checkpoint_path: Path | None = None,
         pretrained: Any = None,
+        seen_seq: int | None = None,
     ) -> None:
-        """`pretrained` (an `unmask.transfer.pretrained.Pretrained`): a new run from those weights."""
+        """`pretrained` (an `unmask.transfer.pretrained.Pretrained`): a new run from those weights. `seen_seq` (a
+        plain resume): the highest `seq` of the run's checkpoints before `checkpoint` was read; a higher one found
+        under the lock means another resume of the run wrote meanwhile, and this one is refused."""
         self.cfg, self.rt = cfg, runtime
         self.out_dir = Path(cfg.out_dir)
         self.resumed = checkpoint is not None
         if not self.resumed:
-            run_dir.check_new_run(self.out_dir, cfg.overwrite)  # every rank, before any rank writes (DDP syncs)
+            # Early, on every rank, so that all refuse before any work; `open_run` checks again under the lock.
+            run_dir.check_new_run(self.out_dir, cfg.overwrite)
         # The run id: kept by a resume, new otherwise (also for a run that starts from pretrained weights).
         saved_id = None if checkpoint is None else checkpoint.get("run_id")
         self.run_id = saved_id if isinstance(saved_id, str) else run_dir.new_run_id()
+        saved_seq = None if checkpoint is None else checkpoint.get("seq")
+        self.resumed_from: tuple[Path, int] | None = None  # checked again under the lock: (path, newest seq seen)
+        if seen_seq is not None and isinstance(saved_id, str) and isinstance(saved_seq, int) and checkpoint_path:
+            self.resumed_from = (checkpoint_path, max(seen_seq, saved_seq))
         self.lock = run_dir.RunLock(self.out_dir)
         self.log = RunLog(self.out_dir, runtime.is_master, cfg.to_dict() if cfg.wandb_log else None, self.run_id)
         # Per-rank streams: different data on every rank, reproducible for a seed.
@@ -193,14 +201,22 @@ class Trainer:
         return lr_at(self.iter_num, self.cfg, start, end, factor)
 
     def open_run(self) -> None:
-        """Create out_dir and config.json; a resumed run keeps its metrics.jsonl up to the checkpoint, a new one
-        starts it afresh."""
+        """Take the lock, then check and write: a new run starts only in a directory that holds no other run (or with
+        --overwrite=True, which removes that run's files), a resume only from what is still the run's newest
+        checkpoint. Then config.json and run.json; a resumed run keeps its metrics.jsonl up to the checkpoint."""
         if self.rt.is_master:
             try:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"{self.out_dir}: cannot create: {ckpt_io.describe_os_error(exc)}") from None
             self.lock.acquire(self.run_id)  # held until the run ends; a second run on out_dir is refused
+            # Under the lock, before anything is written: what was checked before may have changed meanwhile (a run
+            # that finished in between, another resume of this run).
+            if self.resumed_from is not None:
+                path, seq = self.resumed_from
+                run_dir.check_resume_current(self.out_dir, self.run_id, seq, path)
+            if not self.resumed:
+                run_dir.check_new_run(self.out_dir, self.cfg.overwrite)
             if not self.resumed and self.cfg.overwrite:
                 removed = run_dir.remove_run_files(self.out_dir)
                 if removed:
@@ -214,8 +230,6 @@ class Trainer:
             ckpt_io.atomic_write_json(self.out_dir / "config.json", record)
             if self.resumed:
                 self.log.truncate_after(self.iter_num)
-            elif self.log.path.exists():
-                self.log.path.unlink()
 
     def start(self) -> None:
         rt = self.rt
