@@ -1,0 +1,314 @@
+"""One generation engine: a typed request in, texts out, for every kind of language-model checkpoint.
+
+`unmask sample`, `unmask.load(...).generate`, `unmask compare` and the animation all call `Engine.run` with a
+`GenerationRequest`. The engine picks one `Strategy` per model kind when it is built (from the architecture:
+causal, block-causal or bidirectional, or an unmasking policy when one is asked for), and never asks for the kind
+again:
+
+- `Autoregressive`: left to right, one character per forward pass, with the exact KV cache
+  (`unmask.generation.cached.generate_autoregressive`);
+- `BlockDiffusion`: blocks of the model's K characters left to right, each by iterative unmasking against a KV
+  cache of the finished blocks (`generate_block_diffusion`);
+- `FullSequence`: iterative unmasking of the whole canvas, block_size at a time (`unmask.generation.diffusion`);
+- `PolicyOrder`: a deterministic unmasking order drawing from the model's own distribution
+  (`unmask.likelihood.policy.generate_with_policy`), the sampler `unmask eval --estimator=policy` scores.
+
+Each strategy refuses, in one line naming the flag, what its kind cannot do (`check`) before any work is done.
+Samples draw from their own generators seeded from (seed, index), so a sample does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from unmask.data.dataset import Vocab
+from unmask.errors import UserError
+from unmask.generation.cached import generate_autoregressive, generate_block_diffusion, plan_diffusion_blocks
+from unmask.generation.diffusion import (
+    Generation,
+    Remasking,
+    RowGenerators,
+    SamplingConfig,
+    StepEvent,
+    generate,
+    plan_blocks,
+)
+from unmask.likelihood.policy import generate_with_policy
+from unmask.model import ModelConfig
+
+StepHook = Callable[[int, StepEvent], None]  # (index of the batch's first sample, event)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: a canvas (see `unmask.generation.canvas`), how many samples, and how to sample."""
+
+    canvas: Tensor  # (L,) ids, [MASK] where text is generated
+    fixed: Tensor  # (L,) bool: the given characters
+    sampling: SamplingConfig
+    num_samples: int = 4
+    batch_size: int = 16
+    seed: int = 1337
+    policy: str | None = None  # a deterministic unmasking order instead of `sampling.remasking`
+    per_step: int = 1  # characters per step of the policy
+
+    @property
+    def length(self) -> int:
+        return self.canvas.shape[0]
+
+
+@dataclass
+class Generated:
+    config: SamplingConfig
+    texts: list[str]  # full canvases
+    logprobs: list[float]  # per sample: mean log p of its generated characters when they were written
+    seconds: float
+    forward_passes: int
+    generated_chars: int
+    nfe: list[int]  # per sample: model calls it took part in (adaptive with --confidence_threshold)
+
+    @property
+    def mean_nfe(self) -> float:
+        return sum(self.nfe) / len(self.nfe)
+
+    @property
+    def chars_per_second(self) -> float:
+        return self.generated_chars / self.seconds if self.seconds > 0 else math.inf
+
+
+class Strategy(Protocol):
+    """How one kind of model fills a batch of canvases."""
+
+    name: str  # 'autoregressive', 'block_diffusion', 'diffusion' or 'policy'
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse (UserError naming the flag) what this kind cannot do."""
+
+    def fill(
+        self,
+        canvas: Tensor,
+        fixed: Tensor,
+        config: SamplingConfig,
+        generators: RowGenerators,
+        on_step: Callable[[StepEvent], None] | None,
+        remasking: Remasking | None,
+    ) -> Generation:
+        """Fill the non-fixed positions of canvas (B, L)."""
+        ...
+
+
+def _check_steps(request: GenerationRequest, needed: int) -> None:
+    config = request.sampling
+    if config.confidence_threshold is None and config.steps < needed:
+        raise UserError(
+            f"--steps={config.steps}: fewer steps than the {needed} blocks to generate (one step per block at "
+            "least); raise the steps or --block_length"
+        )
+
+
+class Autoregressive:
+    name = "autoregressive"
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int) -> None:
+        self.model, self.config, self.mask_id = model, config, mask_id
+
+    def check(self, request: GenerationRequest) -> None:
+        what = "the checkpoint is autoregressive"
+        holes = (~request.fixed).nonzero().flatten()
+        if holes.numel() and bool(request.fixed[int(holes[0]) :].any()):
+            raise UserError(f"--infill: {what}, which sees no text to the right of a hole; use --prompt")
+        if request.sampling.confidence_threshold is not None:
+            tau = request.sampling.confidence_threshold
+            raise UserError(f"--confidence_threshold={tau}: {what}; it commits one character per step")
+        if request.sampling.block_length is not None:
+            raise UserError(f"--block_length={request.sampling.block_length}: {what}; it generates one at a time")
+        if request.policy is not None:
+            raise UserError(f"--policy={request.policy}: {what}; it generates left to right")
+
+    def fill(
+        self,
+        canvas: Tensor,
+        fixed: Tensor,
+        config: SamplingConfig,
+        generators: RowGenerators,
+        on_step: Callable[[StepEvent], None] | None,
+        remasking: Remasking | None,
+    ) -> Generation:
+        block_size = self.config.block_size
+        return generate_autoregressive(self.model, canvas, fixed, self.mask_id, block_size, config, generators, on_step)
+
+
+class BlockDiffusion:
+    name = "block_diffusion"
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int) -> None:
+        self.model, self.config, self.mask_id = model, config, mask_id
+
+    def check(self, request: GenerationRequest) -> None:
+        K, block_size = self.config.diffusion_block, self.config.block_size
+        length = request.sampling.block_length
+        if length is not None and length != K:
+            raise UserError(
+                f"--block_length={length}: the checkpoint is a block-diffusion model; it generates in its own "
+                f"blocks of {K}"
+            )
+        holes = (~request.fixed).nonzero().flatten()
+        if holes.numel():
+            next_block = (int(holes[0]) // K + 1) * K  # the first position after the first hole's block
+            later = request.fixed[next_block:].nonzero().flatten()
+            if later.numel():
+                raise UserError(
+                    f"--infill: the checkpoint is a block-diffusion model (blocks of {K}, filled left to right, each "
+                    f"seeing only the blocks before it); the template's fixed text at position "
+                    f"{next_block + int(later[0])} lies after the block of the first hole (positions "
+                    f"{next_block - K}..{next_block - 1}), so that hole could not see it: keep every fixed "
+                    "character after the first hole inside that block"
+                )
+        _check_steps(request, len(plan_diffusion_blocks(~request.fixed.unsqueeze(0), K, block_size, None)))
+
+    def fill(
+        self,
+        canvas: Tensor,
+        fixed: Tensor,
+        config: SamplingConfig,
+        generators: RowGenerators,
+        on_step: Callable[[StepEvent], None] | None,
+        remasking: Remasking | None,
+    ) -> Generation:
+        mc = self.config
+        return generate_block_diffusion(
+            self.model, canvas, fixed, self.mask_id, mc.block_size, mc.diffusion_block, config, generators, on_step,
+            remasking,
+        )  # fmt: skip
+
+
+class FullSequence:
+    name = "diffusion"
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int) -> None:
+        self.model, self.config, self.mask_id = model, config, mask_id
+
+    def check(self, request: GenerationRequest) -> None:
+        block_size, length = self.config.block_size, request.sampling.block_length
+        if length is not None and length > block_size:
+            raise UserError(f"--block_length={length}: longer than the model's block_size={block_size}")
+        _check_steps(request, len(plan_blocks(~request.fixed.unsqueeze(0), block_size, length, None)))
+
+    def fill(
+        self,
+        canvas: Tensor,
+        fixed: Tensor,
+        config: SamplingConfig,
+        generators: RowGenerators,
+        on_step: Callable[[StepEvent], None] | None,
+        remasking: Remasking | None,
+    ) -> Generation:
+        block_size = self.config.block_size
+        return generate(self.model, canvas, fixed, self.mask_id, block_size, config, generators, on_step, remasking)
+
+
+class PolicyOrder:
+    name = "policy"
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int, policy: str, per_step: int) -> None:
+        self.model, self.config, self.mask_id = model, config, mask_id
+        self.policy, self.per_step = policy, per_step
+
+    def check(self, request: GenerationRequest) -> None:
+        length = request.sampling.block_length
+        if length is not None and length > self.config.block_size:
+            raise UserError(f"--block_length={length}: longer than the model's block_size={self.config.block_size}")
+
+    def fill(
+        self,
+        canvas: Tensor,
+        fixed: Tensor,
+        config: SamplingConfig,
+        generators: RowGenerators,
+        on_step: Callable[[StepEvent], None] | None,
+        remasking: Remasking | None,
+    ) -> Generation:
+        block_length = self.config.diffusion_block or config.block_length  # a block model's own K
+        return generate_with_policy(
+            self.model, canvas, fixed, self.mask_id, self.policy, self.per_step, generators.generators, block_length
+        )
+
+
+def strategy_for(model: torch.nn.Module, config: ModelConfig, mask_id: int, policy: str | None = None,
+                 per_step: int = 1) -> Strategy:  # fmt: skip
+    """The strategy of a model's kind: chosen once, from its architecture (and a policy, if one is asked for)."""
+    if config.causal:
+        return Autoregressive(model, config, mask_id)
+    if policy is not None:
+        return PolicyOrder(model, config, mask_id, policy, per_step)
+    if config.diffusion_block > 0:
+        return BlockDiffusion(model, config, mask_id)
+    return FullSequence(model, config, mask_id)
+
+
+class Engine:
+    """Generates for one loaded model: `check` a request, then `run` it."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        vocab: Vocab,
+        config: ModelConfig,
+        device: torch.device,
+        critic: torch.nn.Module | None = None,
+    ) -> None:
+        self.model, self.vocab, self.config, self.device, self.critic = model, vocab, config, device, critic
+
+    def strategy(self, request: GenerationRequest) -> Strategy:
+        return strategy_for(self.model, self.config, self.vocab.mask_id, request.policy, request.per_step)
+
+    def check(self, request: GenerationRequest) -> Strategy:
+        strategy = self.strategy(request)
+        strategy.check(request)
+        return strategy
+
+    def generators(self, request: GenerationRequest, first: int, count: int) -> RowGenerators:
+        """Samples first .. first + count - 1 each draw from their own generator seeded from (seed, index)."""
+        # float64 sampling is unsupported on MPS: sample on the CPU there.
+        device = self.device if self.device.type in ("cpu", "cuda") else torch.device("cpu")
+        return RowGenerators.for_samples(request.seed, first, count, device)
+
+    def run(self, request: GenerationRequest, on_step: StepHook | None = None) -> Generated:
+        """Generate every sample in batches of `batch_size`; time generation only."""
+        strategy = self.check(request)
+        config = request.sampling
+        remasking = None
+        if config.remasking == "critic" and self.critic is not None:
+            from unmask.transfer.critic import CriticRemask
+
+            remasking = CriticRemask(self.critic, config.randomness_strength)
+        texts: list[str] = []
+        logprobs: list[float] = []
+        nfe: list[int] = []
+        seconds, forward_passes = 0.0, 0
+        for first in range(0, request.num_samples, request.batch_size):
+            rows = min(request.batch_size, request.num_samples - first)
+            canvas = request.canvas.to(self.device).expand(rows, -1).clone()  # (B, L)
+            fixed = request.fixed.to(self.device).expand(rows, -1)  # (B, L)
+            hook = partial(on_step, first) if on_step else None
+            generators = self.generators(request, first, rows)
+            t0 = time.perf_counter()
+            result = strategy.fill(canvas, fixed, config, generators, hook, remasking)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds += time.perf_counter() - t0
+            forward_passes += result.forward_passes
+            nfe.extend(result.nfe.tolist())
+            texts.extend(self.vocab.decode(row) for row in result.tokens)
+            generated = (~fixed).to(result.logprobs.device)
+            logprobs.extend(((result.logprobs * generated).sum(1) / generated.sum(1)).tolist())
+        generated_chars = int((~request.fixed).sum()) * request.num_samples
+        return Generated(config, texts, logprobs, seconds, forward_passes, generated_chars, nfe)
