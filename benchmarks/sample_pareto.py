@@ -47,7 +47,7 @@ import torch
 from unmask.commands.sample import SampleArgs, SampleRun, Setup, build, evaluate, run_samples, sampling_config
 from unmask.errors import UserError
 from unmask.generation.cached import prefix_length
-from unmask.generation.diffusion import Generators, model_probs, sample_categorical
+from unmask.generation.draws import Generators, model_probs, sample_categorical
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "\n"

@@ -17,7 +17,8 @@ from tests.conftest import tiny_flags
 from unmask.cli import main
 from unmask.data.dataset import MASK_GLYPH, Vocab
 from unmask.generation.animate import NEWLINE_GLYPH, Recorder, animation_html, readable, script_json
-from unmask.generation.diffusion import SamplingConfig, generate, prompt_canvas
+from unmask.generation.canvas import prompt_canvas
+from unmask.generation.diffusion import SamplingConfig, generate
 from unmask.model import ModelConfig, Transformer
 
 VOID = {"meta", "input", "br", "img", "link"}

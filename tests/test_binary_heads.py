@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from unmask.generation.diffusion import Proposal, SamplingConfig, StepEvent, generate
+from unmask.generation.diffusion import SamplingConfig, StepEvent, generate
+from unmask.generation.remasking import Proposal
 from unmask.model import ModelConfig, Transformer
 from unmask.transfer.critic import CriticRemask
 

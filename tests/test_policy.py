@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from tests.conftest import REPO, tiny_flags
+from unmask.generation.remasking import select_top
 from unmask.likelihood.policy import (
     POLICIES,
     Predict,
-    choose_positions,
     commit_candidates,
     model_predict,
     policy_log_likelihood,
@@ -155,19 +155,19 @@ def test_scores_and_choice_follow_the_definitions() -> None:
     logp = probs.log()
     masked = torch.tensor([[True, True, True, False]])
     one = torch.tensor([1])
-    pick = {p: choose_positions(policy_scores(p, logp), masked, one).nonzero()[:, 1].tolist() for p in POLICIES}
+    pick = {p: select_top(policy_scores(p, logp), masked, one).nonzero()[:, 1].tolist() for p in POLICIES}
     # Position 3 (most confident of all) is already committed, so it is never chosen.
     assert pick == {"left_to_right": [0], "low_confidence": [1], "margin": [1], "entropy": [1]}
     probs2 = torch.tensor([[[0.45, 0.45, 0.1], [0.5, 0.25, 0.25]]], dtype=torch.float64)
     both = torch.ones(1, 2, dtype=torch.bool)
-    assert choose_positions(policy_scores("low_confidence", probs2.log()), both, one).tolist() == [[False, True]]
-    assert choose_positions(policy_scores("margin", probs2.log()), both, one).tolist() == [[False, True]]
+    assert select_top(policy_scores("low_confidence", probs2.log()), both, one).tolist() == [[False, True]]
+    assert select_top(policy_scores("margin", probs2.log()), both, one).tolist() == [[False, True]]
     # entropy(0.45, 0.45, 0.1) = 0.949 nats < entropy(0.5, 0.25, 0.25) = 1.040: position 0 first.
-    assert choose_positions(policy_scores("entropy", probs2.log()), both, one).tolist() == [[True, False]]
+    assert select_top(policy_scores("entropy", probs2.log()), both, one).tolist() == [[True, False]]
     # Ties go to the lowest positions; zero-probability characters do not make the entropy NaN.
     flat = torch.zeros(2, 5)
     cand = torch.tensor([[True, False, True, True, True], [False, True, True, True, True]])
-    assert choose_positions(flat, cand, torch.tensor([2, 3])).tolist() == [
+    assert select_top(flat, cand, torch.tensor([2, 3])).tolist() == [
         [True, False, True, False, False],
         [False, True, True, True, False],
     ]

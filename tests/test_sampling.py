@@ -14,27 +14,11 @@ from torch import Tensor, nn
 
 from unmask.data.dataset import Vocab
 from unmask.generation.cached import generate_autoregressive
-from unmask.generation.diffusion import (
-    REMASKING,
-    SCHEDULES,
-    EntropyRemask,
-    Proposal,
-    Remasking,
-    RowGenerators,
-    SamplingConfig,
-    StepEvent,
-    filter_logits,
-    generate,
-    infill_canvas,
-    num_transfer_tokens,
-    placeholder_spans,
-    plan_blocks,
-    prompt_canvas,
-    sample_categorical,
-    sample_seed,
-    select_top,
-    split_steps,
-)
+from unmask.generation.canvas import infill_canvas, placeholder_spans, prompt_canvas
+from unmask.generation.diffusion import SamplingConfig, StepEvent, generate
+from unmask.generation.draws import RowGenerators, filter_logits, sample_categorical, sample_seed
+from unmask.generation.remasking import REMASKING, EntropyRemask, Proposal, Remasking, select_top
+from unmask.generation.schedules import SCHEDULES, num_transfer_tokens, plan_blocks, split_steps
 from unmask.model import KVCache, ModelConfig, Transformer
 from unmask.transfer.critic import CriticRemask
 

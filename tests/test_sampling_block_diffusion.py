@@ -7,7 +7,9 @@ import torch
 from torch import Tensor
 
 from unmask.generation.cached import generate_block_diffusion, plan_diffusion_blocks
-from unmask.generation.diffusion import RowGenerators, SamplingConfig, prompt_canvas
+from unmask.generation.canvas import prompt_canvas
+from unmask.generation.diffusion import SamplingConfig
+from unmask.generation.draws import RowGenerators
 from unmask.model import KVCache, ModelConfig, Transformer
 
 MASK, V, K, BLOCK_SIZE = 8, 9, 4, 16  # ids 0..7 are characters, 8 is [MASK]

@@ -32,17 +32,11 @@ from unmask.errors import UserError
 from unmask.generation import metrics as sm
 from unmask.generation.animate import Recorder, animation_html, readable, write_animation
 from unmask.generation.cached import generate_autoregressive, generate_block_diffusion, plan_diffusion_blocks
-from unmask.generation.diffusion import (
-    REMASKING,
-    RowGenerators,
-    SamplingConfig,
-    StepEvent,
-    generate,
-    infill_canvas,
-    placeholder_spans,
-    plan_blocks,
-    prompt_canvas,
-)
+from unmask.generation.canvas import infill_canvas, placeholder_spans, prompt_canvas
+from unmask.generation.diffusion import SamplingConfig, StepEvent, generate
+from unmask.generation.draws import RowGenerators
+from unmask.generation.remasking import REMASKING
+from unmask.generation.schedules import plan_blocks
 from unmask.likelihood.policy import Policy, generate_with_policy
 from unmask.likelihood.score import scorer_for
 from unmask.runtime import resolve_device, set_threads

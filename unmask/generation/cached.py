@@ -15,19 +15,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from unmask.generation.diffusion import (
-    Block,
-    Generation,
-    Generators,
-    Remasking,
-    SamplingConfig,
-    StepEvent,
-    _Denoiser,
-    make_remasking,
-    model_probs,
-    sample_categorical,
-    split_steps,
-)
+from unmask.generation.diffusion import Generation, SamplingConfig, StepEvent, _Denoiser
+from unmask.generation.draws import Generators, model_probs, sample_categorical
+from unmask.generation.remasking import Remasking, make_remasking
+from unmask.generation.schedules import Block, split_steps
 from unmask.model import KVCache
 
 # --- autoregressive checkpoints -------------------------------------------------------------------------------

@@ -32,15 +32,10 @@ from torch import Tensor
 from unmask.data.dataset import Vocab
 from unmask.errors import UserError
 from unmask.generation.cached import generate_autoregressive, generate_block_diffusion, plan_diffusion_blocks
-from unmask.generation.diffusion import (
-    Generation,
-    Remasking,
-    RowGenerators,
-    SamplingConfig,
-    StepEvent,
-    generate,
-    plan_blocks,
-)
+from unmask.generation.diffusion import Generation, SamplingConfig, StepEvent, generate
+from unmask.generation.draws import RowGenerators
+from unmask.generation.remasking import Remasking
+from unmask.generation.schedules import plan_blocks
 from unmask.likelihood.policy import generate_with_policy
 from unmask.model import ModelConfig
 

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from unmask.errors import UserError
 from unmask.generation.diffusion import Generation
+from unmask.generation.remasking import select_top
 
 Policy = Literal["left_to_right", "low_confidence", "margin", "entropy"]
 POLICIES: tuple[Policy, ...] = typing.get_args(Policy)
@@ -99,15 +100,6 @@ def policy_scores(policy: str, log_probs: Tensor) -> Tensor:
     raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
 
 
-def choose_positions(scores: Tensor, candidates: Tensor, n: Tensor) -> Tensor:
-    """(B, L) bool: the n[b] candidates of row b with the highest `scores` (B, L), ties to the lowest position."""
-    B, L = scores.shape
-    key = scores.masked_fill(~candidates, -math.inf)  # (B, L)
-    order = key.sort(dim=1, descending=True, stable=True).indices  # (B, L): a stable sort keeps ties in order
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=scores.device).expand(B, L))  # (B, L)
-    return candidates & (rank < n[:, None])
-
-
 def commit_candidates(masked: Tensor, block_length: int | None) -> Tensor:
     """(B, L) bool: the masked positions the policy may choose from, i.e. those in each row's leftmost block of
     `block_length` that still has a [MASK] (all masked positions without blocks)."""
@@ -138,7 +130,7 @@ def policy_step(
     n = candidates.sum(dim=1).clamp(max=per_step)  # (B,): the last step of a block takes the rest
     resolution = tie_resolution(log_probs.dtype)
     scores = torch.round(policy_scores(policy, log_probs) / resolution)  # (B, L): integer-valued float64
-    return choose_positions(scores, candidates, n)
+    return select_top(scores, candidates, n)
 
 
 def predict_canvases(predict: Predict, canvas: Tensor) -> Tensor:

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from unmask.errors import UserError
-from unmask.generation.diffusion import Generators, Proposal, uniform
+from unmask.generation.draws import Generators, uniform
+from unmask.generation.remasking import Proposal
 from unmask.storage.loading import Trained, read_trained
 
 
