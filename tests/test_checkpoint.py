@@ -52,7 +52,7 @@ def test_failed_write_leaves_old_file(tmp_path: Path, monkeypatch: pytest.Monkey
     def boom(*args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(UserError, match="f.bin: cannot write: disk full; its previous version is unchanged"):
         ck.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"

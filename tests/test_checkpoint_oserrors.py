@@ -65,13 +65,13 @@ class _FailingWrites:
 def _inject(monkeypatch: pytest.MonkeyPatch, where: str, code: int, only: str = "") -> None:
     """Make `where` (open / write / fsync / replace) fail with `code` (for paths containing `only`, if given)."""
     if where == "write":
-        monkeypatch.setattr(ck.os, "fdopen", lambda fd, mode: _FailingWrites(fd, mode, code))
+        monkeypatch.setattr(os, "fdopen", lambda fd, mode: _FailingWrites(fd, mode, code))
     elif where == "fsync":
 
         def fsync(fd: int) -> None:
             raise _oserror(code)
 
-        monkeypatch.setattr(ck.os, "fsync", fsync)
+        monkeypatch.setattr(os, "fsync", fsync)
     elif where == "replace":
 
         def replace(src: Any, dst: Any) -> None:
@@ -79,7 +79,7 @@ def _inject(monkeypatch: pytest.MonkeyPatch, where: str, code: int, only: str = 
                 return REAL_REPLACE(src, dst)
             raise _oserror(code)
 
-        monkeypatch.setattr(ck.os, "replace", replace)
+        monkeypatch.setattr(os, "replace", replace)
     elif where == "open":
 
         def open_(path: Any, flags: int, mode: int = 0o777) -> int:
@@ -87,7 +87,7 @@ def _inject(monkeypatch: pytest.MonkeyPatch, where: str, code: int, only: str = 
                 raise _oserror(code)
             return REAL_OPEN(path, flags, mode)
 
-        monkeypatch.setattr(ck.os, "open", open_)
+        monkeypatch.setattr(os, "open", open_)
 
 
 def _no_temp_files(directory: Path) -> bool:

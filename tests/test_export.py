@@ -275,14 +275,14 @@ def test_a_failed_rename_puts_the_previous_export_back(
 ) -> None:
     out = Path(shutil.copytree(pristine, tmp_path / "model"))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_replace = os.replace
+    real_rename = os.rename
 
-    def failing_replace(src: Any, dst: Any) -> None:
+    def failing_rename(src: Any, dst: Any) -> None:
         if Path(src).name.endswith(".tmp"):  # the new export into place
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-        real_replace(src, dst)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(os, "replace", failing_replace)
+    monkeypatch.setattr(os, "rename", failing_rename)
     err = one_line_error(capsys, ["export", f"--ckpt={run_dir}", f"--out={out}", "--overwrite=True"])
     assert "read-only file system (EROFS); the existing directory is unchanged" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

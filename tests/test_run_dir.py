@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def test_resume_never_rewrites_metrics_in_place(
     def full_disk(src: object, dst: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt_io.os, "replace", full_disk)
+    monkeypatch.setattr(os, "replace", full_disk)
     capsys.readouterr()
     assert main(["train", "--init_from=resume", f"--out_dir={out}", "--ckpt_filename=ckpt_unmasking_4.pt"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

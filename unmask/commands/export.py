@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from unmask.data.prepare import MASK_TOKEN
 from unmask.errors import UserError, file_in_the_way
 from unmask.model import ModelConfig, Transformer
 from unmask.storage import checkpoint as ckpt_io
-from unmask.storage.checkpoint import describe_os_error
+from unmask.storage.atomic import describe_os_error, replace_directory, temporary_directory, umask
 from unmask.storage.loading import Trained, load_trained, resolve_checkpoint
 
 EXPORT_FORMAT = "unmask-export"
@@ -214,11 +213,6 @@ def model_card(config: dict[str, Any], n_params: int) -> str:
 # --- writing and reading --------------------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
 
 def _check_destination(out: Path, overwrite: bool) -> None:
     try:
@@ -286,36 +280,23 @@ def export(ckpt_path: Path, out: Path, overwrite: bool = False) -> dict[str, Any
 
 
 def _write_directory(out: Path, files: dict[str, bytes]) -> None:
-    """Write `files` into a temporary directory next to `out` and rename it into place; on any failure the
-    temporary directory is removed and an existing `out` is left as it was."""
+    """Write `files` into a temporary directory next to `out` and rename it into place
+    (`unmask.storage.atomic.replace_directory`); on any failure the temporary directory is removed and an existing
+    `out` is left as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    old: Path | None = None
+    tmp = temporary_directory(out)
     try:
-        umask = _umask()
+        mode = 0o666 & ~umask()
         for name, data in files.items():
             with (tmp / name).open("wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp / name, 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the directory private; give it the usual permissions
-        if out.exists():  # empty, or --overwrite: move it aside first, so `out` is never missing a file
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / out.name)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if old is not None:
-                os.replace(old / out.name, out)  # put the previous export back
-            raise
+            os.chmod(tmp / name, mode)
+        replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not (old / out.name).exists():
-            shutil.rmtree(old, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def is_export_dir(path: Path) -> bool:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 from unmask.data.dataset import MASK_GLYPH, Vocab
 from unmask.errors import UserError
 from unmask.generation.diffusion import StepEvent
+from unmask.storage.atomic import atomic_write_bytes
 
 NEWLINE_GLYPH = "\u23ce"  # ⏎
 TAB_GLYPH = "\u21e5"  # ⇥
@@ -231,25 +230,11 @@ def animation_html(recorder: Recorder, vocab: Vocab, title: str) -> str:
 """
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
 def write_animation(path: Path, page: str, flag: str = "--animate") -> None:
-    """Write the page atomically (a temporary file in the same directory, then a rename)."""
+    """Write the page atomically (`unmask.storage.atomic`); an OS error is one line naming the flag."""
     if not path.parent.is_dir():
         raise UserError(f"{flag}={path}: directory {path.parent} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise UserError(f"{flag}={path}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{flag}={path}: cannot write ({exc.strerror})") from None
+        atomic_write_bytes(path, page.encode("utf-8"))
+    except UserError as exc:
+        raise UserError(f"{flag}={exc}") from None

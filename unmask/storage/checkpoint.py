@@ -23,13 +23,9 @@ one `UserError` naming the path and saying what was kept. (docs/origin.md §4.2 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import io
-import itertools
 import json
-import os
 import pickle
 import re
 import sys
@@ -40,6 +36,13 @@ from typing import Any
 import torch
 
 from unmask.errors import UserError
+from unmask.storage.atomic import (  # noqa: F401 - re-exported: the writers of checkpoints and run files
+    atomic_write_bytes,
+    atomic_write_json,
+    describe_os_error,
+    remove_quietly,
+    sweep_temp_files,
+)
 
 PREFIX = "ckpt_unmasking_"
 _NAME = re.compile(rf"^{PREFIX}(\d+)\.pt$")
@@ -47,8 +50,6 @@ FORMAT_VERSION = 2  # 2: the `integrity` digest inside the file; 1: verified by 
 DIGEST_KEY = "integrity"
 DIGEST_SCHEME = "unmask-sha256-values-1"
 # Temporary files of `atomic_write_bytes`: `.{final name}.{tag}.tmp` (the tag was random before, pid.counter now).
-_TEMP = re.compile(r"^\..+\.[^.]+\.tmp$")
-_temp_counter = itertools.count()
 
 Warn = Callable[[str], None]
 
@@ -60,107 +61,6 @@ def warn_stderr(line: str) -> None:
 
 def checkpoint_path(out_dir: Path, iter_num: int) -> Path:
     return out_dir / f"{PREFIX}{iter_num}.pt"
-
-
-# --- writing ------------------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform (e.g. Windows)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on a directory; the rename itself already happened
-    finally:
-        os.close(fd)
-
-
-def describe_os_error(exc: OSError) -> str:
-    """`no space left on the device (ENOSPC)`-style text for an OSError (also for other writers, e.g. the
-    metrics log)."""
-    plain = {
-        errno.ENOSPC: "no space left on the device",
-        errno.EDQUOT: "disk quota exceeded",
-        errno.EROFS: "read-only file system",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "operation not permitted",
-    }
-    code = exc.errno if isinstance(exc.errno, int) else None
-    name = errno.errorcode.get(code, "") if code is not None else ""
-    text = plain.get(code) if code is not None else None
-    text = text or exc.strerror or str(exc) or type(exc).__name__
-    return f"{text} ({name})" if name else text
-
-
-def _create_temp(path: Path) -> tuple[int, Path]:
-    """A new temporary file next to `path`, opened for writing. `os.open` with mode 0o666 lets the kernel apply the
-    umask, as for any file the user creates (mkstemp would force 0600)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = path.parent / f".{path.name}.{os.getpid()}-{next(_temp_counter)}.tmp"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue  # left by an earlier process with the same pid
-
-
-def atomic_write_bytes(path: Path, data: bytes, kept: str | None = None) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one.
-
-    An OSError (disk full, quota, read-only or forbidden directory) removes the temporary file and becomes one
-    UserError naming `path` and saying what was kept (`kept`, default: the previous file under that name)."""
-    tmp: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _create_temp(path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        _remove_quietly(tmp)
-        if kept is None:
-            kept = "its previous version is unchanged" if path.exists() else "nothing was written"
-        raise UserError(f"{path}: cannot write: {describe_os_error(exc)}; {kept}") from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _remove_quietly(tmp: Path | None) -> None:
-    if tmp is None:
-        return
-    with contextlib.suppress(OSError):  # the directory refuses changes: sweep_temp_files removes it at a run start
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_json(path: Path, obj: Any, kept: str | None = None) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), kept)
-
-
-def sweep_temp_files(out_dir: Path) -> int:
-    """Remove the temporary files interrupted writes left in `out_dir` (`.NAME.TAG.tmp`); returns how many.
-
-    Call it at run start, before this run writes anything: a writer killed between creating its temporary file and
-    renaming it leaves one behind, and nothing else ever removes it."""
-    if not out_dir.is_dir():
-        return 0
-    removed = 0
-    for entry in out_dir.iterdir():
-        if not _TEMP.match(entry.name) or not entry.is_file() or entry.is_symlink():
-            continue
-        try:
-            entry.unlink()
-        except OSError:
-            continue  # not ours to remove (permissions): leave it
-        removed += 1
-    return removed
 
 
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -192,7 +92,7 @@ def save_checkpoint(
     earlier = "the previous checkpoints are intact" if list_checkpoints(out_dir) else "no checkpoint was written"
     # A sidecar left under this name (an iteration written again after a resume from an older checkpoint) would
     # describe the old file: remove it first, so a kill before the new sidecar leaves a file its digest verifies.
-    _remove_quietly(path.with_suffix(".json"))
+    remove_quietly(path.with_suffix(".json"))
     atomic_write_bytes(path, payload, kept=earlier)
     integrity = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
     atomic_write_json(
@@ -203,8 +103,8 @@ def save_checkpoint(
     if keep_last > 0:
         candidates = own() if own is not None else [p for _, p in list_checkpoints(out_dir)]
         for old in candidates[:-keep_last]:
-            _remove_quietly(old)
-            _remove_quietly(old.with_suffix(".json"))
+            remove_quietly(old)
+            remove_quietly(old.with_suffix(".json"))
     return path
 
 
