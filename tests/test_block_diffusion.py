@@ -16,7 +16,6 @@ from unmask.likelihood.block import (
     block_diffusion_loss_from_masks,
     block_nelbo,
     block_nelbo_exact,
-    parse_mask_rate_window,
     sample_block_exact_k,
     sample_block_masks,
 )
@@ -91,11 +90,19 @@ def test_sample_block_masks_one_rate_per_block_in_the_window() -> None:
     assert sel.float().mean().item() == pytest.approx(0.25, abs=0.02)
 
 
-def test_parse_mask_rate_window() -> None:
-    assert parse_mask_rate_window("0.3,0.8") == (0.3, 0.8)
+def test_the_mask_rate_window_flag_is_checked() -> None:
+    from unmask.config.flags import parse_flags
+    from unmask.config.train_config import TrainConfig
+
+    def config(text: str) -> TrainConfig:
+        flags = ["--objective=block_diffusion", "--diffusion_block=4", "--mdlm_estimator=antithetic_t"]
+        flags.append(f"--mask_rate_window={text}")
+        return TrainConfig(**parse_flags(TrainConfig, flags, max_positional=0)[1])
+
+    assert config("0.3,0.8").mask_rate_window == (0.3, 0.8)
     for bad in ("0.8,0.3", "0,0", "0.2", "a,b", "-0.1,0.5", "0.5,1.5"):
-        with pytest.raises(UserError, match="--mask_rate_window="):
-            parse_mask_rate_window(bad)
+        with pytest.raises(UserError, match="--mask_rate_window"):
+            config(bad)
 
 
 def _loop_over_blocks_loss(

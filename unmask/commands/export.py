@@ -213,7 +213,6 @@ def model_card(config: dict[str, Any], n_params: int) -> str:
 # --- writing and reading --------------------------------------------------------------------------------------
 
 
-
 def _check_destination(out: Path, overwrite: bool) -> None:
     try:
         if out.exists() and not out.is_dir():

@@ -98,17 +98,6 @@ def _check(clean: Tensor, block_length: int, generator: torch.Generator | None) 
         raise ValueError(f"the generator is on {generator.device} but clean is on {clean.device}; use one device")
 
 
-def parse_mask_rate_window(text: str) -> tuple[float, float]:
-    """`--mask_rate_window=LO,HI` -> (lo, hi), 0 <= lo <= hi <= 1 and hi > 0; a UserError otherwise."""
-    parts = text.split(",")
-    try:
-        lo, hi = (float(p) for p in parts)
-    except ValueError:
-        raise UserError(f"--mask_rate_window={text}: expected two numbers LO,HI such as 0.3,0.8") from None
-    check_mask_rate_window((lo, hi), flag=f"--mask_rate_window={text}")
-    return lo, hi
-
-
 def check_mask_rate_window(window: tuple[float, float], flag: str = "mask_rate_window") -> None:
     """Raise a UserError unless 0 <= lo <= hi <= 1 and hi > 0 (t = 0 would mask nothing)."""
     lo, hi = window
