@@ -213,8 +213,8 @@ class TrainConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """DDP backend under torchrun: 'auto' is nccl on CUDA, gloo on CPU."""
     threads: int = bounded(0, 0, MAX_THREADS)
-    """CPU threads for torch. 0 (default): as many as the cores that are idle when the run starts (the cores minus
-    the 1-minute load average, at least 1): threads that wait for each other on busy cores spin."""
+    """CPU threads for torch. 0 (default): as many as the cores of this process's CPU set that are idle when the run
+    starts (measured over 0.15 s from /proc/stat, at least 1): threads that wait for each other on busy cores spin."""
     seed: int = bounded(1337, 0, MAX_SEED)
     """Seed of the model init, data and masking generators (offset by the DDP rank)."""
 

@@ -85,7 +85,7 @@ class EvalArgs:
     json: bool = False
     """Print one JSON object instead of the readable report."""
     threads: int = bounded(0, 0, MAX_THREADS)
-    """CPU threads for torch (0: the cores that are idle now, at least 1)."""
+    """CPU threads for torch (0: the cores that are idle now, measured over 0.15 s from /proc/stat, at least 1)."""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
     batch_size: int = bounded(64, 1, 2**20)

@@ -128,8 +128,8 @@ class SampleArgs:
     batch_size: int = bounded(16, 1, 2**20)
     """Samples generated together in one batch."""
     threads: int = bounded(0, 0, MAX_THREADS)
-    """CPU threads for torch. 0 (default): as many as the cores that are idle now (the cores minus the 1-minute
-    load average, at least 1): on cores that other jobs keep busy, threads waiting for each other spin."""
+    """CPU threads for torch. 0 (default): as many as the cores that are idle now (measured over 0.15 s from
+    /proc/stat, at least 1): on cores that other jobs keep busy, threads waiting for each other spin."""
     json: bool = False
     """Print one JSON document (samples, settings, metrics) instead of the text report."""
     show_steps: bool = False

@@ -49,7 +49,7 @@ class ClassifyArgs:
     batch_size: int = bounded(64, 1, 2**20)
     """Texts (or windows) per forward pass."""
     threads: int = bounded(0, 0, MAX_THREADS)
-    """CPU threads for torch (0: the cores that are idle now, at least 1)."""
+    """CPU threads for torch (0: the cores that are idle now, measured over 0.15 s from /proc/stat, at least 1)."""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
 
