@@ -149,7 +149,7 @@ def run_uncached(setup: Setup) -> SampleRun:
     per_sample = ((logprobs * generated).sum(1) / generated.sum(1)).tolist()
     chars = int(generated.sum())
     return SampleRun(
-        sampling_config(args, "random", args.steps),
+        sampling_config(args, "random", setup.steps),
         [trained.vocab.decode(row) for row in x],
         per_sample,
         seconds,
@@ -212,7 +212,7 @@ def _generate(setup: Setup, uncached: bool) -> SampleRun:
     if uncached:
         return run_uncached(setup)
     args = setup.args
-    return run_samples(setup, sampling_config(args, args.strategies[0], args.steps))
+    return run_samples(setup, sampling_config(args, args.strategies[0], setup.steps))
 
 
 def _sample_kwargs(argv: list[str]) -> dict[str, Any]:

@@ -206,7 +206,7 @@ def test_generate_matches_unmask_sample(exported: Path, run_dir: Path, capsys: p
 
 def test_generate_option_errors_name_the_flag(exported: Path) -> None:
     m = unmask.load(exported)
-    with pytest.raises(UserError, match=r"^--steps=0: must be at least 1"):
+    with pytest.raises(UserError, match=r"^--steps=0: must be in \[1, 1,000,000\]"):
         m.generate(steps=0)
     with pytest.raises(UserError, match=r"^stepz: unknown sampler option"):
         m.generate(stepz=3)

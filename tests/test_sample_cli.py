@@ -16,9 +16,10 @@ import torch
 
 from tests.conftest import REPO, tiny_flags
 from unmask.cli import main
-from unmask.commands.sample import SampleArgs
+from unmask.commands.sample import DEFAULT_STEPS, GUIDE_STEPS, SampleArgs, default_steps
 from unmask.data.dataset import MASK_GLYPH, load_dataset
 from unmask.model import ModelConfig, Transformer
+from unmask.storage.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -192,6 +193,72 @@ def test_block_diffusion_checkpoint_samples_block_by_block(bd_ckpt: Path, capsys
     assert "block diffusion: blocks of 8 left to right, KV cache" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="session")
+def random_ckpts(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Randomly initialised checkpoints of each kind (block_size 32), written by the trainer's checkpoint writer:
+    block diffusion with K = 4, mdlm and autoregressive."""
+    vocab = load_dataset(tiny_data / "tiny").vocab
+    kinds = {
+        "block_diffusion": ({"diffusion_block": 4}, {"objective": "block_diffusion"}),
+        "mdlm": ({}, {"objective": "mdlm"}),
+        "autoregressive": ({"causal": True}, {"objective": "autoregressive"}),
+    }
+    paths = {}
+    for kind, (model, config) in kinds.items():
+        mc = ModelConfig(vocab_size=vocab.size, block_size=32, n_layer=1, n_head=2, n_embd=16, **model)
+        torch.manual_seed(0)
+        state = {
+            "model": Transformer(mc).state_dict(),
+            "model_config": dataclasses.asdict(mc),
+            "vocab": list(vocab.itos),
+            "config": {**config, "data_dir": str(tiny_data), "dataset": "tiny"},
+            "iter_num": 0,
+        }
+        paths[kind] = save_checkpoint(tmp_path_factory.mktemp(kind), 0, state, {"iter_num": 0})
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["block_diffusion", "mdlm", "autoregressive"])
+@pytest.mark.parametrize("length", [8, 32, 100, 1100])
+def test_steps_unset_works_for_every_checkpoint_kind_and_length(
+    random_ckpts: dict[str, Path], capsys: pytest.CaptureFixture[str], kind: str, length: int
+) -> None:
+    """Without --steps a run never fails for too few steps: 64 up to block_size characters, as many per character
+    beyond (here block_size 32: more than one per character, so one per character), at least one per block.
+    Before, K = 4 at 512 characters needed 128 blocks > 64 steps, and mdlm at 1100 needed 69 blocks of 16."""
+    flags = (f"--ckpt={random_ckpts[kind]}", f"--length={length}", "--num_samples=1", "--metrics=False")
+    doc = sample(capsys, *flags)
+    text = doc["samples"][0]["text"]
+    assert len(text) == length and MASK_GLYPH not in text and doc["kind"] == kind.replace("mdlm", "diffusion")
+    if kind != "autoregressive":
+        assert doc["settings"]["steps"] == max(64, length)
+        assert doc["samples"][0]["nfe"] <= doc["settings"]["steps"]
+
+
+def test_steps_given_are_used_as_given(random_ckpts: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    bd = f"--ckpt={random_ckpts['block_diffusion']}"
+    doc = sample(capsys, bd, "--length=512", "--steps=128", "--num_samples=1", "--metrics=False")
+    assert doc["settings"]["steps"] == 128 and doc["samples"][0]["nfe"] == 128  # one step for each block of 4
+    assert "--steps=64: fewer steps than the 128 blocks to generate" in error(capsys, bd, "--length=512", "--steps=64")
+    assert "--sweep_steps=64,256: fewer steps than the 128 blocks" in error(
+        capsys, bd, "--length=512", "--sweep_steps=64,256"
+    )
+    # The guide preset's 25 steps are a default too: they scale and never fall below the blocks.
+    doc = sample(capsys, bd, "--length=512", "--preset=guide", "--num_samples=1", "--metrics=False")
+    assert doc["settings"]["steps"] == 400  # ceil(25 * 512 / 32), under the 512 characters to fill
+
+
+def test_default_steps_at_real_sizes() -> None:
+    # block_size 256, the quickstart's: the default canvas keeps 64 steps, longer ones as many per character.
+    assert default_steps(DEFAULT_STEPS, 256, 256, 1) == 64
+    assert default_steps(DEFAULT_STEPS, 100, 256, 1) == 64
+    assert default_steps(DEFAULT_STEPS, 1024, 256, 8) == 256  # mdlm: 8 blocks of 128, 32 steps each
+    assert default_steps(DEFAULT_STEPS, 512, 256, 128) == 128  # block diffusion K = 4: one step per block
+    assert default_steps(DEFAULT_STEPS, 512, 256, 512) == 512  # K = 1: one step per block wins
+    assert default_steps(GUIDE_STEPS, 1024, 256, 8) == 100
+    assert default_steps(DEFAULT_STEPS, 1_000_000, 256, 7813) == 250_000
+
+
 def test_block_diffusion_refusals(bd_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = error(capsys, f"--ckpt={bd_ckpt}", "--infill=The __ king and the queen of rome")
     assert (
@@ -346,17 +413,17 @@ def test_out_of_vocabulary_characters_are_listed(run_dir: Path, capsys: pytest.C
         (("--remasking=random,margin",), "several strategies need --sweep_steps"),
         (("--top_p=0",), "--top_p=0.0: must be in (0, 1]"),
         (("--temperature=-1",), "--temperature=-1.0"),
-        (("--steps=0",), "--steps=0: must be at least 1"),
+        (("--steps=0",), "--steps=0: must be in [1, 1,000,000]"),
         (("--sweep_steps=4,x",), "--sweep_steps=4,x: expected a comma list"),
         (("--prompt=The", "--infill=a_"), "--prompt and --infill: give only one"),
         (("--infill=a_", "--length=9"), "--length=9: not with --infill"),
         (("--placeholder=ab",), "--placeholder=ab"),
         (("--preset=fast",), "--preset=fast"),
         (("--bogus=1",), "--bogus: unknown flag"),
-        (("--threads=-1",), "--threads=-1: must be in [0, 1024]"),
-        (("--confidence_threshold=-0.1",), "--confidence_threshold=-0.1: must be >= 0"),
-        (("--length=1000001",), "--length=1000001: at most 1,000,000 characters per sample"),
-        (("--length=1000000000",), "--length=1000000000: at most 1,000,000"),
+        (("--threads=-1",), "--threads=-1: must be in [0, 1,024]"),
+        (("--confidence_threshold=-0.1",), "--confidence_threshold=-0.1: must be in [0, 1,000]"),
+        (("--length=1000001",), "--length=1000001: must be in [1, 1,000,000]"),
+        (("--length=1000000000",), "--length=1000000000: must be in [1, 1,000,000]"),
         (("--confidence_threshold=0.9", "--remasking=remask"), "not with --remasking=remask"),
         (("--confidence_threshold=0.9", "--sweep_steps=4,8"), "not with --sweep_steps"),
     ],
@@ -381,7 +448,9 @@ def test_errors_that_need_the_checkpoint(
     )
     assert "--infill: the template has no '_'" in error(capsys, f"--out_dir={run_dir}", "--infill=The king")
     # The longest canvas is planned at once (62,500 blocks of 16): the steps check answers without generating.
-    assert "--steps=64: fewer steps than the 62500 blocks" in error(capsys, f"--out_dir={run_dir}", "--length=1000000")
+    assert "--steps=64: fewer steps than the 62500 blocks" in error(
+        capsys, f"--out_dir={run_dir}", "--length=1000000", "--steps=64"
+    )
     assert "is an autoregressive checkpoint, which sees no text to the right" in error(
         capsys, f"--ckpt={causal_ckpt}", "--infill=The ___ king"
     )
@@ -398,7 +467,8 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for f in dataclasses.fields(SampleArgs):
         if f.init:
             assert f"--{f.name}=" in text, f.name
-    assert "low_confidence" in text and "(default: 64)" in text and "--remasking=STR  (default: random)" in text
+    assert "low_confidence" in text and "--remasking=STR  (default: random)" in text
+    assert "--steps=INT|None in [1, 1,000,000]  (default: None)" in text and "at least one per block" in text
 
 
 @pytest.mark.slow

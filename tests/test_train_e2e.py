@@ -339,7 +339,7 @@ def test_threads_flag_everywhere(tiny_data: Path, tmp_path: Path, capsys: pytest
         assert torch.get_num_threads() == 1
         for command in ("sample", "eval"):
             assert main([command, f"--out_dir={tmp_path}", "--threads=-1"]) == 2
-            assert "--threads=-1: must be in [0, 1024]" in capsys.readouterr().err
+            assert "--threads=-1: must be in [0, 1,024]" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
 

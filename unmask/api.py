@@ -135,7 +135,7 @@ class Model:
             canvas["length"] = length
         args = self._sample_args(options, num_samples=rows, seed=seed, metrics=False, **canvas)
         setup = build_from(args, self.trained, self.device)
-        run = run_samples(setup, sampling_config(args, args.strategies[0], args.steps))
+        run = run_samples(setup, sampling_config(args, args.strategies[0], setup.steps))
         if setup.kind == "autoregressive" and not prompt:
             return [t[setup.prompt_length :] for t in run.texts]  # the newline it started from is not text
         return run.texts

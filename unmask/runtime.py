@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,21 +56,101 @@ class Runtime:
 
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
 THREADS_HELP = (
-    "CPU threads for torch. 0 (default): as many as the cores that are idle now (the cores minus the 1-minute load "
-    "average, at least 1): threads that wait for each other on cores other jobs keep busy spin, and one thread can "
-    "then be many times faster than torch's one per core."
+    "CPU threads for torch. 0 (default): as many as the cores that are idle now (measured over 0.15 s from "
+    "/proc/stat, at least 1): threads that wait for each other on cores other jobs keep busy spin, and one thread "
+    "can then be many times faster than torch's one per core."
 )
 MAX_THREADS = 1024
+# How long `auto_threads` watches the CPUs: long enough for 15 clock ticks per CPU at Linux's 100 Hz, short against
+# a command's start-up (importing torch alone takes longer). The 1-minute load average it replaces lagged: right
+# after another job it still counted that job, and a run on an idle 2-core machine took 1 thread (1.8x slower).
+IDLE_SAMPLE_SECONDS = 0.15
+# torch's own choice before any --threads changed it (one per physical core, or OMP_NUM_THREADS): the most we use.
+_TORCH_THREADS = torch.get_num_threads()
 
 
-def auto_threads() -> int:
-    """Threads for a run that did not choose: the idle cores now, at least 1, at most torch's default."""
-    cores = torch.get_num_threads()
+@dataclass(frozen=True)
+class CpuTimes:
+    """One CPU's cumulative time in clock ticks, from a `cpuN` line of /proc/stat."""
+
+    idle: int  # idle + iowait: time the CPU had nothing to run
+    total: int  # user + nice + system + idle + iowait + irq + softirq + steal (guest time is inside user/nice)
+
+
+def parse_proc_stat(text: str) -> dict[int, CpuTimes]:
+    """The per-CPU lines (`cpu0 ...`, `cpu1 ...`) of /proc/stat; the aggregate `cpu` line and others are skipped.
+    Older kernels have fewer columns (missing ones count as 0); malformed lines are skipped."""
+    cpus: dict[int, CpuTimes] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if not (name.startswith("cpu") and name[3:].isdigit()):
+            continue
+        try:
+            ticks = [int(v) for v in rest.split()[:8]]
+        except ValueError:
+            continue
+        if len(ticks) < 4:
+            continue
+        ticks += [0] * (8 - len(ticks))
+        cpus[int(name[3:])] = CpuTimes(idle=ticks[3] + ticks[4], total=sum(ticks))
+    return cpus
+
+
+def idle_cores(
+    before: dict[int, CpuTimes], after: dict[int, CpuTimes], cpus: set[int], own_ticks: float = 0.0
+) -> float | None:
+    """How many of `cpus` were idle between two /proc/stat readings (a fraction: 1.5 is one and a half cores),
+    not counting `own_ticks` of this process's own CPU time as busy; None without a usable interval."""
+    common = [c for c in cpus if c in before and c in after]
+    total = sum(after[c].total - before[c].total for c in common)
+    if not common or total <= 0:
+        return None
+    busy = sum((after[c].total - before[c].total) - (after[c].idle - before[c].idle) for c in common)
+    busy_by_others = min(max(0.0, busy - own_ticks), total)
+    return len(common) * (1.0 - busy_by_others / total)
+
+
+def threads_for_idle(cores: int, idle: float) -> int:
+    """Threads for `idle` idle cores out of `cores`: the idle cores rounded (a core counts when over half of it is
+    free), at least 1, at most `cores`. A thread on a core another job keeps busy makes every other thread wait for
+    it at each parallel region, which costs far more than the core it adds."""
+    return max(1, min(cores, int(idle + 0.5)))
+
+
+def _read_proc_stat(path: str = "/proc/stat") -> dict[int, CpuTimes] | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return parse_proc_stat(f.read()) or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _usable_cpus() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux: every CPU
+        return set(range(os.cpu_count() or 1))
+
+
+def auto_threads(seconds: float = IDLE_SAMPLE_SECONDS) -> int:
+    """Threads for a run that did not choose: the cores of this process's CPU set that are idle now, judged from
+    /proc/stat over `seconds`, at least 1 and at most torch's default. Without /proc/stat (not Linux), the cores
+    minus the 1-minute load average; without that either, torch's default."""
+    cpus = _usable_cpus()
+    cores = max(1, min(_TORCH_THREADS, len(cpus)))
+    before, own = _read_proc_stat(), time.process_time()
+    if before is not None:
+        time.sleep(seconds)
+        after, own = _read_proc_stat(), time.process_time() - own
+        ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        idle = idle_cores(before, after, cpus, own * ticks) if after is not None else None
+        if idle is not None:
+            return threads_for_idle(cores, idle)
     try:
         load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
+    except (AttributeError, OSError):  # not available on this platform
         return cores
-    return max(1, min(cores, int(cores - load + 0.5)))
+    return threads_for_idle(cores, cores - load)
 
 
 def set_threads(requested: int, flag: str = "--threads") -> int:

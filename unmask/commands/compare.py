@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unmask.config.flags import format_help, load_preset, parse_flags
+from unmask.config.flags import check_values, format_help, load_preset, parse_flags
 from unmask.errors import UserError
 from unmask.storage.checkpoint import atomic_write_bytes, atomic_write_json
 
@@ -275,6 +275,7 @@ def main(argv: list[str]) -> int:
     positional, train_flags = parse_flags(TrainConfig, rest, max_positional=1)
     values = {**(load_preset(positional[0], TrainConfig) if positional else {}), **train_flags}
     block_values = {k: values.pop(k) for k in BLOCK_ONLY_FLAGS if k in values}
+    check_values(TrainConfig, block_values)  # used before a TrainConfig checks them
     base = TrainConfig.from_dict(values)
     specs = parse_objectives(args.objectives, int(block_values.get("diffusion_block", 0)))
     if args.plot:

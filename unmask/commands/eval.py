@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from unmask.config.command import parse_command
+from unmask.config.flags import MAX_SEED, bounded, check_ranges
 from unmask.curriculum.stages import parse_stages
 from unmask.data.dataset import gather_windows, load_dataset
 from unmask.errors import UserError
@@ -44,7 +45,7 @@ from unmask.likelihood.score import (
     split_window_offsets,
     windows_likelihood,
 )
-from unmask.runtime import Runtime, resolve_device, set_threads
+from unmask.runtime import MAX_THREADS, Runtime, resolve_device, set_threads
 from unmask.storage.loading import Trained, read_trained
 from unmask.training.validation import build_validation_set, evaluate_batches, validation_window_offsets
 
@@ -72,7 +73,7 @@ class EvalArgs:
     """Checkpoint file to evaluate, or a run directory for its newest (wins over --out_dir)."""
     split: Literal["val", "train"] = "val"
     """Which split of the checkpoint's dataset to score."""
-    draws: int = 4
+    draws: int = bounded(4, 1, 10**4)
     """Monte-Carlo draws (forward passes) per window for diffusion checkpoints."""
     estimator: EvalEstimator = DEFAULT_ESTIMATOR
     """ELBO estimator: exact_k (k masks stratified over the draws, L/k weights; lowest variance), stratified_t or
@@ -82,22 +83,22 @@ class EvalArgs:
     """--estimator=policy: the unmasking order, a deterministic function of the model's predictions:
     left_to_right, low_confidence (highest max-probability first), margin (largest top-1 minus top-2 first) or
     entropy (lowest entropy first); ties go to the lowest position."""
-    per_step: int = 1
+    per_step: int = bounded(1, 1, 2**20)
     """--estimator=policy: characters committed per step (the last step takes the rest); a window of L costs
     ceil(L / per_step) forward passes."""
-    seed: int = 0
+    seed: int = bounded(0, 0, MAX_SEED)
     """Seed of the mask draws: the same seed, batch size and device give the same numbers."""
     json: bool = False
     """Print one JSON object instead of the readable report."""
-    threads: int = 0
-    """CPU threads for torch (0: the cores that are idle now, at least 1)."""
+    threads: int = bounded(0, 0, MAX_THREADS)
+    """CPU threads for torch (0: the cores that are idle now, measured over 0.15 s from /proc/stat, at least 1)."""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
-    batch_size: int = 64
+    batch_size: int = bounded(64, 1, 2**20)
     """Sequences per forward pass (a diffusion window takes --draws of them)."""
     data_dir: str | None = None
     """Directory holding the prepared dataset (default: the checkpoint's training data_dir)."""
-    max_windows: int | None = None
+    max_windows: int | None = bounded(None, 1, 10**12)
     """Score only this many evenly spaced windows (a quick look; the report says so)."""
     windows: Literal["split", "validation_set"] = "split"
     """Which windows: split (every non-overlapping block_size window of --split) or validation_set (the training
@@ -125,20 +126,17 @@ def scored_windows(
         starts = validation_window_offsets(tokens, aligned, scorer.block_size + scorer.context, count)
     return evenly_spaced(starts, args.max_windows), len(starts)
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 def _validate(args: EvalArgs) -> None:
-    for name in ("draws", "batch_size", "max_windows"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name}={value}: must be >= 1")
     if args.estimator == "antithetic_t" and args.draws % 2:
         raise UserError(f"--draws={args.draws}: --estimator=antithetic_t needs an even number of draws (pairs)")
     if args.windows == "validation_set" and args.split != "val":
         raise UserError(
             f"--windows=validation_set: the run's validation windows are in the val split, not --split={args.split}"
         )
-    if args.per_step < 1:
-        raise UserError(f"--per_step={args.per_step}: must be >= 1")
     if args.estimator == "policy":
         if args.policy is None:
             raise UserError(f"--estimator=policy: give --policy={'|'.join(POLICIES)}")

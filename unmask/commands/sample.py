@@ -27,6 +27,7 @@ from typing import IO, Any, Literal
 import torch
 
 from unmask.config.command import parse_command
+from unmask.config.flags import MAX_SEED, Range, bounded, check_ranges
 from unmask.data.dataset import Dataset, load_dataset, sample_windows
 from unmask.errors import UserError
 from unmask.generation import metrics as sm
@@ -39,15 +40,22 @@ from unmask.generation.remasking import REMASKING
 from unmask.generation.schedules import plan_blocks
 from unmask.likelihood.policy import Policy, generate_with_policy
 from unmask.likelihood.score import scorer_for
-from unmask.runtime import resolve_device, set_threads
+from unmask.runtime import MAX_THREADS, resolve_device, set_threads
 from unmask.storage.loading import Trained, read_trained
 
-# The parameter guide's "Generation & Output Parameters" recommendations (seed document 003).
-GUIDE_PRESET: dict[str, Any] = {"temperature": 0.6, "top_k": 20, "top_p": 0.85, "steps": 25}
+# The parameter guide's "Generation & Output Parameters" recommendations (seed document 003). Its 25 steps are a
+# default like DEFAULT_STEPS (`default_steps`), not a value the user gave: they scale with a longer canvas.
+GUIDE_PRESET: dict[str, Any] = {"temperature": 0.6, "top_k": 20, "top_p": 0.85}
+GUIDE_STEPS = 25
+# --steps unset: this many steps per block_size characters to generate (a quarter of a 256-character canvas).
+DEFAULT_STEPS = 64
 REFERENCE_SEED = 0  # real validation windows for the reference column: the same ones in every run
 # Longest canvas: 10^6 characters keep the (B, L) canvas, fixed mask and float64 log-probabilities at about 17 MB
 # per sample; far longer canvases would allocate gigabytes before the first forward pass.
 MAX_LENGTH = 1_000_000
+MAX_SAMPLES = 1_000_000
+MAX_STEPS = MAX_LENGTH  # more steps than characters to fill are skipped: they would only cost planning
+STEPS_RANGE = Range(1, MAX_STEPS)
 
 
 @dataclass
@@ -56,19 +64,22 @@ class SampleArgs:
     """Sample from the newest checkpoint in this directory (or give --ckpt)."""
     ckpt: str | None = None
     """Checkpoint file to sample from, or a run directory for its newest (wins over --out_dir)."""
-    num_samples: int = 4
+    num_samples: int = bounded(4, 1, MAX_SAMPLES)
     """Number of samples."""
-    length: int | None = None
+    length: int | None = bounded(None, 1, MAX_LENGTH)
     """Characters per sample, prompt included (default: the model's block_size; with --infill: the template's
     length). Longer than block_size: generated block by block, each block in a window of block_size characters
     holding as much text to its left as fits. At most 1,000,000."""
-    steps: int = 64
-    """Model calls to fill the canvas (steps without anything to commit are skipped)."""
-    temperature: float = 1.0
+    steps: int | None = bounded(None, 1, MAX_STEPS)
+    """Model calls to fill the canvas, split across its blocks (steps without anything to commit are skipped).
+    Default: 64 (25 with --preset=guide) for up to block_size characters to generate, as many per character
+    beyond (at most one per character), and at least one per block, so it works for every checkpoint and length.
+    A value given here is used as it is (refused when fewer than the blocks to generate)."""
+    temperature: float = bounded(1.0, 0.0, 1000.0)
     """Sampling temperature; 0 is greedy (argmax)."""
-    top_k: int = 0
+    top_k: int = bounded(0, 0, 2**20)
     """Sample among the k most likely characters only (0: off)."""
-    top_p: float = 1.0
+    top_p: float = bounded(1.0, 0.0, 1.0, lo_open=True)
     """Nucleus sampling: the smallest set of characters holding this probability (1: off)."""
     schedule: Literal["linear", "cosine"] = "linear"
     """How many positions are committed per step: 'linear' (equal counts) or 'cosine' (MaskGIT: few first)."""
@@ -77,17 +88,17 @@ class SampleArgs:
     distribution), low_confidence (most probable first, LLaDA), margin (top-1 minus top-2), entropy (lowest
     entropy first), remask (the original sampler: fill everything, re-mask down the schedule by entropy mixed
     with chance) or critic (remask scored by --critic_ckpt's P(wrong)). A comma list with --sweep_steps."""
-    randomness_strength: float = 0.4
+    randomness_strength: float = bounded(0.4, 0.0, 1.0)
     """remask and critic: share of chance in choosing positions to re-mask (1: random, 0: by entropy / critic)."""
     critic_ckpt: str | None = None
     """--remasking=critic: a per-character classifier checkpoint (--binary_task=replaced_token) whose P(wrong)
     chooses the characters to re-mask."""
-    confidence_threshold: float | None = None
+    confidence_threshold: float | None = bounded(None, 0.0, 1000.0)
     """Parallel decoding (Fast-dLLM): every step commits each masked position of the current block whose drawn
     character has model probability >= this (untempered, as LLaDA's and Fast-dLLM's confidence), and at least
     one (the one --remasking ranks first); forward passes then adapt to the model's certainty and --steps and
     --schedule are unused. 0 fills a block per step; above 1, one position per step. Not with remask/critic."""
-    block_length: int | None = None
+    block_length: int | None = bounded(None, 1, 2**20)
     """Semi-autoregressive blocks of this many positions, left to right, steps split across them (default: one
     block, or block_size / 2 when --length exceeds the model's block_size). A block-diffusion checkpoint always
     uses its own block length; an autoregressive one has no blocks."""
@@ -102,18 +113,18 @@ class SampleArgs:
     placeholder: str = "_"
     """The character marking positions to fill in --infill."""
     preset: Literal["guide"] | None = None
-    """'guide': the parameter guide's generation values (temperature 0.6, top_k 20, top_p 0.85, 25 steps);
-    flags given explicitly still win."""
-    seed: int = 1337
+    """'guide': the parameter guide's generation values (temperature 0.6, top_k 20, top_p 0.85, 25 steps, scaled
+    with the length like the --steps default); flags given explicitly still win."""
+    seed: int = bounded(1337, 0, MAX_SEED)
     """Seed of the sampling generators: sample i draws from its own generator, seeded from (seed, i), so a sample
     depends on the seed and its index, not on --batch_size."""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
-    batch_size: int = 16
+    batch_size: int = bounded(16, 1, 2**20)
     """Samples generated together in one batch."""
-    threads: int = 0
-    """CPU threads for torch. 0 (default): as many as the cores that are idle now (the cores minus the 1-minute
-    load average, at least 1): on cores that other jobs keep busy, threads waiting for each other spin."""
+    threads: int = bounded(0, 0, MAX_THREADS)
+    """CPU threads for torch. 0 (default): as many as the cores that are idle now (measured over 0.15 s from
+    /proc/stat, at least 1): on cores that other jobs keep busy, threads waiting for each other spin."""
     json: bool = False
     """Print one JSON document (samples, settings, metrics) instead of the text report."""
     show_steps: bool = False
@@ -129,7 +140,7 @@ class SampleArgs:
     """Where the checkpoint's dataset lives, for metrics (default: the training run's data_dir)."""
     judge_ckpt: str | None = None
     """Score the samples and real validation text under this checkpoint or run directory (NLL per character)."""
-    judge_draws: int = 4
+    judge_draws: int = bounded(4, 1, 10**4)
     """Monte-Carlo draws of the ELBO when the judge is a diffusion (non-causal) model."""
     sweep_steps: str | None = None
     """Comma list of step counts (8,16,32,64,128): metrics and speed for every strategy in --remasking and every
@@ -141,35 +152,17 @@ class SampleArgs:
     """Generate in a deterministic unmasking order instead: left_to_right, low_confidence, margin or entropy (the
     order depends only on the model's predictions; characters are drawn from its own distribution, each sample
     from its own generator), so `unmask eval --estimator=policy` is the exact likelihood of what it draws."""
-    per_step: int = 1
+    per_step: int = bounded(1, 1, MAX_LENGTH)
     """--policy: characters committed per step (the last step takes the rest); --steps is then unused."""
 
     strategies: tuple[str, ...] = field(default=(), init=False, repr=False)
     step_counts: tuple[int, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "steps", "batch_size", "judge_draws"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name}={getattr(self, name)}: must be at least 1")
-        for name in ("length", "block_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"--{name}={value}: must be at least 1")
-        if self.length is not None and self.length > MAX_LENGTH:
-            raise UserError(f"--length={self.length}: at most {MAX_LENGTH:,} characters per sample")
+        check_ranges(self)  # every numeric flag's declared range, before any value is used
         if self.infill is not None and len(self.infill) > MAX_LENGTH:
             raise UserError(f"--infill: a template of {len(self.infill):,} characters; at most {MAX_LENGTH:,}")
-        if self.temperature < 0:
-            raise UserError(f"--temperature={self.temperature}: must be >= 0 (0 is greedy)")
-        if self.top_k < 0:
-            raise UserError(f"--top_k={self.top_k}: must be >= 0 (0 is off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"--top_p={self.top_p}: must be in (0, 1] (1 is off)")
-        if not 0.0 <= self.randomness_strength <= 1.0:
-            raise UserError(f"--randomness_strength={self.randomness_strength}: must be in [0, 1]")
         tau = self.confidence_threshold
-        if tau is not None and not tau >= 0.0:  # `not >=` also refuses NaN
-            raise UserError(f"--confidence_threshold={tau}: must be >= 0 (0 commits a whole block per step)")
         if len(self.placeholder) != 1:
             raise UserError(f"--placeholder={self.placeholder}: must be a single character")
         self.strategies = tuple(s.strip() for s in self.remasking.split(","))
@@ -184,8 +177,8 @@ class SampleArgs:
                 self.step_counts = tuple(int(s) for s in self.sweep_steps.split(","))
             except ValueError:
                 raise UserError(f"--sweep_steps={self.sweep_steps}: expected a comma list of integers") from None
-            if min(self.step_counts) < 1:
-                raise UserError(f"--sweep_steps={self.sweep_steps}: step counts must be at least 1")
+            if not all(STEPS_RANGE.admits(n) for n in self.step_counts):
+                raise UserError(f"--sweep_steps={self.sweep_steps}: step counts must be in {STEPS_RANGE}")
             for flag in ("show_steps", "trace", "animate", "json"):
                 if getattr(self, flag):
                     raise UserError(f"--{flag}: not available with --sweep_steps (the sweep writes --sweep_out)")
@@ -205,8 +198,8 @@ class SampleArgs:
             raise UserError(f"{' and '.join(given)}: give only one of them")
         if self.infill is not None and self.length is not None:
             raise UserError(f"--length={self.length}: not with --infill (the template sets the length)")
-        if self.per_step < 1 or (self.per_step != 1 and self.policy is None):
-            raise UserError(f"--per_step={self.per_step}: must be >= 1, and goes with --policy")
+        if self.per_step != 1 and self.policy is None:
+            raise UserError(f"--per_step={self.per_step}: goes with --policy")
         if self.policy is not None:  # the policy's own distribution: the sampler's other knobs would change it
             defaults = {"remasking": "random", "temperature": 1.0, "top_k": 0, "top_p": 1.0, "sweep_steps": None}
             quiet = {"confidence_threshold": None, "show_steps": False, "trace": None, "animate": None}
@@ -265,6 +258,7 @@ class Setup:
     fixed: torch.Tensor  # (L,) bool
     prompt_length: int  # characters of a prefix prompt (stripped before text metrics); 0 otherwise
     kind: str = "diffusion"  # see checkpoint_kind
+    steps: int = DEFAULT_STEPS  # --steps, or the default for this checkpoint and canvas (see `steps_for`)
     corpus: sm.CorpusStats | None = None
     reference_ids: torch.Tensor | None = None  # (N, L) real validation windows
     judge: Judge | None = None
@@ -337,24 +331,41 @@ def _check_block_diffusion(args: SampleArgs, trained: Trained, fixed: torch.Tens
         )
 
 
-def _check_blocks(args: SampleArgs, fixed: torch.Tensor, trained: Trained, kind: str) -> None:
+def default_steps(base: int, to_fill: int, block_size: int, blocks: int) -> int:
+    """The steps of a run that did not give --steps: `base` (DEFAULT_STEPS, or the guide's) for up to block_size
+    characters to fill; for more, as many per character (the characters per step of the model's own canvas, so
+    quality does not fall with the length and time grows linearly with it) but never more than one step per
+    character; and at least one step per block (a block-diffusion model's blocks of K, or the sampler's blocks
+    past block_size), so the default always works."""
+    return max(base, min(-(-base * to_fill // block_size), to_fill), blocks)
+
+
+def steps_for(args: SampleArgs, fixed: torch.Tensor, trained: Trained, kind: str) -> int:
+    """The steps this run takes: --steps as given (refused, like every --sweep_steps count, when fewer than the
+    blocks to generate), else `default_steps` for this checkpoint and canvas, which always suffice."""
     block_size = trained.model_config.block_size
     if args.block_length is not None and args.block_length > block_size:
         raise UserError(f"--block_length={args.block_length}: longer than the model's block_size={block_size}")
+    base = GUIDE_STEPS if args.preset == "guide" else DEFAULT_STEPS
+    if kind == "autoregressive" or args.policy is not None:
+        return args.steps or base  # one character (or --per_step) per forward pass: --steps does not apply
     if args.confidence_threshold is not None:
-        return  # adaptive steps: every block takes what it needs
+        return args.steps or base  # adaptive steps: every block takes what it needs
+    masked = ~fixed.unsqueeze(0)
     if kind == "block_diffusion":
-        K = trained.model_config.diffusion_block
-        needed = len(plan_diffusion_blocks(~fixed.unsqueeze(0), K, block_size, None))
+        needed = len(plan_diffusion_blocks(masked, trained.model_config.diffusion_block, block_size, None))
     else:
-        needed = len(plan_blocks(~fixed.unsqueeze(0), block_size, args.block_length, None))
-    fewest = min(args.step_counts or (args.steps,))
-    if fewest < needed:
-        flag = f"--sweep_steps={args.sweep_steps}" if args.step_counts else f"--steps={args.steps}"
-        raise UserError(
-            f"{flag}: fewer steps than the {needed} blocks to generate (one step per block at least); "
-            "raise the steps or --block_length"
-        )
+        needed = len(plan_blocks(masked, block_size, args.block_length, None))
+    given = [(f"--sweep_steps={args.sweep_steps}", n) for n in args.step_counts]
+    if args.steps is not None:
+        given.append((f"--steps={args.steps}", args.steps))
+    for flag, steps in given:
+        if steps < needed:
+            raise UserError(
+                f"{flag}: fewer steps than the {needed} blocks to generate (one step per block at least); "
+                "raise the steps or --block_length, or leave --steps unset"
+            )
+    return args.steps or default_steps(base, int(masked.sum()), block_size, needed)
 
 
 def _load_corpus(setup: Setup) -> None:
@@ -427,11 +438,10 @@ def build_from(args: SampleArgs, trained: Trained, device: torch.device) -> Setu
     if kind == "autoregressive":
         if prompt_length == 0:
             canvas, fixed, prompt_length = _autoregressive_start(trained, canvas, fixed, notes)
-    else:
-        if kind == "block_diffusion":
-            _check_block_diffusion(args, trained, fixed)
-        _check_blocks(args, fixed, trained, kind)
-    setup = Setup(args, trained, device, canvas, fixed, prompt_length, kind, notes=notes)
+    elif kind == "block_diffusion":
+        _check_block_diffusion(args, trained, fixed)
+    steps = steps_for(args, fixed, trained, kind)
+    setup = Setup(args, trained, device, canvas, fixed, prompt_length, kind, steps, notes=notes)
     if args.metrics:
         _load_corpus(setup)
     if args.judge_ckpt is not None:
@@ -808,7 +818,7 @@ def main(argv: list[str]) -> int:
             hook(first, event)
 
     try:
-        run = run_samples(setup, sampling_config(args, args.strategies[0], args.steps), on_step if hooks else None)
+        run = run_samples(setup, sampling_config(args, args.strategies[0], setup.steps), on_step if hooks else None)
     finally:
         if trace_file is not None:
             trace_file.close()

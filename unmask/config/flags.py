@@ -65,6 +65,81 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint)).upper()
 
 
+# --- ranges of numeric flags -----------------------------------------------------------------------------------
+
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; a DDP rank is added to the training seed
+RANGE = "range"  # the key of a field's metadata that holds its `Range`
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric flag accepts: lo..hi, each end closed unless marked open."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        """True inside the range; False outside and for NaN (every comparison with NaN is False)."""
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{_number(self.lo)}, {_number(self.hi)}{')' if self.hi_open else ']'}"
+
+
+def _number(value: float) -> str:
+    """1,024 for integers and whole floats below a million (10.0 -> 10); 1e+06 and 0.5 as %g writes them."""
+    if isinstance(value, int) or (value.is_integer() and abs(value) < 1e6):
+        return f"{int(value):,}"
+    return f"{value:g}"
+
+
+def bounded(default: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A dataclass field whose flag accepts only lo..hi (each end closed unless marked open); `check_ranges` in the
+    dataclass's `__post_init__` enforces it, so flags, presets, saved configs and the library are all checked."""
+    return dataclasses.field(default=default, metadata={RANGE: Range(lo, hi, lo_open, hi_open)})
+
+
+def field_range(field: dataclasses.Field[Any]) -> Range | None:
+    """The declared range of a field (None: not a numeric flag with a range)."""
+    found = field.metadata.get(RANGE)
+    return found if isinstance(found, Range) else None
+
+
+def shown(value: Any) -> str:
+    """A flag value as an error message shows it: long integers by their number of digits."""
+    text = str(value)
+    return text if len(text) <= 24 else f"<{len(text.lstrip('-'))} digits>"
+
+
+def check_range(flag: str, value: Any, allowed: Range) -> None:
+    """UserError `--flag=value: must be in [lo, hi]` unless `value` (a number, or a list of numbers) is in range."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise UserError(f"{flag}={shown(value)}: expected a number in {allowed}")
+        if not allowed.admits(item):
+            raise UserError(f"{flag}={shown(value)}: must be in {allowed}")
+
+
+def check_values(cls: type, values: dict[str, Any]) -> None:
+    """`check_range` for each value in `values` whose field of the dataclass `cls` declares a range (see `bounded`);
+    None passes (an optional flag left unset)."""
+    for field in dataclasses.fields(cls):
+        allowed = field_range(field)
+        if allowed is not None and values.get(field.name) is not None:
+            check_range(f"--{field.name}", values[field.name], allowed)
+
+
+def check_ranges(config: Any) -> None:
+    """Check every field of the dataclass instance `config` that declares a range. Called first in each argument
+    dataclass's `__post_init__`, before a value can reach arithmetic or torch."""
+    check_values(type(config), vars(config))
+
+
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -199,13 +274,15 @@ def parse_flags(cls: type, argv: list[str], max_positional: int) -> tuple[list[s
 
 def format_help(cls: type, usage: str, description: str) -> str:
     docs = field_docs(cls)
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     lines = [f"usage: {usage}", "", description, "", "flags:"]
     for name, hint in _fields(cls).items():
-        default = defaults[name]
+        default = fields[name].default
         if isinstance(default, tuple) and default and hasattr(default[0], "to_dict"):
             default = f"{len(default)} stages"
-        lines.append(f"  --{name}={_type_name(hint)}  (default: {default})")
+        allowed = field_range(fields[name])
+        within = f" in {allowed}" if allowed is not None else ""
+        lines.append(f"  --{name}={_type_name(hint)}{within}  (default: {default})")
         if docs.get(name):
             lines.extend("      " + line for line in textwrap.wrap(docs[name], 96))
     return "\n".join(lines)

@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from unmask.config.flags import MAX_SEED, bounded, check_ranges
 from unmask.curriculum.stages import Stage, default_curriculum, parse_stages
 from unmask.errors import UserError
-from unmask.runtime import check_device_name
+from unmask.runtime import MAX_THREADS, check_device_name
 
 ObjectiveName = Literal["unmasking", "mdlm", "autoregressive", "block_diffusion"]
 # Flags that define the learning-rate schedule: a resume that changes one changes the rest of the run's schedule.
@@ -60,17 +61,17 @@ class TrainConfig:
     (checkpoints, sidecars, metrics.jsonl, config.json, run.json)."""
     ckpt_filename: str | None = None
     """With --init_from=resume: a checkpoint file name in out_dir instead of the newest."""
-    eval_interval: int = 200
+    eval_interval: int = bounded(200, 1, 10**12)
     """Evaluate, update the curriculum and checkpoint every this many iterations."""
-    log_interval: int = 10
+    log_interval: int = bounded(10, 1, 10**12)
     """Print and record a training line every this many iterations."""
-    eval_iters: int = 20
+    eval_iters: int = bounded(20, 1, 10**6)
     """Validation set size in batches (eval_iters * batch_size samples); also the fresh train batches per eval."""
     eval_only: bool = False
     """Evaluate once and exit."""
     always_save_checkpoint: bool = True
     """Write a checkpoint at every evaluation, not only when the validation loss improves."""
-    keep_last: int = 3
+    keep_last: int = bounded(3, 0, 10**6)
     """Keep this many newest checkpoints in out_dir (0 keeps all)."""
     wandb_log: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
@@ -86,11 +87,11 @@ class TrainConfig:
     """'unmasking': masked CE through the stage curriculum; 'mdlm': the continuous-time masked-diffusion ELBO
     (t ~ U(eps, 1), linear schedule); 'autoregressive': causal attention and next-character targets (a nanoGPT
     baseline). Every objective logs val_bpc (ELBO for diffusion, exact NLL for autoregressive)."""
-    diffusion_block: int = 0
+    diffusion_block: int = bounded(0, 0, 2**20)
     """--objective=block_diffusion: the block length K (divides block_size). Each block is a masked-diffusion
     model of K characters conditioned on the clean blocks before it (Arriola et al. 2025, BD3-LM): K = 1 is an
     autoregressive model, K = block_size is MDLM. Committed blocks are KV-cached exactly when sampling."""
-    mask_rate_window: tuple[float, float] = (0.0, 1.0)
+    mask_rate_window: tuple[float, float] = bounded((0.0, 1.0), 0.0, 1.0)
     """--objective=block_diffusion: LO,HI: each block's training mask rate t ~ U(LO, HI] (BD3-LM's clipped schedule,
     a variance reduction). Evaluation always integrates t over (0, 1], so val_bpc stays a bound."""
     zero_masking: bool = True
@@ -103,7 +104,7 @@ class TrainConfig:
     block) stratified over the batch, a uniform k-subset masked, weight L/k (t integrated out: never a larger
     variance; for block diffusion with K = 1 exactly the autoregressive loss). 'auto': antithetic_t for mdlm,
     exact_k for block_diffusion."""
-    elbo_draws: int = 2
+    elbo_draws: int = bounded(2, 1, 10**4)
     """Monte-Carlo draws per validation window for val_bpc of diffusion objectives (fixed seed: comparable across
     evaluations)."""
     unmasking_stages: tuple[Stage, ...] | None = None
@@ -120,7 +121,7 @@ class TrainConfig:
     """Mix all stages into every training batch instead of stages 0..current."""
     use_paragraph_boundaries: bool = True
     """Start training and validation windows right after blank lines (paragraph starts)."""
-    stage_duration_scale: float = 1.0
+    stage_duration_scale: float = bounded(1.0, 0.0, 1e6, lo_open=True)
     """Multiplies every stage's epochs and iters (e.g. 0.01 runs a recipe's curriculum at CPU scale)."""
 
     # --- transfer learning and binary heads (docs/transfer.md) -----------------------------------------------
@@ -138,38 +139,38 @@ class TrainConfig:
     """'replaced_token': per-character head; characters of --dataset windows are replaced by a different random
     character at a rate drawn per window from --replace_ratio_range, label 1 = replaced. 'sequence': one label
     per text of --classification_data, from the mean hidden state."""
-    replace_ratio_range: tuple[float, float] = (0.1, 0.4)
+    replace_ratio_range: tuple[float, float] = bounded((0.1, 0.4), 0.0, 1.0)
     """[lo, hi]: each replaced_token window replaces round(r * block_size) characters, r ~ U(lo, hi) per window
     (the original's critic schedule kept 90% to 60% of the characters)."""
     classification_data: str | None = None
     """--binary_task=sequence: a JSONL file of {"text": ..., "label": 0|1} lines, or a CSV file with a header
     row holding the columns text and label. Texts longer than block_size are cut to their first block_size
     characters."""
-    val_fraction: float = 0.1
+    val_fraction: float = bounded(0.1, 0.0, 1.0, lo_open=True, hi_open=True)
     """--binary_task=sequence: share of each class held out for validation (fixed split, seed 42)."""
 
     # --- model ---------------------------------------------------------------------------------------------
-    n_layer: int = 6
+    n_layer: int = bounded(6, 1, 1024)
     """Transformer layers."""
-    n_head: int = 6
+    n_head: int = bounded(6, 1, 1024)
     """Attention heads per layer."""
-    n_embd: int = 384
+    n_embd: int = bounded(384, 1, 2**16)
     """Embedding width."""
-    dropout: float = 0.2
+    dropout: float = bounded(0.2, 0.0, 1.0, hi_open=True)
     """Dropout rate (embeddings, attention, residual)."""
     bias: bool = False
     """Use biases in Linear and LayerNorm layers."""
-    block_size: int = 1024
+    block_size: int = bounded(1024, 1, 2**20)
     """Sequence length in characters."""
 
     # --- optimisation --------------------------------------------------------------------------------------
-    batch_size: int = 16
+    batch_size: int = bounded(16, 1, 2**20)
     """Sequences per micro-batch (per process)."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = bounded(1, 1, 2**20)
     """Micro-batches per optimizer step, per process (tokens per step = batch x block x this x world size)."""
-    max_iters: int = 50000
+    max_iters: int = bounded(50000, 0, 10**12)
     """Total optimizer steps."""
-    learning_rate: float = 1e-3
+    learning_rate: float = bounded(1e-3, 0.0, 10.0)
     """Peak learning rate."""
     decay_lr: bool = True
     """Cosine-decay the learning rate after warmup (else constant). The current stage's lr_factor multiplies the
@@ -178,28 +179,28 @@ class TrainConfig:
     """'cosine': one cosine from warmup_iters to lr_decay_iters. 'cosine_with_restarts': back to learning_rate
     every lr_restart_period iterations (SGDR without cycle growth), or with lr_restart_period=0 at every stage
     change, each cycle then reaching min_lr where the stage's epochs/iters end (else at lr_decay_iters)."""
-    lr_restart_period: int = 0
+    lr_restart_period: int = bounded(0, 0, 10**12)
     """Iterations of one cosine cycle for --lr_schedule=cosine_with_restarts (0: restart at every stage change)."""
-    warmup_iters: int = 2000
+    warmup_iters: int = bounded(2000, 0, 10**12)
     """Linear warmup steps (once, at the start of training)."""
-    lr_decay_iters: int | None = None
+    lr_decay_iters: int | None = bounded(None, 1, 10**12)
     """Step at which the cosine reaches min_lr (default: max_iters)."""
-    min_lr: float | None = None
+    min_lr: float | None = bounded(None, 0.0, 10.0)
     """Final learning rate (default: learning_rate / 10, or learning_rate * min_lr_ratio)."""
-    min_lr_ratio: float | None = None
+    min_lr_ratio: float | None = bounded(None, 0.0, 1.0)
     """Final learning rate as a fraction of learning_rate (the guide's eta_min = lr * 0.1); excludes --min_lr."""
-    weight_decay: float = 2e-2
+    weight_decay: float = bounded(2e-2, 0.0, 100.0)
     """AdamW weight decay, applied to >= 2-D weights only."""
-    beta1: float = 0.9
+    beta1: float = bounded(0.9, 0.0, 1.0, hi_open=True)
     """AdamW beta1."""
-    beta2: float = 0.99
+    beta2: float = bounded(0.99, 0.0, 1.0, hi_open=True)
     """AdamW beta2."""
-    adam_eps: float = 1e-8
+    adam_eps: float = bounded(1e-8, 0.0, 1.0, lo_open=True)
     """AdamW epsilon."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, 0.0, 1.0, hi_open=True)
     """Label smoothing of the unmasking training loss (validation losses stay plain cross-entropy): the target
     keeps 1 - eps, and eps is spread evenly over the real characters, never over [MASK]."""
-    grad_clip: float = 1.0
+    grad_clip: float = bounded(1.0, 0.0, 1e6)
     """Clip the global gradient norm to this value (0 disables)."""
 
     # --- system --------------------------------------------------------------------------------------------
@@ -211,72 +212,19 @@ class TrainConfig:
     """Compile the model with torch.compile."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """DDP backend under torchrun: 'auto' is nccl on CUDA, gloo on CPU."""
-    threads: int = 0
-    """CPU threads for torch. 0 (default): as many as the cores that are idle when the run starts (the cores minus
-    the 1-minute load average, at least 1): threads that wait for each other on busy cores spin."""
-    seed: int = 1337
+    threads: int = bounded(0, 0, MAX_THREADS)
+    """CPU threads for torch. 0 (default): as many as the cores of this process's CPU set that are idle when the run
+    starts (measured over 0.15 s from /proc/stat, at least 1): threads that wait for each other on busy cores spin."""
+    seed: int = bounded(1337, 0, MAX_SEED)
     """Seed of the model init, data and masking generators (offset by the DDP rank)."""
 
     def __post_init__(self) -> None:
+        check_ranges(self)  # every numeric flag's declared range, before any value is used
         if self.unmasking_stages is None:
             self.unmasking_stages = default_curriculum(self.max_iters)
         self.unmasking_stages = parse_stages(self.unmasking_stages, "--unmasking_stages")
         if self.validation_stages is not None:
             self.validation_stages = parse_stages(self.validation_stages, "--validation_stages")
-        positive = (
-            "elbo_draws",
-            "eval_interval",
-            "log_interval",
-            "eval_iters",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "block_size",
-            "batch_size",
-            "gradient_accumulation_steps",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name}={getattr(self, name)} must be >= 1")
-        for name in ("max_iters", "warmup_iters", "keep_last"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name}={getattr(self, name)} must be >= 0")
-        # Upper bounds no real run comes near: a typo such as --max_iters=5e9 written as 5000000000000000 or
-        # --n_layer=100000 fails here in one line instead of hanging or trying to allocate terabytes.
-        upper: dict[str, int | float] = {
-            "max_iters": 10**12,
-            "warmup_iters": 10**12,
-            "lr_decay_iters": 10**12,
-            "lr_restart_period": 10**12,
-            "eval_interval": 10**12,
-            "log_interval": 10**12,
-            "eval_iters": 10**6,
-            "keep_last": 10**6,
-            "elbo_draws": 10**4,
-            "n_layer": 1024,
-            "n_head": 1024,
-            "n_embd": 2**16,
-            "block_size": 2**20,
-            "batch_size": 2**20,
-            "gradient_accumulation_steps": 2**20,
-            "seed": 2**63 - 1,
-            "learning_rate": 10.0,
-            "weight_decay": 100.0,
-            "grad_clip": 1e6,
-            "adam_eps": 1.0,
-            "stage_duration_scale": 1e6,
-        }
-        for name, bound in upper.items():
-            value = getattr(self, name)
-            if value is not None and value > bound:
-                shown = value if len(str(value)) <= 24 else f"<{len(str(value))} digits>"
-                raise UserError(f"--{name}={shown} is too large (at most {bound:,})")
-        if self.seed < 0:
-            raise UserError(f"--seed={self.seed} must be >= 0")
-        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
-            raise UserError(f"--lr_decay_iters={self.lr_decay_iters} must be >= 1")
-        if self.lr_restart_period < 0:
-            raise UserError(f"--lr_restart_period={self.lr_restart_period} must be >= 0")
         if self.lr_restart_period and self.lr_schedule != "cosine_with_restarts":
             raise UserError(
                 f"--lr_restart_period={self.lr_restart_period} needs --lr_schedule=cosine_with_restarts "
@@ -286,37 +234,19 @@ class TrainConfig:
             raise UserError(f"--n_embd={self.n_embd} must be divisible by --n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             raise UserError(f"--n_embd/--n_head = {self.n_embd // self.n_head} must be even (rotary embeddings)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout={self.dropout} must be in [0, 1)")
-        for name in ("learning_rate", "weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise UserError(f"--{name}={value} must be a finite number >= 0")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
             raise UserError(f"--min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
-        if self.min_lr_ratio is not None:
-            if self.min_lr is not None:
-                raise UserError(
-                    f"--min_lr={self.min_lr} and --min_lr_ratio={self.min_lr_ratio}: give only one of them "
-                    f"(set the other to None)"
-                )
-            if not 0.0 <= self.min_lr_ratio <= 1.0:
-                raise UserError(f"--min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"--{name}={getattr(self, name)} must be in [0, 1)")
-        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
-            raise UserError(f"--adam_eps={self.adam_eps} must be a finite number > 0")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise UserError(f"--label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.min_lr_ratio is not None and self.min_lr is not None:
+            raise UserError(
+                f"--min_lr={self.min_lr} and --min_lr_ratio={self.min_lr_ratio}: give only one of them "
+                f"(set the other to None)"
+            )
         if self.label_smoothing and self.objective != "unmasking":
             raise UserError(
                 f"--label_smoothing={self.label_smoothing} applies to --objective=unmasking only (got {self.objective})"
             )
         self._check_block_diffusion()
         self._check_transfer()
-        if not (math.isfinite(self.stage_duration_scale) and self.stage_duration_scale > 0):
-            raise UserError(f"--stage_duration_scale={self.stage_duration_scale} must be a finite number > 0")
         check_device_name(self.device)
 
     def _check_block_diffusion(self) -> None:
@@ -351,8 +281,6 @@ class TrainConfig:
         if not (0.0 <= lo <= hi <= 1.0 and hi > 0.0):
             raise UserError(f"--replace_ratio_range=[{lo}, {hi}]: need 0 <= lo <= hi <= 1 and hi > 0")
         self.replace_ratio_range = (lo, hi)
-        if not 0.0 < self.val_fraction < 1.0:
-            raise UserError(f"--val_fraction={self.val_fraction} must be in (0, 1)")
         if self.pretrained_checkpoint_path is not None and self.init_from != "resume":
             raise UserError(
                 f"--pretrained_checkpoint_path={self.pretrained_checkpoint_path}: transfer learning starts with "

@@ -44,6 +44,7 @@ import numpy as np
 
 from unmask import __version__
 from unmask.config.command import parse_command
+from unmask.config.flags import bounded, check_ranges
 from unmask.data.dataset import (
     FORMAT_VERSION,
     MASK_TOKEN,
@@ -515,10 +516,13 @@ class PrepareArgs:
     """A UTF-8 text file to prepare (for shakespeare_char: use this file instead of fetching)."""
     name: str | None = None
     """Dataset name for --input (default: the file's stem)."""
-    val_fraction: float = 0.1
+    val_fraction: float = bounded(0.1, 0.0, 1.0, lo_open=True, hi_open=True)
     """Fraction of the characters, taken from the end, that form the validation split."""
     verify: bool = False
     """Instead of preparing: check the prepared dataset's files against the sizes and sha256s in its meta.json."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 def main(argv: list[str]) -> int:

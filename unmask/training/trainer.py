@@ -237,9 +237,11 @@ class Trainer:
         for line in self.notes:
             self.log.print(line)
         n = self.raw_model.num_params()
+        threads = torch.get_num_threads()  # --threads, or what its default chose: it decides CPU speed
+        cpu_threads = f" ({threads} thread{'s' if threads > 1 else ''})" if rt.device.type == "cpu" else ""
         self.log.print(
             f"unmask: {n:,} parameters, vocabulary {self.vocab.n_chars} characters + [MASK], "
-            f"{rt.device} {str(rt.dtype).removeprefix('torch.')}, world size {rt.world_size}, "
+            f"{rt.device} {str(rt.dtype).removeprefix('torch.')}{cpu_threads}, world size {rt.world_size}, "
             f"{self.chars_per_iter:,} tokens per iteration"
         )
         for line in self.objective.start_lines(self.iter_num if self.resumed else None):

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from unmask.config.command import parse_command
+from unmask.config.flags import bounded, check_ranges
 from unmask.errors import UserError
-from unmask.runtime import resolve_device, set_threads
+from unmask.runtime import MAX_THREADS, resolve_device, set_threads
 from unmask.storage.loading import Trained, read_trained
 from unmask.transfer.binary import binary_metrics
 from unmask.transfer.labeled_text import LabeledText, encode_texts, read_labeled
@@ -45,12 +46,15 @@ class ClassifyArgs:
     json: bool = False
     """Print one JSON object per text (line, score, label if given; per-character scores for per-character
     classifiers) instead of one number per line."""
-    batch_size: int = 64
+    batch_size: int = bounded(64, 1, 2**20)
     """Texts (or windows) per forward pass."""
-    threads: int = 0
-    """CPU threads for torch (0: the cores that are idle now, at least 1)."""
+    threads: int = bounded(0, 0, MAX_THREADS)
+    """CPU threads for torch (0: the cores that are idle now, measured over 0.15 s from /proc/stat, at least 1)."""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @torch.inference_mode()
