@@ -105,6 +105,9 @@ class EvalArgs:
     run's fixed validation windows, at paragraph starts like its training windows: reproduces the val_bpc the
     training log reports, within Monte-Carlo error; --split=val only)."""
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 WINDOWS = {
     "split": "every non-overlapping block_size window of the split (offsets 0, L, 2L, ...)",
@@ -125,9 +128,6 @@ def scored_windows(
         aligned = paragraphs if bool(cfg.get("use_paragraph_boundaries", True)) else None
         starts = validation_window_offsets(tokens, aligned, scorer.block_size + scorer.context, count)
     return evenly_spaced(starts, args.max_windows), len(starts)
-
-    def __post_init__(self) -> None:
-        check_ranges(self)
 
 
 def _validate(args: EvalArgs) -> None:
