@@ -44,10 +44,11 @@ from typing import Any
 
 import torch
 
-from unmask.commands.sample import SampleArgs, SampleRun, Setup, build, evaluate, run_samples, sampling_config
+from unmask.commands.sample import SampleArgs, Setup, build, evaluate, run_samples, sampling_config
 from unmask.errors import UserError
 from unmask.generation.cached import prefix_length
 from unmask.generation.draws import Generators, model_probs, sample_categorical
+from unmask.generation.engine import Generated as SampleRun
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "\n"

@@ -16,8 +16,9 @@ import torch
 
 from tests.conftest import REPO, tiny_flags
 from unmask.cli import main
-from unmask.commands.sample import DEFAULT_STEPS, GUIDE_STEPS, SampleArgs, default_steps
+from unmask.commands.sample import SampleArgs
 from unmask.data.dataset import MASK_GLYPH, load_dataset
+from unmask.generation.engine import DEFAULT_STEPS, GUIDE_STEPS, default_steps
 from unmask.model import ModelConfig, Transformer
 from unmask.storage.checkpoint import save_checkpoint
 

@@ -11,7 +11,7 @@ ones (see `unmask.likelihood.elbo`).
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,17 @@ import torch
 from unmask.commands.export import export_config, export_dir_problem, is_export_dir, load_export, split_tied
 from unmask.data.dataset import Vocab
 from unmask.errors import UserError
+from unmask.generation.canvas import build_canvas
 from unmask.generation.diffusion import SamplingConfig
+from unmask.generation.engine import DEFAULT_STEPS, GUIDE_PRESET, GUIDE_STEPS, Engine, GenerationRequest
 from unmask.likelihood.score import Scorer, scorer_for
 from unmask.model import ModelConfig, Transformer
 from unmask.storage.loading import Trained, trained_from
 
 DEFAULT_SEED = 1337  # `unmask sample`'s default
+DEFAULT_BATCH = 16  # samples generated together (`unmask sample --batch_size`; a sample does not depend on it)
 SCORE_DRAWS = 16  # forward passes per window of a diffusion score (exact_k: k stratified over them)
-# Options `Model.generate` passes to `unmask.commands.sample.SampleArgs` for validation (besides prompt/length/seed).
+# The sampler options of `Model.generate` (besides prompt/length/seed): `unmask sample`'s.
 SAMPLER_OPTIONS = (*(f.name for f in fields(SamplingConfig)), "critic_ckpt", "preset")
 AR_OPTIONS = ("temperature", "top_k", "top_p")
 
@@ -115,46 +118,51 @@ class Model:
         seed: int,
         options: dict[str, Any],
     ) -> list[str]:
-        """`unmask sample`'s own setup and loop (same canvases, checks, per-sample generators), so a call gives the
-        texts the command prints for the same seed."""
-        from unmask.commands.sample import build_from, run_samples, sampling_config
-
-        if self.model_config.causal:
+        """The engine `unmask sample` runs (`unmask.generation.engine`: same canvases, checks, default steps and
+        per-sample generators), so a call gives the texts the command prints for the same seed."""
+        mc = self.model_config
+        unknown = sorted(set(options) - set(SAMPLER_OPTIONS))
+        if unknown:
+            raise UserError(f"{', '.join(unknown)}: unknown sampler option(s); expected {', '.join(SAMPLER_OPTIONS)}")
+        if mc.causal:
             other = sorted(set(options) - set(AR_OPTIONS))
             if other:
                 raise UserError(
                     f"{', '.join(other)}: not for an autoregressive model (it takes {', '.join(AR_OPTIONS)})"
                 )
-        canvas: dict[str, Any] = {"infill": infill, "placeholder": placeholder} if infill is not None else {}
-        if prompt:
-            canvas["prompt"] = prompt
-        if self.model_config.causal and not prompt:
-            # No prompt: `unmask sample` starts from a newline (nanoGPT's default), which is not part of the text.
-            canvas["length"] = (length or self.model_config.block_size) + 1
-        elif length is not None:
-            canvas["length"] = length
-        args = self._sample_args(options, num_samples=rows, seed=seed, metrics=False, **canvas)
-        setup = build_from(args, self.trained, self.device)
-        run = run_samples(setup, sampling_config(args, args.strategies[0], setup.steps))
-        if setup.kind == "autoregressive" and not prompt:
-            return [t[setup.prompt_length :] for t in run.texts]  # the newline it started from is not text
-        return run.texts
+        options = dict(options)
+        base = DEFAULT_STEPS
+        if options.pop("preset", None) == "guide":
+            options = {**GUIDE_PRESET, **options}
+            base = GUIDE_STEPS
+        critic_ckpt = options.pop("critic_ckpt", None)
+        checked = SamplingConfig(**options)  # validates first (errors name the flags); the steps are resolved below
+        if (options.get("remasking") == "critic") != (critic_ckpt is not None):
+            raise UserError("remasking='critic' and critic_ckpt=PATH go together")
+        if mc.causal and not prompt and length is not None:
+            length += 1  # no prompt: `unmask sample` starts from a newline (nanoGPT's default), not part of the text
+        elif mc.causal and not prompt:
+            length = mc.block_size + 1
+        source = str(self.trained.path)
+        canvas = build_canvas(self.vocab, mc.block_size, mc.causal, prompt, length, infill, placeholder, source=source)
+        critic = None
+        if critic_ckpt is not None:
+            from unmask.transfer.critic import load_critic
+
+            window = min(canvas.length, mc.block_size)
+            critic = load_critic(critic_ckpt, self.trained, window, self._sampling_device()).model
+        engine = Engine(self.model, self.vocab, mc, self.device, critic, source)
+        given = [(f"--steps={checked.steps}", checked.steps)] if "steps" in options else []
+        adaptive = checked.confidence_threshold is not None
+        steps = engine.steps(canvas.fixed, checked.block_length, adaptive, given, base)
+        config = replace(checked, steps=steps)
+        run = engine.run(GenerationRequest(canvas.ids, canvas.fixed, config, rows, DEFAULT_BATCH, seed))
+        return [t[canvas.prompt_length :] for t in run.texts] if mc.causal and not prompt else run.texts
 
     def _sampling_device(self) -> torch.device:
         # float64 draws are unsupported on MPS: sample on the CPU there (as `unmask sample` does).
         return self.device if self.device.type in ("cpu", "cuda") else torch.device("cpu")
 
-    def _sample_args(self, options: dict[str, Any], **canvas: Any) -> Any:
-        from unmask.commands.sample import GUIDE_PRESET, SampleArgs
-
-        unknown = sorted(set(options) - set(SAMPLER_OPTIONS))
-        if unknown:
-            raise UserError(f"{', '.join(unknown)}: unknown sampler option(s); expected {', '.join(SAMPLER_OPTIONS)}")
-        if options.get("preset") == "guide":
-            options = {**GUIDE_PRESET, **options}
-        return SampleArgs(**options, **canvas)  # validates like the command line (errors name the flag)
-
-    @torch.inference_mode()
     # --- scoring --------------------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -17,10 +17,7 @@ import math
 import os
 import sys
 import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -28,28 +25,25 @@ import torch
 
 from unmask.config.command import parse_command
 from unmask.config.flags import MAX_SEED, Range, bounded, check_ranges
-from unmask.data.dataset import Dataset, load_dataset, sample_windows
 from unmask.errors import UserError
-from unmask.generation import metrics as sm
 from unmask.generation.animate import Recorder, animation_html, readable, write_animation
-from unmask.generation.cached import generate_autoregressive, generate_block_diffusion, plan_diffusion_blocks
-from unmask.generation.canvas import infill_canvas, placeholder_spans, prompt_canvas
-from unmask.generation.diffusion import SamplingConfig, StepEvent, generate
-from unmask.generation.draws import RowGenerators
+from unmask.generation.canvas import Canvas, build_canvas
+from unmask.generation.diffusion import SamplingConfig, StepEvent
+from unmask.generation.engine import (
+    DEFAULT_STEPS,
+    GUIDE_PRESET,
+    GUIDE_STEPS,
+    Engine,
+    Generated,
+    GenerationRequest,
+    StepHook,
+)
+from unmask.generation.quality import Judge, Reference, evaluate_samples, load_reference
 from unmask.generation.remasking import REMASKING
-from unmask.generation.schedules import plan_blocks
-from unmask.likelihood.policy import Policy, generate_with_policy
-from unmask.likelihood.score import scorer_for
+from unmask.likelihood.policy import Policy
 from unmask.runtime import MAX_THREADS, resolve_device, set_threads
 from unmask.storage.loading import Trained, read_trained
 
-# The parameter guide's "Generation & Output Parameters" recommendations (seed document 003). Its 25 steps are a
-# default like DEFAULT_STEPS (`default_steps`), not a value the user gave: they scale with a longer canvas.
-GUIDE_PRESET: dict[str, Any] = {"temperature": 0.6, "top_k": 20, "top_p": 0.85}
-GUIDE_STEPS = 25
-# --steps unset: this many steps per block_size characters to generate (a quarter of a 256-character canvas).
-DEFAULT_STEPS = 64
-REFERENCE_SEED = 0  # real validation windows for the reference column: the same ones in every run
 # Longest canvas: 10^6 characters keep the (B, L) canvas, fixed mask and float64 log-probabilities at about 17 MB
 # per sample; far longer canvases would allocate gigabytes before the first forward pass.
 MAX_LENGTH = 1_000_000
@@ -212,70 +206,37 @@ class SampleArgs:
 
 
 @dataclass
-class Judge:
-    trained: Trained
-    draws: int  # Monte-Carlo draws of the ELBO (diffusion judges)
-
-    def nll(self, texts: list[str], scored: torch.Tensor) -> list[float]:
-        """NLL per character (nats) of each text under the judge, by its kind's scorer (the number `unmask eval`
-        and `Model.score` give: `unmask.likelihood.score`): exact for causal judges, a bound otherwise.
-
-        `scored` (N, L) marks the generated positions; a causal judge scores only those (given everything before
-        them, in the windows `unmask eval` takes), a diffusion judge's bound covers whole texts. Diffusion judges
-        draw their masks from a generator seeded the same way at every call, so samples and real text are scored
-        with the same draws.
-        """
-        vocab, model, mc = self.trained.vocab, self.trained.model, self.trained.model_config
-        device = next(model.parameters()).device
-        x = torch.tensor([vocab.encode(t, source=f"--judge_ckpt={self.trained.path}") for t in texts], device=device)
-        scorer = scorer_for(mc.causal, mc.diffusion_block, vocab.mask_id, mc.block_size, self.draws)
-        generator = torch.Generator(device=device).manual_seed(REFERENCE_SEED)
-        return scorer.text_nats(model, x, generator, scored.to(device)).tolist()
-
-
-KINDS = ("diffusion", "autoregressive", "block_diffusion")
-
-
-def checkpoint_kind(trained: Trained) -> str:
-    """How a language-model checkpoint generates: 'diffusion' (iterative unmasking of a canvas),
-    'autoregressive' (a causal model, one character per forward pass) or 'block_diffusion' (blocks of the
-    model's `diffusion_block` characters, left to right, each by iterative unmasking)."""
-    config = trained.model_config
-    if config.causal:
-        return "autoregressive"
-    block = config.diffusion_block
-    if trained.config.get("objective") == "block_diffusion" and block <= 0:
-        raise UserError(f"{trained.path}: objective block_diffusion but its model_config has no diffusion_block")
-    return "block_diffusion" if block > 0 else "diffusion"
-
-
-@dataclass
 class Setup:
+    """A loaded model with its engine, the canvas, and what its samples are compared with."""
+
     args: SampleArgs
     trained: Trained
     device: torch.device
-    canvas: torch.Tensor  # (L,)
-    fixed: torch.Tensor  # (L,) bool
-    prompt_length: int  # characters of a prefix prompt (stripped before text metrics); 0 otherwise
-    kind: str = "diffusion"  # see checkpoint_kind
-    steps: int = DEFAULT_STEPS  # --steps, or the default for this checkpoint and canvas (see `steps_for`)
-    corpus: sm.CorpusStats | None = None
-    reference_ids: torch.Tensor | None = None  # (N, L) real validation windows
+    engine: Engine
+    canvas: Canvas
+    steps: int  # --steps, or the default that fits this checkpoint and canvas (`Engine.steps`)
+    kind: str  # the engine's strategy: autoregressive, block_diffusion, diffusion or policy
+    reference: Reference = field(default_factory=Reference)
     judge: Judge | None = None
-    critic: Trained | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
     def length(self) -> int:
-        return self.canvas.shape[0]
+        return self.canvas.length
 
-    def generator(self, first: int = 0, count: int | None = None) -> RowGenerators:
-        """The generators of samples first .. first + count - 1 (default: all), one per sample, seeded from --seed
-        and the sample's index: a sample does not depend on --batch_size."""
-        # float64 sampling is unsupported on MPS: sample on the CPU there.
-        device = self.device if self.device.type in ("cpu", "cuda") else torch.device("cpu")
-        count = self.args.num_samples - first if count is None else count
-        return RowGenerators.for_samples(self.args.seed, first, count, device)
+    @property
+    def fixed(self) -> torch.Tensor:
+        return self.canvas.fixed
+
+    @property
+    def prompt_length(self) -> int:
+        return self.canvas.prompt_length
+
+    def request(self, config: SamplingConfig) -> GenerationRequest:
+        a = self.args
+        return GenerationRequest(
+            self.canvas.ids, self.canvas.fixed, config, a.num_samples, a.batch_size, a.seed, a.policy, a.per_step
+        )
 
 
 def _read_prompt(args: SampleArgs) -> str | None:
@@ -287,138 +248,14 @@ def _read_prompt(args: SampleArgs) -> str | None:
         raise UserError(f"--prompt_file={args.prompt_file}: cannot read ({type(exc).__name__})") from None
 
 
-def _build_canvas(args: SampleArgs, trained: Trained) -> tuple[torch.Tensor, torch.Tensor, int]:
-    vocab, block_size = trained.vocab, trained.model_config.block_size
-    if args.infill is not None:
-        template, mark = args.infill, args.placeholder
-        if not placeholder_spans(template, mark):
-            raise UserError(f"--infill: the template has no {mark!r} to fill (see --placeholder)")
-        known = iter(vocab.encode("".join(ch for ch in template if ch != mark), source="--infill"))
-        canvas, fixed = infill_canvas([None if ch == mark else next(known) for ch in template], vocab.mask_id)
-        return canvas, fixed, 0
-    prompt = _read_prompt(args)
-    length = args.length or block_size
-    if prompt is None:
-        return torch.full((length,), vocab.mask_id, dtype=torch.long), torch.zeros(length, dtype=torch.bool), 0
-    flag = "--prompt_file" if args.prompt_file else "--prompt"
-    ids = vocab.encode(prompt, source=flag)
-    if len(ids) >= length:
-        raise UserError(f"{flag}: {len(ids)} characters leave nothing to generate in --length={length}")
-    canvas, fixed = prompt_canvas(ids, length, vocab.mask_id)
-    return canvas, fixed, len(ids)
-
-
-def _check_block_diffusion(args: SampleArgs, trained: Trained, fixed: torch.Tensor) -> None:
-    """Refuse, in one line, what a block-causal model cannot do: other block lengths, and templates with fixed
-    text after the first hole's block (the hole would be filled without seeing it)."""
-    K, path = trained.model_config.diffusion_block, trained.path
-    if args.block_length is not None and args.block_length != K:
-        raise UserError(
-            f"--block_length={args.block_length}: {path} is a block-diffusion checkpoint; it generates in its own "
-            f"blocks of {K}"
-        )
-    if args.infill is None:
-        return
-    holes = (~fixed).nonzero().flatten()
-    next_block = (int(holes[0]) // K + 1) * K  # the first position after the first hole's block
-    later = fixed[next_block:].nonzero().flatten()
-    if later.numel():
-        raise UserError(
-            f"--infill: {path} is a block-diffusion checkpoint (blocks of {K}, filled left to right, each seeing only "
-            f"the blocks before it); the template's fixed text at position {next_block + int(later[0])} lies after "
-            f"the block of the first hole (positions {next_block - K}..{next_block - 1}), so that hole could not "
-            "see it: keep every fixed character after the first hole inside that block"
-        )
-
-
-def default_steps(base: int, to_fill: int, block_size: int, blocks: int) -> int:
-    """The steps of a run that did not give --steps: `base` (DEFAULT_STEPS, or the guide's) for up to block_size
-    characters to fill; for more, as many per character (the characters per step of the model's own canvas, so
-    quality does not fall with the length and time grows linearly with it) but never more than one step per
-    character; and at least one step per block (a block-diffusion model's blocks of K, or the sampler's blocks
-    past block_size), so the default always works."""
-    return max(base, min(-(-base * to_fill // block_size), to_fill), blocks)
-
-
-def steps_for(args: SampleArgs, fixed: torch.Tensor, trained: Trained, kind: str) -> int:
-    """The steps this run takes: --steps as given (refused, like every --sweep_steps count, when fewer than the
-    blocks to generate), else `default_steps` for this checkpoint and canvas, which always suffice."""
-    block_size = trained.model_config.block_size
-    if args.block_length is not None and args.block_length > block_size:
-        raise UserError(f"--block_length={args.block_length}: longer than the model's block_size={block_size}")
-    base = GUIDE_STEPS if args.preset == "guide" else DEFAULT_STEPS
-    if kind == "autoregressive" or args.policy is not None:
-        return args.steps or base  # one character (or --per_step) per forward pass: --steps does not apply
-    if args.confidence_threshold is not None:
-        return args.steps or base  # adaptive steps: every block takes what it needs
-    masked = ~fixed.unsqueeze(0)
-    if kind == "block_diffusion":
-        needed = len(plan_diffusion_blocks(masked, trained.model_config.diffusion_block, block_size, None))
-    else:
-        needed = len(plan_blocks(masked, block_size, args.block_length, None))
-    given = [(f"--sweep_steps={args.sweep_steps}", n) for n in args.step_counts]
-    if args.steps is not None:
-        given.append((f"--steps={args.steps}", args.steps))
-    for flag, steps in given:
-        if steps < needed:
-            raise UserError(
-                f"{flag}: fewer steps than the {needed} blocks to generate (one step per block at least); "
-                "raise the steps or --block_length, or leave --steps unset"
-            )
-    return args.steps or default_steps(base, int(masked.sum()), block_size, needed)
-
-
-def _load_corpus(setup: Setup) -> None:
-    """Training-corpus statistics and real validation windows; missing data is a note, not an error."""
-    config = setup.trained.config
-    data_dir = setup.args.data_dir or config.get("data_dir")
-    dataset_name = config.get("dataset")
-    if data_dir is None or dataset_name is None:
-        setup.notes.append("the checkpoint names no dataset: corpus metrics and the real-text reference skipped")
-        return
-    try:
-        dataset: Dataset = load_dataset(Path(data_dir) / dataset_name)
-    except UserError as exc:
-        setup.notes.append(f"corpus metrics and the real-text reference skipped ({exc}; see --data_dir)")
-        return
-    if dataset.vocab != setup.trained.vocab:
-        setup.notes.append(f"{dataset.dir} has another vocabulary than the checkpoint: corpus metrics skipped")
-        return
-    setup.corpus = sm.corpus_stats(dataset.train, dataset.vocab.itos)
-    if len(dataset.val) < setup.length:
-        setup.notes.append(f"validation split shorter than {setup.length} characters: no real-text reference")
-        return
-    generator = torch.Generator().manual_seed(REFERENCE_SEED)
-    setup.reference_ids = sample_windows(dataset.val, setup.length, setup.args.num_samples, generator)
-
-
 def _check_autoregressive(args: SampleArgs, trained: Trained) -> None:
-    """Refuse, in one line, what does not apply to left-to-right generation one character at a time."""
+    """Refuse, in one line, the command's flags that do not apply to left-to-right generation (the engine refuses
+    the rest)."""
     what = f"{trained.path} is an autoregressive checkpoint"
-    if args.infill is not None:
-        raise UserError(f"--infill: {what}, which sees no text to the right of a hole; use --prompt")
     if args.sweep_steps is not None:
         raise UserError(f"--sweep_steps={args.sweep_steps}: {what}; it takes one step per character")
-    if args.confidence_threshold is not None:
-        tau = args.confidence_threshold
-        raise UserError(f"--confidence_threshold={tau}: {what}; it commits one character per step")
-    if args.block_length is not None:
-        raise UserError(f"--block_length={args.block_length}: {what}; it generates one character at a time")
     if args.critic_ckpt is not None:
         raise UserError(f"--critic_ckpt={args.critic_ckpt}: {what}; there is nothing to re-mask")
-
-
-def _autoregressive_start(
-    trained: Trained, canvas: torch.Tensor, fixed: torch.Tensor, notes: list[str]
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Without a prompt, a causal model (no beginning-of-text token) starts from a newline, as nanoGPT's
-    sample.py does; the newline is not counted as generated text."""
-    if "\n" not in trained.vocab.itos:
-        raise UserError(f"--prompt: {trained.path} is autoregressive and its vocabulary has no newline to start from")
-    canvas, fixed = canvas.clone(), fixed.clone()
-    canvas[0], fixed[0] = trained.vocab.encode("\n", source="--prompt")[0], True
-    notes.append("no prompt: the autoregressive samples continue a newline (nanoGPT's default start)")
-    return canvas, fixed, 1
 
 
 def build(args: SampleArgs) -> Setup:
@@ -428,54 +265,44 @@ def build(args: SampleArgs) -> Setup:
 
 
 def build_from(args: SampleArgs, trained: Trained, device: torch.device) -> Setup:
-    """The sampling setup of a loaded model (`unmask sample`, and `unmask.load(...).generate`)."""
+    """The sampling setup of a loaded model: canvas, steps, the engine's checks, reference data, judge, critic."""
     trained.require_head(("lm",), "unmask sample")
-    kind = checkpoint_kind(trained)
-    notes: list[str] = []
-    if kind == "autoregressive":
+    mc = trained.model_config
+    if mc.causal:
         _check_autoregressive(args, trained)
-    canvas, fixed, prompt_length = _build_canvas(args, trained)
-    if kind == "autoregressive":
-        if prompt_length == 0:
-            canvas, fixed, prompt_length = _autoregressive_start(trained, canvas, fixed, notes)
-    elif kind == "block_diffusion":
-        _check_block_diffusion(args, trained, fixed)
-    steps = steps_for(args, fixed, trained, kind)
-    setup = Setup(args, trained, device, canvas, fixed, prompt_length, kind, steps, notes=notes)
+    elif trained.config.get("objective") == "block_diffusion" and mc.diffusion_block <= 0:
+        raise UserError(f"{trained.path}: objective block_diffusion but its model_config has no diffusion_block")
+    flag = "--prompt_file" if args.prompt_file else "--prompt"
+    source = str(trained.path)
+    canvas = build_canvas(
+        trained.vocab, mc.block_size, mc.causal, _read_prompt(args), args.length, args.infill, args.placeholder, flag,
+        source,
+    )  # fmt: skip
+    critic = None
+    if args.critic_ckpt is not None:
+        from unmask.transfer.critic import load_critic
+
+        critic = load_critic(args.critic_ckpt, trained, min(canvas.length, mc.block_size), device).model
+    engine = Engine(trained.model, trained.vocab, mc, device, critic, source)
+    given = [(f"--sweep_steps={args.sweep_steps}", n) for n in args.step_counts]
+    if args.steps is not None:
+        given.insert(0, (f"--steps={args.steps}", args.steps))
+    base = GUIDE_STEPS if args.preset == "guide" else DEFAULT_STEPS
+    adaptive = args.confidence_threshold is not None
+    steps = engine.steps(canvas.fixed, args.block_length, adaptive, given, base, args.policy)
+    request = GenerationRequest(canvas.ids, canvas.fixed, sampling_config(args, args.strategies[0], steps))
+    kind = engine.check(replace(request, policy=args.policy, per_step=args.per_step)).name
+    setup = Setup(args, trained, device, engine, canvas, steps, kind, notes=list(canvas.notes))
     if args.metrics:
-        _load_corpus(setup)
+        setup.reference = load_reference(trained, args.data_dir, canvas.length, args.num_samples, setup.notes)
     if args.judge_ckpt is not None:
         judge = read_trained(args.judge_ckpt, None, device, flag_prefix="judge_")
         judge.require_head(("lm",), "--judge_ckpt")
         setup.judge = Judge(judge, args.judge_draws)
-    if args.critic_ckpt is not None:
-        window = min(setup.length, trained.model_config.block_size)
-        from unmask.transfer.critic import load_critic
-
-        setup.critic = load_critic(args.critic_ckpt, trained, window, device)
     return setup
 
 
 # --- run ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SampleRun:
-    config: SamplingConfig
-    texts: list[str]  # full canvases
-    logprobs: list[float]  # per sample: mean log p of its generated characters when they were written
-    seconds: float
-    forward_passes: int
-    generated_chars: int
-    nfe: list[int]  # per sample: model calls it took part in (adaptive with --confidence_threshold)
-
-    @property
-    def mean_nfe(self) -> float:
-        return sum(self.nfe) / len(self.nfe)
-
-    @property
-    def chars_per_second(self) -> float:
-        return self.generated_chars / self.seconds if self.seconds > 0 else math.inf
 
 
 def sampling_config(args: SampleArgs, remasking: str, steps: int) -> SamplingConfig:
@@ -492,82 +319,14 @@ def sampling_config(args: SampleArgs, remasking: str, steps: int) -> SamplingCon
     )
 
 
-StepHook = Callable[[int, StepEvent], None]  # (index of the batch's first sample, event)
+def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None = None) -> Generated:
+    """Generate all samples (`Engine.run`): batches of --batch_size, each sample from its own generator."""
+    return setup.engine.run(setup.request(config), on_step)
 
 
-def run_samples(setup: Setup, config: SamplingConfig, on_step: StepHook | None = None) -> SampleRun:
-    """Generate all samples in batches of --batch_size, each from its own generator; time generation only."""
-    args, trained = setup.args, setup.trained
-    texts: list[str] = []
-    logprobs: list[float] = []
-    nfe: list[int] = []
-    seconds, forward_passes = 0.0, 0
-    for first in range(0, args.num_samples, args.batch_size):
-        rows = min(args.batch_size, args.num_samples - first)
-        canvas = setup.canvas.to(setup.device).expand(rows, -1).clone()  # (B, L)
-        fixed = setup.fixed.to(setup.device).expand(rows, -1)  # (B, L)
-        hook = partial(on_step, first) if on_step else None
-        t0 = time.perf_counter()
-        mask_id, block_size = trained.vocab.mask_id, trained.model_config.block_size
-        critic = None
-        if config.remasking == "critic" and setup.critic is not None:
-            from unmask.transfer.critic import CriticRemask
-
-            critic = CriticRemask(setup.critic.model, config.randomness_strength)
-        generator = setup.generator(first, rows)
-        if args.policy is not None:
-            block_length = trained.model_config.diffusion_block or args.block_length  # a block model's own K
-            result = generate_with_policy(
-                trained.model, canvas, fixed, mask_id, args.policy, args.per_step, generator.generators, block_length
-            )
-        elif setup.kind == "autoregressive":
-            result = generate_autoregressive(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook)
-        elif setup.kind == "block_diffusion":
-            K = trained.model_config.diffusion_block
-            result = generate_block_diffusion(
-                trained.model, canvas, fixed, mask_id, block_size, K, config, generator, hook, critic
-            )
-        else:
-            result = generate(trained.model, canvas, fixed, mask_id, block_size, config, generator, hook, critic)
-        if setup.device.type == "cuda":
-            torch.cuda.synchronize(setup.device)
-        seconds += time.perf_counter() - t0
-        forward_passes += result.forward_passes
-        nfe.extend(result.nfe.tolist())
-        texts.extend(trained.vocab.decode(row) for row in result.tokens)
-        generated = (~fixed).to(result.logprobs.device)
-        logprobs.extend(((result.logprobs * generated).sum(1) / generated.sum(1)).tolist())
-    generated_chars = int((~setup.fixed).sum()) * args.num_samples
-    return SampleRun(config, texts, logprobs, seconds, forward_passes, generated_chars, nfe)
-
-
-def evaluate(setup: Setup, run: SampleRun) -> dict[str, Any]:
-    """Sample metrics and, when real text is available, the same metrics of real validation windows."""
-    cut = setup.prompt_length
-    result: dict[str, Any] = {
-        "samples": sm.text_metrics([t[cut:] for t in run.texts], setup.corpus),
-        "reference": None,
-        "speed": {
-            "chars_per_second": run.chars_per_second,
-            "forward_passes": run.forward_passes,
-            "mean_nfe": run.mean_nfe,
-            "seconds": run.seconds,
-            "generated_chars": run.generated_chars,
-        },
-    }
-    result["samples"]["mean_self_logprob"] = sm.mean(run.logprobs)
-    if setup.corpus is not None:
-        result["train_char_entropy_bits"] = setup.corpus.char_entropy
-    reference_texts = None
-    if setup.reference_ids is not None:
-        reference_texts = [setup.trained.vocab.decode(row) for row in setup.reference_ids]
-        result["reference"] = sm.text_metrics([t[cut:] for t in reference_texts], setup.corpus)
-    if setup.judge is not None:
-        scored = (~setup.fixed).expand(setup.args.num_samples, -1)
-        result["samples"]["judge_nll"] = sm.mean(setup.judge.nll(run.texts, scored))
-        if reference_texts is not None:
-            result["reference"]["judge_nll"] = sm.mean(setup.judge.nll(reference_texts, scored))
-    return result
+def evaluate(setup: Setup, run: Generated) -> dict[str, Any]:
+    """Sample metrics next to real text's, and the judge's NLL (`unmask.generation.quality`)."""
+    return evaluate_samples(run, setup.trained.vocab, setup.fixed, setup.prompt_length, setup.reference, setup.judge)
 
 
 # --- output ---------------------------------------------------------------------------------------------------
@@ -591,38 +350,18 @@ def _fmt(value: Any) -> str:
 
 
 def describe(setup: Setup, config: SamplingConfig) -> str:
-    t = setup.trained
+    t, a = setup.trained, setup.args
     top_k = config.top_k or "off"
     top_p = config.top_p if config.top_p < 1 else "off"
-    if setup.kind == "autoregressive":
-        return (
-            f"checkpoint {t.path} (iter {t.iter_num}, autoregressive: one character per forward pass, KV cache); "
-            f"{setup.args.num_samples} samples x {setup.length} characters; temperature {config.temperature}, "
-            f"top_k {top_k}, top_p {top_p}; seed {setup.args.seed}"
-        )
-    if setup.args.policy is not None:
-        return (
-            f"checkpoint {t.path} (iter {t.iter_num}); {setup.args.num_samples} samples x {setup.length} characters; "
-            f"policy {setup.args.policy}, {setup.args.per_step} per step, the model's own distribution (exact "
-            f"likelihood: unmask eval --estimator=policy); seed {setup.args.seed}"
-        )
-    if config.confidence_threshold is None:
-        steps = f"{config.schedule} schedule, {config.steps} steps"
-        if setup.kind == "block_diffusion":
-            steps += " split across the blocks"
-    else:
-        steps = f"confidence threshold {config.confidence_threshold} (adaptive steps)"
-    kind = ""
-    if setup.kind == "block_diffusion":
-        kind = f", block diffusion: blocks of {t.model_config.diffusion_block} left to right, KV cache"
+    how = setup.engine.strategy(setup.request(config)).describe(config)
+    sampler = "" if a.policy is not None else f"; temperature {config.temperature}, top_k {top_k}, top_p {top_p}"
     return (
-        f"checkpoint {t.path} (iter {t.iter_num}{kind}); {setup.args.num_samples} samples x {setup.length} characters; "
-        f"{config.remasking}, {steps}; temperature {config.temperature}, "
-        f"top_k {top_k}, top_p {top_p}; seed {setup.args.seed}"
+        f"checkpoint {t.path} (iter {t.iter_num}); {a.num_samples} samples x {setup.length} characters; "
+        f"{how}{sampler}; seed {a.seed}"
     )
 
 
-def report(setup: Setup, run: SampleRun, metrics: dict[str, Any] | None, out: IO[str]) -> None:
+def report(setup: Setup, run: Generated, metrics: dict[str, Any] | None, out: IO[str]) -> None:
     print(describe(setup, run.config), file=out)
     for i, text in enumerate(run.texts):
         print(f"=== sample {i + 1} ===", file=out)
@@ -646,7 +385,7 @@ def report(setup: Setup, run: SampleRun, metrics: dict[str, Any] | None, out: IO
         print(f"note: {note}", file=out)
 
 
-def json_document(setup: Setup, run: SampleRun, metrics: dict[str, Any] | None) -> dict[str, Any]:
+def json_document(setup: Setup, run: Generated, metrics: dict[str, Any] | None) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(setup.args).items() if k not in ("strategies", "step_counts")}
     return {
         "checkpoint": str(setup.trained.path),
@@ -810,7 +549,7 @@ def main(argv: list[str]) -> int:
     if args.animate is not None:
         if not Path(args.animate).parent.is_dir():  # before generating, not after
             raise UserError(f"--animate={args.animate}: directory {Path(args.animate).parent} does not exist")
-        recorder = Recorder(setup.canvas, setup.fixed, setup.trained.vocab.mask_id, args.num_samples)
+        recorder = Recorder(setup.canvas.ids, setup.fixed, setup.trained.vocab.mask_id, args.num_samples)
         hooks.append(recorder)
 
     def on_step(first: int, event: StepEvent) -> None:

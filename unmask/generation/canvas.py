@@ -67,6 +67,7 @@ def build_canvas(
     infill: str | None = None,
     placeholder: str = "_",
     prompt_flag: str = "--prompt",
+    source: str = "the model",
 ) -> Canvas:
     """The canvas of a request: an infilling template, or a prompt continued to `length` (default: block_size).
 
@@ -75,7 +76,10 @@ def build_canvas(
     """
     if infill is not None:
         if causal:
-            raise UserError("--infill: an autoregressive model sees no text to the right of a hole; use --prompt")
+            raise UserError(
+                f"--infill: {source} is an autoregressive checkpoint, which sees no text to the right of a "
+                "hole; use --prompt"
+            )
         if not placeholder_spans(infill, placeholder):
             raise UserError(f"--infill: the template has no {placeholder!r} to fill (see --placeholder)")
         known = iter(vocab.encode("".join(ch for ch in infill if ch != placeholder), source="--infill"))
@@ -89,9 +93,9 @@ def build_canvas(
             )
         if "\n" not in vocab.itos:
             raise UserError(
-                f"{prompt_flag}: the model is autoregressive and its vocabulary has no newline to start from"
+                f"{prompt_flag}: {source} is autoregressive and its vocabulary has no newline to start from"
             )
-        canvas = build_canvas(vocab, block_size, causal, "\n", length, prompt_flag=prompt_flag)
+        canvas = build_canvas(vocab, block_size, causal, "\n", length, prompt_flag=prompt_flag, source=source)
         canvas.notes.append("no prompt: the autoregressive samples continue a newline (nanoGPT's default start)")
         return canvas
     ids = vocab.encode(prompt, source=prompt_flag)

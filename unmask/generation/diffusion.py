@@ -41,8 +41,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from unmask.config.flags import bounded, check_ranges
+from unmask.errors import UserError
 from unmask.generation.draws import Generators, RowGenerators, model_probs, sample_categorical
 from unmask.generation.remasking import (
+    REMASKING,
     Proposal,
     Remasking,
     chosen_probability,
@@ -50,24 +53,44 @@ from unmask.generation.remasking import (
     select_top,
     threshold_commit,
 )
-from unmask.generation.schedules import Block, num_transfer_tokens, plan_blocks
+from unmask.generation.schedules import SCHEDULES, Block, num_transfer_tokens, plan_blocks
 
 # --- the loop -------------------------------------------------------------------------------------------------
 
 
+MAX_STEPS = 1_000_000  # more steps than characters to fill are skipped; a canvas holds at most 10^6 characters
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
-    steps: int = 64
+    """How to sample, validated on construction with errors that name `unmask sample`'s flags (the command and
+    `unmask.load(...).generate` take the same options)."""
+
+    steps: int = bounded(64, 1, MAX_STEPS)
     schedule: str = "linear"
-    remasking: str = "random"
-    randomness_strength: float = 0.4  # for remasking="remask"
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    block_length: int | None = None  # None: one block, or default_block_length for canvases over block_size
+    remasking: str = "random"  # one of REMASKING, or "critic"
+    randomness_strength: float = bounded(0.4, 0.0, 1.0)  # for remasking="remask" / "critic"
+    temperature: float = bounded(1.0, 0.0, 1000.0)
+    top_k: int = bounded(0, 0, 2**20)  # 0: off
+    top_p: float = bounded(1.0, 0.0, 1.0, lo_open=True)  # 1: off
+    # None: one block, or default_block_length for canvases over block_size
+    block_length: int | None = bounded(None, 1, MAX_STEPS)
     # None: the schedule's counts; a float: commit every masked position of the block whose drawn character has
     # probability >= this, at least one per step (Fast-dLLM); `steps` and `schedule` are then unused.
-    confidence_threshold: float | None = None
+    confidence_threshold: float | None = bounded(None, 0.0, 1000.0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule={self.schedule}: expected one of {', '.join(SCHEDULES)}")
+        if self.remasking not in (*REMASKING, "critic"):
+            raise UserError(f"--remasking={self.remasking}: expected one of {', '.join((*REMASKING, 'critic'))}")
+        tau = self.confidence_threshold
+        if tau is not None and self.remasking in ("remask", "critic"):
+            raise UserError(
+                f"--confidence_threshold={tau}: not with --remasking={self.remasking} (it re-masks down the "
+                "schedule's counts; threshold decoding needs a strategy that commits)"
+            )
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,15 @@ class Strategy(Protocol):
     def check(self, request: GenerationRequest) -> None:
         """Refuse (UserError naming the flag) what this kind cannot do."""
 
+    def blocks(self, fixed: Tensor, block_length: int | None) -> int | None:
+        """How many blocks the canvas is generated in (each needs a step at least); None when `steps` does not
+        apply (one character, or one policy step, per forward pass)."""
+        ...
+
+    def describe(self, config: SamplingConfig) -> str:
+        """How this kind generates, for the report."""
+        ...
+
     def fill(
         self,
         canvas: Tensor,
@@ -100,23 +109,39 @@ class Strategy(Protocol):
         ...
 
 
-def _check_steps(request: GenerationRequest, needed: int) -> None:
+DEFAULT_STEPS = 64  # --steps unset: this many steps per block_size characters to generate
+# The parameter guide's "Generation & Output Parameters" recommendations (`--preset=guide`). Its 25 steps are a
+# default like DEFAULT_STEPS (`default_steps`), not a value the user gave: they scale with a longer canvas.
+GUIDE_PRESET: dict[str, float | int] = {"temperature": 0.6, "top_k": 20, "top_p": 0.85}
+GUIDE_STEPS = 25
+
+
+def default_steps(base: int, to_fill: int, block_size: int, blocks: int) -> int:
+    """The steps of a run that did not give --steps: `base` (DEFAULT_STEPS, or the guide's) for up to block_size
+    characters to fill; for more, as many per character (the characters per step of the model's own canvas, so
+    quality does not fall with the length and time grows linearly with it) but never more than one step per
+    character; and at least one step per block (a block-diffusion model's blocks of K, or the sampler's blocks
+    past block_size), so the default always works."""
+    return max(base, min(-(-base * to_fill // block_size), to_fill), blocks)
+
+
+def _check_steps(request: GenerationRequest, needed: int | None) -> None:
     config = request.sampling
-    if config.confidence_threshold is None and config.steps < needed:
+    if needed is not None and config.confidence_threshold is None and config.steps < needed:
         raise UserError(
             f"--steps={config.steps}: fewer steps than the {needed} blocks to generate (one step per block at "
-            "least); raise the steps or --block_length"
+            "least); raise the steps or --block_length, or leave --steps unset"
         )
 
 
 class Autoregressive:
     name = "autoregressive"
 
-    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int) -> None:
-        self.model, self.config, self.mask_id = model, config, mask_id
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int, source: str = "the model") -> None:
+        self.model, self.config, self.mask_id, self.source = model, config, mask_id, source
 
     def check(self, request: GenerationRequest) -> None:
-        what = "the checkpoint is autoregressive"
+        what = f"{self.source} is an autoregressive checkpoint"
         holes = (~request.fixed).nonzero().flatten()
         if holes.numel() and bool(request.fixed[int(holes[0]) :].any()):
             raise UserError(f"--infill: {what}, which sees no text to the right of a hole; use --prompt")
@@ -126,7 +151,13 @@ class Autoregressive:
         if request.sampling.block_length is not None:
             raise UserError(f"--block_length={request.sampling.block_length}: {what}; it generates one at a time")
         if request.policy is not None:
-            raise UserError(f"--policy={request.policy}: {what}; it generates left to right")
+            raise UserError(f"--policy: an autoregressive (causal) checkpoint has one order already ({self.source})")
+
+    def blocks(self, fixed: Tensor, block_length: int | None) -> int | None:
+        return None
+
+    def describe(self, config: SamplingConfig) -> str:
+        return "autoregressive: one character per forward pass, KV cache"
 
     def fill(
         self,
@@ -144,15 +175,14 @@ class Autoregressive:
 class BlockDiffusion:
     name = "block_diffusion"
 
-    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int) -> None:
-        self.model, self.config, self.mask_id = model, config, mask_id
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int, source: str = "the model") -> None:
+        self.model, self.config, self.mask_id, self.source = model, config, mask_id, source
 
     def check(self, request: GenerationRequest) -> None:
-        K, block_size = self.config.diffusion_block, self.config.block_size
-        length = request.sampling.block_length
+        K, length = self.config.diffusion_block, request.sampling.block_length
         if length is not None and length != K:
             raise UserError(
-                f"--block_length={length}: the checkpoint is a block-diffusion model; it generates in its own "
+                f"--block_length={length}: {self.source} is a block-diffusion checkpoint; it generates in its own "
                 f"blocks of {K}"
             )
         holes = (~request.fixed).nonzero().flatten()
@@ -161,13 +191,22 @@ class BlockDiffusion:
             later = request.fixed[next_block:].nonzero().flatten()
             if later.numel():
                 raise UserError(
-                    f"--infill: the checkpoint is a block-diffusion model (blocks of {K}, filled left to right, each "
-                    f"seeing only the blocks before it); the template's fixed text at position "
+                    f"--infill: {self.source} is a block-diffusion checkpoint (blocks of {K}, filled left to right, "
+                    f"each seeing only the blocks before it); the template's fixed text at position "
                     f"{next_block + int(later[0])} lies after the block of the first hole (positions "
                     f"{next_block - K}..{next_block - 1}), so that hole could not see it: keep every fixed "
                     "character after the first hole inside that block"
                 )
-        _check_steps(request, len(plan_diffusion_blocks(~request.fixed.unsqueeze(0), K, block_size, None)))
+        _check_steps(request, self.blocks(request.fixed, length))
+
+    def blocks(self, fixed: Tensor, block_length: int | None) -> int | None:
+        mc = self.config
+        return len(plan_diffusion_blocks(~fixed.unsqueeze(0), mc.diffusion_block, mc.block_size, None))
+
+    def describe(self, config: SamplingConfig) -> str:
+        return f"block diffusion: blocks of {self.config.diffusion_block} left to right, KV cache; " + _steps_text(
+            config, " split across the blocks"
+        )
 
     def fill(
         self,
@@ -188,14 +227,20 @@ class BlockDiffusion:
 class FullSequence:
     name = "diffusion"
 
-    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int) -> None:
-        self.model, self.config, self.mask_id = model, config, mask_id
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int, source: str = "the model") -> None:
+        self.model, self.config, self.mask_id, self.source = model, config, mask_id, source
 
     def check(self, request: GenerationRequest) -> None:
         block_size, length = self.config.block_size, request.sampling.block_length
         if length is not None and length > block_size:
             raise UserError(f"--block_length={length}: longer than the model's block_size={block_size}")
-        _check_steps(request, len(plan_blocks(~request.fixed.unsqueeze(0), block_size, length, None)))
+        _check_steps(request, self.blocks(request.fixed, length))
+
+    def blocks(self, fixed: Tensor, block_length: int | None) -> int | None:
+        return len(plan_blocks(~fixed.unsqueeze(0), self.config.block_size, block_length, None))
+
+    def describe(self, config: SamplingConfig) -> str:
+        return _steps_text(config, "")
 
     def fill(
         self,
@@ -213,14 +258,25 @@ class FullSequence:
 class PolicyOrder:
     name = "policy"
 
-    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int, policy: str, per_step: int) -> None:
-        self.model, self.config, self.mask_id = model, config, mask_id
+    def __init__(
+        self, model: torch.nn.Module, config: ModelConfig, mask_id: int, policy: str, per_step: int, source: str
+    ) -> None:
+        self.model, self.config, self.mask_id, self.source = model, config, mask_id, source
         self.policy, self.per_step = policy, per_step
 
     def check(self, request: GenerationRequest) -> None:
         length = request.sampling.block_length
         if length is not None and length > self.config.block_size:
             raise UserError(f"--block_length={length}: longer than the model's block_size={self.config.block_size}")
+
+    def blocks(self, fixed: Tensor, block_length: int | None) -> int | None:
+        return None
+
+    def describe(self, config: SamplingConfig) -> str:
+        return (
+            f"policy {self.policy}, {self.per_step} per step, the model's own distribution (exact likelihood: "
+            "unmask eval --estimator=policy)"
+        )
 
     def fill(
         self,
@@ -237,16 +293,31 @@ class PolicyOrder:
         )
 
 
-def strategy_for(model: torch.nn.Module, config: ModelConfig, mask_id: int, policy: str | None = None,
-                 per_step: int = 1) -> Strategy:  # fmt: skip
-    """The strategy of a model's kind: chosen once, from its architecture (and a policy, if one is asked for)."""
+def _steps_text(config: SamplingConfig, split: str) -> str:
+    if config.confidence_threshold is not None:
+        how = f"confidence threshold {config.confidence_threshold} (adaptive steps)"
+    else:
+        how = f"{config.schedule} schedule, {config.steps} steps{split}"
+    return f"{config.remasking}, {how}"
+
+
+def strategy_for(
+    model: torch.nn.Module,
+    config: ModelConfig,
+    mask_id: int,
+    policy: str | None = None,
+    per_step: int = 1,
+    source: str = "the model",
+) -> Strategy:
+    """The strategy of a model's kind: chosen once, from its architecture (and a policy, if one is asked for).
+    `source` names the model in refusals (e.g. the checkpoint's path)."""
     if config.causal:
-        return Autoregressive(model, config, mask_id)
+        return Autoregressive(model, config, mask_id, source)
     if policy is not None:
-        return PolicyOrder(model, config, mask_id, policy, per_step)
+        return PolicyOrder(model, config, mask_id, policy, per_step, source)
     if config.diffusion_block > 0:
-        return BlockDiffusion(model, config, mask_id)
-    return FullSequence(model, config, mask_id)
+        return BlockDiffusion(model, config, mask_id, source)
+    return FullSequence(model, config, mask_id, source)
 
 
 class Engine:
@@ -259,16 +330,48 @@ class Engine:
         config: ModelConfig,
         device: torch.device,
         critic: torch.nn.Module | None = None,
+        source: str = "the model",
     ) -> None:
         self.model, self.vocab, self.config, self.device, self.critic = model, vocab, config, device, critic
+        self.source = source  # how refusals name the model (a checkpoint's path)
 
     def strategy(self, request: GenerationRequest) -> Strategy:
-        return strategy_for(self.model, self.config, self.vocab.mask_id, request.policy, request.per_step)
+        mask_id, policy, per_step = self.vocab.mask_id, request.policy, request.per_step
+        return strategy_for(self.model, self.config, mask_id, policy, per_step, self.source)
 
     def check(self, request: GenerationRequest) -> Strategy:
         strategy = self.strategy(request)
         strategy.check(request)
         return strategy
+
+    def steps(
+        self,
+        fixed: Tensor,
+        block_length: int | None,
+        adaptive: bool,
+        given: list[tuple[str, int]],
+        base: int = DEFAULT_STEPS,
+        policy: str | None = None,
+    ) -> int:
+        """The steps a request takes: the first of `given` ((flag, steps) the user gave, each refused when fewer
+        than the blocks to generate), else `default_steps` for this model and canvas, which always suffices.
+        `adaptive` (a confidence threshold or an entropy budget): every block takes what it needs."""
+        block_size = self.config.block_size
+        if block_length is not None and block_length > block_size and not self.config.causal:
+            raise UserError(f"--block_length={block_length}: longer than the model's block_size={block_size}")
+        strategy = strategy_for(self.model, self.config, self.vocab.mask_id, policy, source=self.source)
+        needed = strategy.blocks(fixed, block_length)
+        if needed is None or adaptive:
+            return given[0][1] if given else base
+        for flag, steps in given:
+            if steps < needed:
+                raise UserError(
+                    f"{flag}: fewer steps than the {needed} blocks to generate (one step per block at least); "
+                    "raise the steps or --block_length, or leave --steps unset"
+                )
+        if given:
+            return given[0][1]
+        return default_steps(base, int((~fixed).sum()), block_size, needed)
 
     def generators(self, request: GenerationRequest, first: int, count: int) -> RowGenerators:
         """Samples first .. first + count - 1 each draw from their own generator seeded from (seed, index)."""
