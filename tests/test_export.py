@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import unmask
-import unmask.commands.export as export_mod
+import unmask.storage.export_format as export_mod
 from tests.conftest import tiny_flags
 from unmask.cli import main
-from unmask.commands.export import CONFIG_FILE, DIGEST_KEY, WEIGHTS_FILE, definition_digest
 from unmask.errors import UserError
+from unmask.storage.export_format import CONFIG_FILE, DIGEST_KEY, WEIGHTS_FILE, definition_digest
 
 
 @pytest.fixture(scope="module")

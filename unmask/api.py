@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from unmask.commands.export import export_config, export_dir_problem, is_export_dir, load_export, split_tied
 from unmask.data.dataset import Vocab
 from unmask.errors import UserError
 from unmask.generation.canvas import build_canvas
@@ -25,6 +24,7 @@ from unmask.generation.diffusion import SamplingConfig
 from unmask.generation.engine import DEFAULT_STEPS, GUIDE_PRESET, GUIDE_STEPS, Engine, GenerationRequest
 from unmask.likelihood.score import Scorer, scorer_for
 from unmask.model import ModelConfig, Transformer
+from unmask.storage.export_format import export_config, export_dir_problem, is_export_dir, load_export, split_tied
 from unmask.storage.loading import Trained, trained_from
 
 DEFAULT_SEED = 1337  # `unmask sample`'s default
