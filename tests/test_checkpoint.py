@@ -11,6 +11,7 @@ import torch
 
 from unmask.errors import UserError
 from unmask.storage import checkpoint as ck
+from unmask.storage import run_dir
 
 
 def _state(i: int) -> dict:
@@ -34,7 +35,7 @@ def test_newest_and_keep_last(tmp_path: Path) -> None:
     for i in (5, 100, 20, 40):
         ck.save_checkpoint(tmp_path, i, _state(i), {}, keep_last=2)
     assert [i for i, _ in ck.list_checkpoints(tmp_path)] == [40, 100]
-    assert ck.read_checkpoint(tmp_path, "--out_dir")[0].name == "ckpt_unmasking_100.pt"  # no run.json: by number
+    assert run_dir.read_checkpoint(tmp_path, "--out_dir")[0].name == "ckpt_unmasking_100.pt"  # no run.json: by number
     assert ck.named_checkpoint(tmp_path, "ckpt_unmasking_40.pt").name == "ckpt_unmasking_40.pt"
     assert not (tmp_path / "ckpt_unmasking_20.json").exists()
 
@@ -42,7 +43,7 @@ def test_newest_and_keep_last(tmp_path: Path) -> None:
 def test_partial_temp_file_is_ignored(tmp_path: Path) -> None:
     ck.save_checkpoint(tmp_path, 10, _state(10), {})
     (tmp_path / ".ckpt_unmasking_20.pt.abc.tmp").write_bytes(b"half a checkpoint")
-    assert ck.read_checkpoint(tmp_path, "--out_dir")[0].name == "ckpt_unmasking_10.pt"
+    assert run_dir.read_checkpoint(tmp_path, "--out_dir")[0].name == "ckpt_unmasking_10.pt"
 
 
 def test_failed_write_leaves_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,7 +62,7 @@ def test_failed_write_leaves_old_file(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no ckpt_unmasking_<iter>.pt checkpoint"):
-        ck.load_for_resume(tmp_path)
+        run_dir.load_for_resume(tmp_path)
     with pytest.raises(UserError, match="--ckpt_filename=nope.pt: no such file"):
         ck.named_checkpoint(tmp_path, "nope.pt")
     bad = tmp_path / "ckpt_unmasking_3.pt"
@@ -97,18 +98,18 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path: Path) -> N
     newest = run / "ckpt_unmasking_12.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
     warnings: list[str] = []
-    path, ckpt = ck.load_for_resume(run, warn=warnings.append)
+    path, ckpt = run_dir.load_for_resume(run, warn=warnings.append)
     assert path == run / "ckpt_unmasking_8.pt" and ckpt["iter_num"] == 8
     assert len(warnings) == 1 and "ckpt_unmasking_12.pt: damaged checkpoint" in warnings[0]
     assert "recorded" in warnings[0]  # names the expected and the actual size
     # Named explicitly, a damaged file is an error, never silently replaced.
     with pytest.raises(UserError, match="ckpt_unmasking_12.pt: damaged checkpoint"):
-        ck.load_for_resume(run, "ckpt_unmasking_12.pt")
+        run_dir.load_for_resume(run, "ckpt_unmasking_12.pt")
     # Nothing intact at all: one error listing every problem.
     for it in (4, 8):
         (run / f"ckpt_unmasking_{it}.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="no intact checkpoint"):
-        ck.load_for_resume(run, warn=warnings.append)
+        run_dir.load_for_resume(run, warn=warnings.append)
 
 
 class _Payload:

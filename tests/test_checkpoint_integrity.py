@@ -17,6 +17,7 @@ from unmask.cli import main
 from unmask.errors import UserError
 from unmask.model import ModelConfig, Transformer
 from unmask.storage import checkpoint as ck
+from unmask.storage import run_dir
 from unmask.storage.loading import read_trained
 
 from .conftest import tiny_flags
@@ -120,7 +121,7 @@ def test_a_malformed_sidecar_is_one_warning_and_the_damaged_fallback(tmp_path: P
     with pytest.raises(UserError, match=f"ckpt_unmasking_8.pt: damaged checkpoint \\(its sidecar .*{message}"):
         ck.load_checkpoint(tmp_path / "ckpt_unmasking_8.pt")
     warnings: list[str] = []
-    path, ckpt = ck.load_for_resume(tmp_path, warn=warnings.append)
+    path, ckpt = run_dir.load_for_resume(tmp_path, warn=warnings.append)
     assert path.name == "ckpt_unmasking_4.pt" and ckpt["iter_num"] == 4
     assert len(warnings) == 1 and "\n" not in warnings[0] and message in warnings[0]
 

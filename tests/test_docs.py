@@ -185,9 +185,9 @@ def command_class(name: str) -> type:
     from unmask.commands.eval import EvalArgs
     from unmask.commands.export import ExportArgs
     from unmask.commands.plot import PlotArgs
+    from unmask.commands.prepare import PrepareArgs
     from unmask.commands.sample import SampleArgs
     from unmask.config.train_config import TrainConfig
-    from unmask.data.prepare import PrepareArgs
     from unmask.transfer.classify import ClassifyArgs
 
     classes: dict[str, type] = {

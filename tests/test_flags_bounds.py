@@ -20,11 +20,11 @@ from unmask.commands.compare import CompareArgs
 from unmask.commands.eval import EvalArgs
 from unmask.commands.export import ExportArgs
 from unmask.commands.plot import PlotArgs
+from unmask.commands.prepare import PrepareArgs
 from unmask.commands.sample import SampleArgs
 from unmask.commands.train import build_train_run as build_train_config
 from unmask.config.flags import Range, check_range, field_range, load_preset
 from unmask.config.train_config import TrainConfig
-from unmask.data.prepare import PrepareArgs
 from unmask.errors import UserError
 from unmask.transfer.classify import ClassifyArgs
 

@@ -16,7 +16,6 @@ from tests.conftest import tiny_flags
 from unmask.cli import main
 from unmask.commands.train import build_train_run
 from unmask.errors import UserError
-from unmask.storage import checkpoint as ckpt_io
 from unmask.storage import run_dir
 
 
@@ -303,7 +302,7 @@ def test_export_load_and_the_loaders_take_the_runs_newest_checkpoint(rolled_back
     assert unmask.load(rolled_back).trained.path == rolled_back / "ckpt_unmasking_6.pt"
     assert resolve_checkpoint(str(rolled_back), None) == rolled_back / "ckpt_unmasking_6.pt"
     assert read_trained(None, str(rolled_back), warn=lambda _: None).iter_num == 6
-    assert ckpt_io.read_checkpoint(rolled_back, "--ckpt", warn=lambda _: None)[0].name == "ckpt_unmasking_6.pt"
+    assert run_dir.read_checkpoint(rolled_back, "--ckpt", warn=lambda _: None)[0].name == "ckpt_unmasking_6.pt"
     assert main(["export", f"--ckpt={rolled_back}", f"--out={tmp_path / 'export'}"]) == 0
     assert json.loads((tmp_path / "export" / "config.json").read_text())["training"]["iterations"] == 6
 

@@ -26,6 +26,7 @@ from unmask.likelihood.score import Scorer, scorer_for
 from unmask.model import ModelConfig, Transformer
 from unmask.storage.export_format import export_config, export_dir_problem, is_export_dir, load_export, split_tied
 from unmask.storage.loading import Trained, trained_from
+from unmask.storage.run_dir import read_checkpoint
 
 DEFAULT_SEED = 1337  # `unmask sample`'s default
 DEFAULT_BATCH = 16  # samples generated together (`unmask sample --batch_size`; a sample does not depend on it)
@@ -202,7 +203,6 @@ class Model:
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> Model:
     """A `Model` from an export directory, a checkpoint file or a run directory (its newest checkpoint)."""
-    from unmask.storage import checkpoint as ckpt_io
 
     path = Path(path)
     incomplete = export_dir_problem(path)
@@ -223,7 +223,7 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Model:
         return Model(trained, config)
     if not path.exists():
         raise UserError(f"{path}: no such export directory, checkpoint file or run directory")
-    ckpt_path, ckpt = ckpt_io.read_checkpoint(path, str(path))  # a run directory: the run's newest checkpoint
+    ckpt_path, ckpt = read_checkpoint(path, str(path))  # a run directory: the run's newest checkpoint
     trained = trained_from(ckpt_path, ckpt, device)
     _, tied = split_tied(trained.model.state_dict())
     return Model(trained, export_config(trained, ckpt, tied))

@@ -16,7 +16,7 @@ from unmask.training.preemption import TrainingInterrupted
 
 # name -> (module whose `main(argv) -> int` runs it, one-line description)
 COMMANDS = {
-    "prepare": ("unmask.data.prepare", "turn a text corpus into train.bin / val.bin / meta.json"),
+    "prepare": ("unmask.commands.prepare", "turn a text corpus into train.bin / val.bin / meta.json"),
     "train": ("unmask.commands.train", "train a model (unmasking curriculum, mdlm, autoregressive, binary heads)"),
     "sample": (
         "unmask.commands.sample",

@@ -10,8 +10,8 @@ from typing import Any
 
 from unmask.config.flags import available_presets, format_help, load_preset, parse_flags
 from unmask.config.train_config import ARCHITECTURE_FLAGS, SCHEDULE_FLAGS, TrainConfig, differing_fields
-from unmask.storage import checkpoint as ckpt_io
 from unmask.storage import run_dir
+from unmask.storage.run_dir import load_for_resume
 
 USAGE = "unmask train [PRESET] [--flag=value ...]"
 
@@ -50,7 +50,7 @@ def build_train_run(argv: list[str]) -> TrainRun:
     # What the run had written before this resume read its checkpoint: the trainer compares it under the lock.
     manifest = None if values.get("ckpt_filename") is not None else run_dir.read_manifest(out_dir)
     seen_seq = None if manifest is None else run_dir.next_seq(out_dir, manifest["run_id"]) - 1
-    path, checkpoint = ckpt_io.load_for_resume(out_dir, values.get("ckpt_filename"))
+    path, checkpoint = load_for_resume(out_dir, values.get("ckpt_filename"))
     saved = checkpoint["config"]
     # Logging to an external service is decided by whoever resumes, never by a checkpoint (which may come from
     # elsewhere): --wandb_log is off unless given now.

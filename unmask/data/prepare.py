@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -43,8 +42,6 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from unmask import __version__
-from unmask.config.command import parse_command
-from unmask.config.flags import bounded, check_ranges
 from unmask.data.dataset import (
     FORMAT_VERSION,
     MASK_TOKEN,
@@ -56,6 +53,7 @@ from unmask.data.dataset import (
 )
 from unmask.data.sources import KNOWN_DATASETS, Corpus, fetch_tiny_shakespeare, read_input_file
 from unmask.errors import UserError
+from unmask.storage.atomic import replace_directory, temporary_directory
 
 __all__ = ["KNOWN_DATASETS", "CorpusScan", "paragraph_starts", "prepare", "scan_corpus"]
 
@@ -460,12 +458,12 @@ def _write_atomically(
     if target.exists() and not target.is_dir():
         raise UserError(f"{target}: exists and is not a directory; remove it or choose another --name")
     try:
-        tmp = _make_unique_dir(data_dir, f".{name}.tmp-")
+        tmp = temporary_directory(target)
     except OSError as exc:
         raise UserError(f"--data_dir={data_dir}: cannot write there: {exc.strerror or exc}") from exc
     try:
         written = _write_files(tmp, corpus, scan, _build_meta(name, corpus, scan, val_fraction), READ_CHUNK)
-        _swap_into_place(tmp, target)
+        replace_directory(tmp, target)
     except BaseException as exc:
         # BaseException so that Ctrl-C during a long write also cleans up the temporary directory.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -473,81 +471,3 @@ def _write_atomically(
             raise UserError(f"{target}: cannot write dataset: {exc.strerror or exc}") from exc
         raise
     return target, written
-
-
-def _make_unique_dir(parent: Path, prefix: str) -> Path:
-    # Not tempfile.mkdtemp: that creates mode 0700, and the renamed dataset should get the user's umask
-    # like any other directory they create.
-    for _ in range(100):
-        candidate = parent / f"{prefix}{secrets.token_hex(6)}"
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return candidate
-    raise FileExistsError(f"{parent}: could not create a unique temporary directory")
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    # Two renames rather than rmtree-then-rename: at every instant either the old or the new dataset is
-    # complete under `target` or in a sibling, never a partial mix.
-    old = target.parent / f".{target.name}.old-{secrets.token_hex(6)}"
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The command
-
-
-@dataclass
-class PrepareArgs:
-    data_dir: str = "data"
-    """Directory the dataset directory is written into."""
-    input: str | None = None
-    """A UTF-8 text file to prepare (for shakespeare_char: use this file instead of fetching)."""
-    name: str | None = None
-    """Dataset name for --input (default: the file's stem)."""
-    val_fraction: float = bounded(0.1, 0.0, 1.0, lo_open=True, hi_open=True)
-    """Fraction of the characters, taken from the end, that form the validation split."""
-    verify: bool = False
-    """Instead of preparing: check the prepared dataset's files against the sizes and sha256s in its meta.json."""
-
-    def __post_init__(self) -> None:
-        check_ranges(self)
-
-
-def main(argv: list[str]) -> int:
-    """`unmask prepare [DATASET] [flags]`."""
-    parsed = parse_command(
-        PrepareArgs,
-        argv,
-        "unmask prepare [DATASET] [flags]",
-        f"Prepare a known dataset ({', '.join(KNOWN_DATASETS)}) or any UTF-8 file (--input).",
-        max_positional=1,
-    )
-    if parsed is None:
-        return 0
-    positional, args = parsed
-    dataset = positional[0] if positional else None
-    if args.verify:
-        from unmask.data.dataset import verify_dataset
-
-        name = args.name or dataset
-        if name is None:
-            raise UserError("--verify=True: name the dataset (unmask prepare NAME --verify=True)")
-        verify_dataset(Path(args.data_dir) / name)
-        print(f"{Path(args.data_dir) / name}: intact")
-        return 0
-    if dataset is None and args.input is None:
-        raise UserError(f"unmask prepare: name a dataset ({', '.join(KNOWN_DATASETS)}) or give --input=FILE")
-    prepare(dataset, Path(args.input) if args.input else None, args.name, Path(args.data_dir), args.val_fraction)
-    return 0

@@ -12,6 +12,7 @@ from unmask.data.dataset import Vocab
 from unmask.errors import UserError
 from unmask.model import ModelConfig, Transformer
 from unmask.storage import checkpoint as ckpt_io
+from unmask.storage.run_dir import read_checkpoint
 
 _HEAD_NAMES = {
     "lm": "a language model",
@@ -59,7 +60,7 @@ def resolve_checkpoint(
     them is required. A file named directly is not verified here: `load_trained` verifies it."""
     source, flag = checkpoint_source(ckpt, out_dir, flag_prefix)
     if source.is_dir():
-        return ckpt_io.read_checkpoint(source, flag, warn)[0]
+        return read_checkpoint(source, flag, warn)[0]
     if not source.is_file():
         raise UserError(f"{flag}: no such checkpoint file or run directory")
     return source
@@ -76,7 +77,7 @@ def read_trained(
     the run's newest intact checkpoint (`unmask.storage.run_dir.newest_checkpoint`), each damaged newer one reported in
     one warning line (`warn`, default stderr), exactly as `train --init_from=resume` falls back."""
     source, flag = checkpoint_source(ckpt, out_dir, flag_prefix)
-    path, payload = ckpt_io.read_checkpoint(source, flag, warn)
+    path, payload = read_checkpoint(source, flag, warn)
     return trained_from(path, payload, device)
 
 

@@ -300,3 +300,31 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+
+def load_for_resume(
+    out_dir: Path, ckpt_filename: str | None = None, warn: ckpt_io.Warn | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """(path, checkpoint) to resume from: a named file, which must be intact, or the run's newest intact
+    checkpoint (`unmask.storage.run_dir.newest_checkpoint`, each damaged newer one reported through `warn`)."""
+    if ckpt_filename is not None:
+        path = ckpt_io.named_checkpoint(out_dir, ckpt_filename)
+        return path, ckpt_io.load_checkpoint(path)
+    advice = "; nothing to --init_from=resume: start a new run there (--overwrite=True replaces what is left)"
+    return newest_checkpoint(out_dir, f"--out_dir={out_dir}", warn, advice=advice)
+
+
+def read_checkpoint(
+    source: Path, flag: str, warn: ckpt_io.Warn | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]]:
+    """The one checkpoint reader: (path, verified checkpoint dict) from a file or a run directory.
+
+    A file must be intact. A run directory gives the run's newest intact checkpoint
+    (`unmask.storage.run_dir.newest_checkpoint`, the one rule every command follows); each damaged newer one is reported
+    in one line through `warn` (default: stderr), as `train --init_from=resume` does. `flag` (e.g. `--ckpt=out/run`)
+    starts the errors about `source` itself."""
+    if source.is_dir():
+        return newest_checkpoint(source, flag, warn, map_location)
+    if not source.is_file():
+        raise UserError(f"{flag}: no such checkpoint file or run directory")
+    return source, ckpt_io.load_checkpoint(source, map_location)

@@ -30,7 +30,7 @@ from unmask.config.train_config import ARCHITECTURE_FLAGS, TrainConfig, differin
 from unmask.data.dataset import Vocab
 from unmask.errors import UserError
 from unmask.model import Transformer
-from unmask.storage import checkpoint as ckpt_io
+from unmask.storage.run_dir import read_checkpoint
 
 DATA_FIELDS = ("data_dir", "dataset")  # default to the pretraining data
 # Config keys a resumed run must keep: they decide the head and which parameters the optimizer holds.
@@ -59,7 +59,7 @@ def is_transfer_start(values: dict[str, Any], explicit: frozenset[str]) -> bool:
 
 def load_pretrained(value: str) -> Pretrained:
     """The checkpoint file, or the newest checkpoint of a run directory; it must be a bidirectional LM."""
-    path, ckpt = ckpt_io.read_checkpoint(Path(value), f"{_FLAG}={value}")
+    path, ckpt = read_checkpoint(Path(value), f"{_FLAG}={value}")
     try:
         model_config = dict(ckpt["model_config"])
         vocab = Vocab(tuple(ckpt["vocab"]))
