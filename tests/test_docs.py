@@ -35,7 +35,8 @@ import pytest
 
 from tests.conftest import REPO, tiny_corpus
 from unmask import cli
-from unmask.config.flags import _fields, available_presets, convert
+from unmask.config.flags import _fields, convert
+from unmask.config.literal import available_presets
 from unmask.errors import UserError
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

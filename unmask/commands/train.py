@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unmask.config.flags import available_presets, format_help, load_preset, parse_flags
+from unmask.config.flags import format_help, load_preset, parse_flags
+from unmask.config.literal import available_presets
 from unmask.config.train_config import ARCHITECTURE_FLAGS, SCHEDULE_FLAGS, TrainConfig, differing_fields
 from unmask.storage import run_dir
 from unmask.storage.run_dir import load_for_resume
