@@ -11,8 +11,9 @@ import pytest
 
 from tests.conftest import tiny_flags
 from unmask.cli import main
-from unmask.commands.plot import INSTALL_HINT, read_records, run_curves, stage_changes
+from unmask.commands.plot import INSTALL_HINT, run_curves, stage_changes
 from unmask.errors import UserError
+from unmask.storage.run_dir import read_records
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STAGES = (

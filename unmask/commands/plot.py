@@ -14,7 +14,6 @@ scale an axis to them); titles and run names are drawn as plain text (a `$` neve
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -24,8 +23,8 @@ from typing import Any, Literal
 
 from unmask.config.flags import format_help, parse_flags
 from unmask.errors import UserError, file_in_the_way
+from unmask.storage.run_dir import METRICS, read_records
 
-METRICS_FILE = "metrics.jsonl"
 # The largest finite float32: a loss computed in float32 (or lower) never exceeds it; matplotlib's axis arithmetic
 # overflows on values near the float64 limit (1.7e308 raised LinAlgError while drawing).
 PLOT_LIMIT = 3.4028234663852886e38
@@ -46,33 +45,6 @@ class PlotArgs:
 
 def _warn(line: str) -> None:
     print(line, file=sys.stderr)
-
-
-def read_records(path: Path, warn: Callable[[str], None] = _warn) -> list[dict[str, Any]]:
-    """The JSON records of a metrics.jsonl file. A torn last line (a run killed mid-write) is skipped with a
-    warning; a bad line anywhere else is an error naming the file and line."""
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    while lines and not lines[-1].strip():
-        lines.pop()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply for the parser
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            if number == len(lines):
-                warn(f"warning: {path}:{number}: skipping a torn last line ({reason})")
-                continue
-            raise UserError(f"{path}:{number}: not a JSON record ({reason})") from None
-        records.append(record)
-    return records
 
 
 def _number(value: Any) -> float | None:
@@ -142,9 +114,9 @@ def stage_changes(evals: list[dict[str, Any]]) -> list[tuple[float, float | None
 def run_curves(run_dir: Path, warn: Callable[[str], None] = _warn) -> RunCurves:
     """The curves of one run directory (its metrics.jsonl), sorted by iteration; a resumed run's records for an
     iteration seen twice keep the later one."""
-    path = run_dir / METRICS_FILE
+    path = run_dir / METRICS
     if not path.is_file():
-        raise UserError(f"{run_dir}: no {METRICS_FILE} there (not a training run directory?)")
+        raise UserError(f"{run_dir}: no {METRICS} there (not a training run directory?)")
     records = read_records(path, warn)
     huge = [(record, key) for record in records for key in PLOTTED_KEYS if _too_large(record.get(key))]
     if huge:

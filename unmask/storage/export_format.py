@@ -36,6 +36,7 @@ from unmask.errors import UserError
 from unmask.model import ModelConfig, Transformer
 from unmask.storage.atomic import describe_os_error
 from unmask.storage.loading import Trained
+from unmask.storage.run_dir import METRICS, read_records
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -101,9 +102,7 @@ def split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
 
 def _run_evals(run_dir: Path, iter_num: int) -> list[dict[str, Any]]:
     """The run's eval records up to `iter_num` (metrics.jsonl next to the checkpoint; [] when absent)."""
-    from unmask.commands.plot import read_records  # the tolerant metrics.jsonl reader
-
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         return []
     return [r for r in read_records(path) if r.get("kind") == "eval" and (_iter(r) or 0) <= iter_num]

@@ -29,6 +29,7 @@ import socket
 import stat
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -328,3 +329,31 @@ def read_checkpoint(
     if not source.is_file():
         raise UserError(f"{flag}: no such checkpoint file or run directory")
     return source, ckpt_io.load_checkpoint(source, map_location)
+
+
+def read_records(path: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The JSON records of a metrics.jsonl file. A torn last line (a run killed mid-write) is skipped with a
+    warning (`warn`, default stderr); a bad line anywhere else is an error naming the file and line."""
+    warn = warn or ckpt_io.warn_stderr
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply for the parser
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            if number == len(lines):
+                warn(f"warning: {path}:{number}: skipping a torn last line ({reason})")
+                continue
+            raise UserError(f"{path}:{number}: not a JSON record ({reason})") from None
+        records.append(record)
+    return records

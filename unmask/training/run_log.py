@@ -15,6 +15,7 @@ from typing import Any
 
 from unmask.errors import UserError
 from unmask.storage.checkpoint import atomic_write_bytes, describe_os_error
+from unmask.storage.run_dir import METRICS
 
 _MAX_WARNINGS = 5  # lines named one by one; more are counted in one line
 
@@ -50,7 +51,7 @@ class RunLog:
         self.enabled = enabled
         self.run_id = run_id
         self.opened = time.time()
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS
         self._wandb: Any = None
         if enabled and wandb_config is not None:
             try:
