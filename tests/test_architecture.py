@@ -137,3 +137,42 @@ def test_a_new_objective_is_one_class_and_a_registration(tiny_data: Path, tmp_pa
     assert all(r["toy"] == 1 for r in run_records(tmp_path, "train"))
     assert objectives.OBJECTIVE_CLASSES["mdlm"] is MDLM
     assert isinstance(RunInputs, type)
+
+
+# --- the layers of the tree ------------------------------------------------------------------------------------------
+
+SUBPACKAGES = ("config", "data", "curriculum", "objectives", "likelihood", "generation", "training", "storage",
+               "commands", "transfer")  # fmt: skip
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else module
+
+
+def test_the_tree_shows_the_pipeline() -> None:
+    """Subpackages by role; at the top only the entry points, the model, the runtime, the API and the errors."""
+    top = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__", "__main__", "api", "cli", "errors", "model", "runtime"]
+    assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()) == sorted(
+        SUBPACKAGES
+    )
+
+
+def test_the_layer_rules() -> None:
+    """commands import the rest and nothing imports commands (cli reaches them by name); the API sits on generation
+    and likelihood (and storage to load), never on a command or the trainer; model imports nothing of the package."""
+    graph = import_graph()
+    for module, targets in graph.items():
+        into_commands = {t for t in targets if t.startswith("unmask.commands")}
+        if not module.startswith("unmask.commands"):
+            assert not into_commands, f"{module} imports {sorted(into_commands)}"
+    assert not graph["unmask.model"], sorted(graph["unmask.model"])
+    api = {_package(t) for t in graph["unmask.api"]}
+    assert {"unmask.generation", "unmask.likelihood"} <= {f"unmask.{p}" if "." not in p else p for p in api} | api
+    assert not {t for t in graph["unmask.api"] if t.startswith(("unmask.commands", "unmask.training"))}
+
+
+def test_no_module_is_over_500_lines() -> None:
+    sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert not {p: n for p, n in sizes.items() if n > 500}
