@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from tests.conftest import REPO, run_records, tiny_flags
 from unmask.cli import COMMANDS, main
+from unmask.commands.compare import parse_objectives
 from unmask.objectives import registry
 from unmask.objectives.base import DiffusionModel, Objective, RunInputs, TrainingHooks, objective_class
 
@@ -120,6 +121,9 @@ def test_the_trainer_has_no_objective_branches() -> None:
     assert not hook_names & on_objective, hook_names & on_objective
 
 
+TOY = "toy_half_masked"
+
+
 class ToyHooks(TrainingHooks):
     def log_fields(self) -> dict[str, Any]:
         return {"toy": 1}
@@ -146,17 +150,27 @@ class HalfMasked(DiffusionModel[tuple[torch.Tensor, torch.Tensor]]):
         return F.cross_entropy(model(x.masked_fill(selected, self.vocab.mask_id), positions=selected), x[selected])
 
 
-def test_a_new_objective_is_one_class_and_a_registration(tiny_data: Path, tmp_path: Path) -> None:
-    """A toy objective trains through the unchanged trainer and CLI."""
-    saved = registry.ENTRIES["mdlm"]
-    registry.register("mdlm", HalfMasked)  # under an existing --objective value for the duration of the test
+def test_a_new_objective_is_one_class_and_a_registration(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A toy objective trains through the unchanged trainer and CLI: --objective, --help and `unmask compare` know
+    it from its registration alone."""
+    assert main(["train", *tiny_flags(tiny_data, tmp_path / "before", objective=TOY)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"unmask train: error: --objective={TOY}: expected one of {', '.join(registry.names())}"
+    )
+    registry.register(TOY, HalfMasked)
     try:
         HalfMasked.calls.clear()
-        assert main(["train", *tiny_flags(tiny_data, tmp_path / "run", objective="mdlm", max_iters=4)]) == 0
+        assert main(["train", *tiny_flags(tiny_data, tmp_path / "run", objective=TOY, max_iters=4)]) == 0
+        assert main(["train", "--help"]) == 0
+        assert f"--objective={{unmasking,mdlm,autoregressive,block_diffusion,{TOY}}}" in capsys.readouterr().out
+        assert [s.objective for s in parse_objectives(f"mdlm,{TOY}")] == ["mdlm", TOY]
     finally:
-        registry.ENTRIES["mdlm"] = saved
+        del registry.ENTRIES[TOY]
     assert True in HalfMasked.calls and False in HalfMasked.calls  # training steps and an evaluation's batches
     assert all(r["toy"] == 1 for r in run_records(tmp_path / "run", "train"))
+    assert TOY not in registry.names()
 
 
 def test_registry_is_importable_without_the_objectives() -> None:
@@ -204,3 +218,19 @@ def test_the_objective_base_class_knows_no_objective_and_no_transfer() -> None:
     assert not subclasses & names, subclasses & names
     assert not set(registry.ENTRIES) & (names | strings)
     assert not any("transfer" in text for text in names | strings | {m or "" for m in imports})
+
+
+@pytest.mark.parametrize(
+    "module", ["config/train_config.py", "commands/compare.py", "commands/export.py", "objectives/base.py"]
+)
+def test_no_list_of_objectives_outside_the_registry(module: str) -> None:
+    """--objective's validation and --help, `unmask compare` and `unmask export` read the registry: no tuple, list,
+    set, Literal or table of objective names of their own."""
+    tree = ast.parse((PACKAGE / module).read_text())
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.Tuple, ast.List, ast.Set)):
+            values = {e.value for e in n.elts if isinstance(e, ast.Constant)}
+            assert len(values & set(registry.names())) < 2, f"{module}:{n.lineno}: a list of objective names"
+        if isinstance(n, ast.Dict):
+            keys = {k.value for k in n.keys if isinstance(k, ast.Constant)}
+            assert len(keys & set(registry.names())) < 2, f"{module}:{n.lineno}: a table keyed by objective name"
