@@ -1,7 +1,7 @@
 """Training-step cost of block diffusion vs the autoregressive baseline: ms per forward + backward.
 
 Times `unmask.likelihood.block.block_diffusion_loss` (one pass over the 2L-long [noisy ; clean] layout with the
-block-diffusion attention mask) against `unmask.objectives.base.autoregressive_loss` (causal, L inputs) and
+block-diffusion attention mask) against `unmask.objectives.autoregressive.autoregressive_loss` (causal, L inputs) and
 `unmask.likelihood.elbo.mdlm_training_loss` (bidirectional, L inputs) on the same architecture and batch. Random weights
 and tokens: the cost of a step does not depend on what the model has learnt. The goal (Arriola et al. 2025 train
 block diffusion at about twice an autoregressive step) is a ratio of at most 2.2.
@@ -31,7 +31,7 @@ import torch
 from unmask.likelihood.block import block_diffusion_loss
 from unmask.likelihood.elbo import mdlm_training_loss
 from unmask.model import ModelConfig, Transformer
-from unmask.objectives.base import autoregressive_loss
+from unmask.objectives.autoregressive import autoregressive_loss
 
 
 def step_ms(

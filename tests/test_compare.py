@@ -96,7 +96,7 @@ def test_missing_matplotlib_refused_before_training(
         (["--objectives=autoregressive,mdlm", "--diffusion_block=4"], "--diffusion_block=4: applies to a plain"),
         (["--objectives=autoregressive,block_diffusion:5"], "divides --block_size=32 (run block_diffusion_k5)"),
         (["--objective=mdlm"], "--objective/--init_from: compare chooses"),
-        (["--diffusion_objective=gpt"], "--diffusion_objective=gpt: expected one of mdlm, unmasking, block_diffusion"),
+        (["--diffusion_objective=gpt"], "--diffusion_objective=gpt: expected one of unmasking, mdlm, block_diffusion"),
         (["--diffusion_objective=mdlm", "--objectives=mdlm"], "--diffusion_objective: deprecated; give --objectives"),
         (["--plot=maybe"], "--plot"),
     ],
@@ -139,7 +139,7 @@ def test_parse_objectives() -> None:
         RunSpec("block_diffusion_k4", "block_diffusion", 4),
         RunSpec("block_diffusion_k16", "block_diffusion", 16),
     ]
-    assert parse_objectives("block_diffusion", diffusion_block=8) == [
+    assert parse_objectives("block_diffusion", {"diffusion_block": 8}) == [
         RunSpec("block_diffusion_k8", "block_diffusion", 8)
     ]
     with pytest.raises(UserError, match="unknown objective ''"):

@@ -24,8 +24,8 @@ from unmask.likelihood.elbo import (
 )
 from unmask.likelihood.score import Scorer, split_likelihood, split_window_offsets
 from unmask.model import ModelConfig, Transformer
-from unmask.objectives.base import mdlm_loss as mdlm_training_loss
-from unmask.objectives.base import sample_exact_k_batch, sample_mdlm_batch
+from unmask.objectives.mdlm import mdlm_loss as mdlm_training_loss
+from unmask.objectives.mdlm import sample_exact_k_batch, sample_mdlm_batch
 
 VOCAB = 7  # 6 characters + [MASK]
 MASK_ID = VOCAB - 1

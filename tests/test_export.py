@@ -287,3 +287,29 @@ def test_a_failed_rename_puts_the_previous_export_back(
     assert "read-only file system (EROFS); the existing directory is unchanged" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_objective_params_are_the_registered_classes_own() -> None:
+    """The exported objective_params come from the objective's registered class, so a new objective brings its own."""
+    from unmask.objectives import registry
+    from unmask.objectives.mdlm import MDLM
+
+    assert export_mod.objective_params("unmasking") == (
+        "unmasking_stages",
+        "validation_stages",
+        "use_all_stages_for_training",
+        "label_smoothing",
+    )
+    assert export_mod.objective_params("mdlm") == ("elbo_draws", "zero_masking", "mdlm_estimator")
+    assert export_mod.objective_params("autoregressive") == ("zero_masking",)
+    assert export_mod.objective_params("block_diffusion") == ("diffusion_block", "mask_rate_window", "elbo_draws")
+    assert export_mod.objective_params("retired_objective") == ()  # a checkpoint of an objective since removed
+
+    class Sharper(MDLM):
+        params = ("elbo_draws", "sharpness")
+
+    registry.register("toy_sharper", Sharper)
+    try:
+        assert export_mod.objective_params("toy_sharper") == ("elbo_draws", "sharpness")
+    finally:
+        del registry.ENTRIES["toy_sharper"]

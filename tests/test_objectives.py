@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import tiny_flags
 from unmask.cli import main
-from unmask.objectives.base import autoregressive_loss
+from unmask.objectives.autoregressive import autoregressive_loss
 from unmask.training.validation import autoregressive_val
 
 
@@ -89,3 +89,61 @@ def test_resume_is_exact_for_every_objective(tiny_data: Path, tmp_path: Path, ob
     a = torch.load(tmp_path / "a" / "ckpt_unmasking_16.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "ckpt_unmasking_16.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+OBJECTIVE_FLAGS: dict[str, dict[str, object]] = {
+    "unmasking": {"label_smoothing": 0.1},
+    "mdlm": {"objective": "mdlm"},
+    "mdlm_exact_k": {"objective": "mdlm", "mdlm_estimator": "exact_k"},
+    "autoregressive": {"objective": "autoregressive"},
+    "block_diffusion": {"objective": "block_diffusion", "diffusion_block": 4},
+    "binary_replaced_token": {"switch_to_binary": True},
+    "binary_sequence": {"switch_to_binary": True, "binary_task": "sequence"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(OBJECTIVE_FLAGS))
+def test_batch_draws_everything_and_loss_is_a_function_of_model_and_batch(
+    case: str, tiny_data: Path, tmp_path: Path
+) -> None:
+    """`batch` takes every random draw of a micro-step; `loss` draws nothing, from no generator, so the same batch
+    gives the same loss (and `batch` the same draws from the same generator states)."""
+    from tests.conftest import shuffled_task
+    from unmask.commands.train import build_train_run
+    from unmask.runtime import init_runtime
+    from unmask.training.trainer import Trainer
+
+    flags = dict(OBJECTIVE_FLAGS[case])
+    if flags.get("binary_task") == "sequence":
+        flags["classification_data"] = shuffled_task(tmp_path / "texts.jsonl", 40)
+    cfg = build_train_run(tiny_flags(tiny_data, tmp_path / "run", dropout=0.0, **flags)).cfg
+    trainer = Trainer(cfg, init_runtime("cpu", "float32", "gloo"))
+    objective, model = trainer.objective, trainer.raw_model
+    for training in (True, False):
+        data_gen, mask_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+        batch = objective.batch(data_gen, mask_gen, training)
+        gens = (data_gen, mask_gen, trainer.data_gen, trainer.mask_gen)  # the run's own streams too
+        states = (*(g.get_state() for g in gens), torch.get_rng_state())
+        first = objective.loss(model, batch)
+        second = objective.loss(model, batch)
+        after = (*(g.get_state() for g in gens), torch.get_rng_state())
+        assert all(torch.equal(a, b) for a, b in zip(states, after, strict=True))  # loss drew nothing
+        assert first.dim() == 0 and torch.isfinite(first) and torch.equal(first, second)
+        again = objective.batch(torch.Generator().manual_seed(3), torch.Generator().manual_seed(4), training)
+        if case != "unmasking" or not training:  # (unmasking's training batches take pre-drawn selections)
+            assert torch.equal(objective.loss(model, again), first)
+    trainer.lock.release()
+
+
+def test_an_objective_without_a_pretrained_start_refuses_pretrained_weights(tiny_data: Path, tmp_path: Path) -> None:
+    """A new objective that does not override `prepare_model` is told, not silently trained from scratch."""
+    from unmask.config.train_config import TrainConfig
+    from unmask.errors import UserError
+    from unmask.objectives.base import Objective, RunInputs
+    from unmask.runtime import init_runtime
+
+    cfg = TrainConfig(data_dir=str(tiny_data), dataset="tiny", out_dir=str(tmp_path), device="cpu")
+    inputs = RunInputs(cfg, init_runtime("cpu", "float32", "gloo"), torch.Generator(), pretrained=object())  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="--pretrained_checkpoint_path: the unmasking objective cannot start from"):
+        Objective(inputs).prepare_model(None)  # type: ignore[arg-type]
+    assert Objective(RunInputs(cfg, inputs.runtime, torch.Generator())).prepare_model(None) == []  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from unmask.config.train_config import TrainConfig
 from unmask.curriculum.plateau import Curriculum, CurriculumState
 from unmask.curriculum.stages import RandomStage, SpanStage, parse_stage, parse_stages
 from unmask.errors import UserError
-from unmask.objectives.base import label_smoothed_cross_entropy
+from unmask.objectives.unmasking import label_smoothed_cross_entropy
 from unmask.training.schedule import lr_at
 
 TINY_TRAIN_CHARS = 31340  # train split of the `tiny_data` corpus
@@ -337,7 +337,7 @@ def test_final_stage_duration_ends_training(
 def test_label_smoothing_applies_to_training_steps_only(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import unmask.objectives.base as objectives
+    import unmask.objectives.unmasking as objectives
 
     real = objectives.smoothed_unmasking_loss
     grad_modes: list[bool] = []

@@ -166,7 +166,7 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
 def test_nonfinite_losses_skip_updates_then_stop_cleanly(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import unmask.objectives.base as objectives
+    import unmask.objectives.unmasking as objectives
 
     real = objectives.unmasking_loss
     calls = {"n": 0}
@@ -214,7 +214,7 @@ def test_infinite_gradient_with_a_finite_loss_is_skipped(
     capsys: pytest.CaptureFixture[str],
     grad_clip: float,
 ) -> None:
-    import unmask.objectives.base as objectives
+    import unmask.objectives.unmasking as objectives
 
     real = objectives.unmasking_loss
     calls = {"n": 0}

@@ -8,7 +8,7 @@ ids -> windows       `data.sample_windows`, `batches.BatchSource`
 windows -> batch     `masking` (pure selection/corruption functions), `stages` (stage dicts), `curriculum`
                      (which stages train now), `batches` (per-stage corruption, the selection pool)
 batch -> logits      `model` (`Transformer`, KV cache)
-logits -> loss       `objectives` (one class per objective, every language-model loss), `block_diffusion`
+logits -> loss       `objectives` (one module per objective with its losses, `registry` names them), `block_diffusion`
                      (its masks, loss and bound), `transfer.tasks` (the binary tasks)
 loss -> step         `trainer` (the loop), `schedule` (learning rate), `runtime` (device, DDP, threads),
                      `preemption`

@@ -7,9 +7,11 @@ autoregressive in data-constrained settings", at small scale), printed as a tabl
 `OUT_DIR/compare.json`, `OUT_DIR/compare.csv` and (matplotlib, the `plot` extra) `OUT_DIR/compare.png`. The runs
 live in `OUT_DIR/<label>/` as ordinary training runs (checkpoints, metrics.jsonl).
 
-Block diffusion needs a block length: `block_diffusion:K` names it per run (so several K compare in one call, as
-`block_diffusion_kK`); a plain `block_diffusion` takes `--diffusion_block=K`, which is given to the block-diffusion
-runs only (the other objectives refuse the flag). `--mask_rate_window` likewise reaches block-diffusion runs only.
+The objectives are those of `unmask.objectives.registry`. One with a length flag (`Objective.length_flag`: block
+diffusion's block length) is named per run as `NAME:K` (so several K compare in one call, as `block_diffusion_kK`); a
+plain `block_diffusion` takes `--diffusion_block=K`, which is given to the block-diffusion runs only (the other
+objectives refuse the flag). The flags an objective lists in `Objective.run_only_flags` (`--mask_rate_window`
+likewise) reach its runs only.
 """
 
 from __future__ import annotations
@@ -25,23 +27,22 @@ from typing import TYPE_CHECKING, Any
 
 from unmask.config.flags import check_values, format_help, load_preset, parse_flags
 from unmask.errors import UserError
+from unmask.objectives import registry
 from unmask.storage.checkpoint import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     from unmask.config.train_config import TrainConfig
+    from unmask.objectives.base import Objective
 
-OBJECTIVES = ("autoregressive", "mdlm", "unmasking", "block_diffusion")
-DIFFUSION_OBJECTIVES = ("mdlm", "unmasking", "block_diffusion")
-BLOCK_ONLY_FLAGS = ("diffusion_block", "mask_rate_window")  # train flags only a block-diffusion run accepts
 INSTALL_HINT = "--plot=True: compare.png needs matplotlib: pip install 'unmask[plot]' (or pass --plot=False)"
 
 
 @dataclass
 class CompareArgs:
     objectives: str = "autoregressive,mdlm"
-    """Comma-separated objectives to train, each in OUT_DIR/<label>: autoregressive, mdlm, unmasking,
-    block_diffusion (block length from --diffusion_block) or block_diffusion:K (label block_diffusion_kK; several K
-    may be compared in one call)."""
+    """Comma-separated objectives to train (the --objective values below), each in OUT_DIR/<label>;
+    block_diffusion takes its block length from --diffusion_block, or per run as block_diffusion:K (label
+    block_diffusion_kK; several K may be compared in one call)."""
     plot: bool = True
     """Also write OUT_DIR/compare.png (val_bpc against epochs, best point of each run marked); needs matplotlib,
     checked before any training starts."""
@@ -58,17 +59,41 @@ class RunSpec:
     diffusion_block: int = 0
 
 
-def parse_objectives(text: str, diffusion_block: int = 0) -> list[RunSpec]:
-    """`--objectives` as run specs; `diffusion_block` is the --diffusion_block given for plain `block_diffusion`."""
+def objective_classes() -> dict[str, type[Objective[Any]]]:
+    """The registered `--objective` values and their classes (read for their class attributes only)."""
+    from unmask.objectives.base import objective_class
+
+    return {name: objective_class(name) for name in registry.names()}
+
+
+def run_only_flags() -> tuple[str, ...]:
+    """Train flags that only some objectives take (`Objective.run_only_flags`): given to those runs only."""
+    return tuple(dict.fromkeys(f for cls in objective_classes().values() for f in cls.run_only_flags))
+
+
+def diffusion_objectives() -> tuple[str, ...]:
+    """The registered objectives that are not autoregressive (the values of the deprecated --diffusion_objective)."""
+    return tuple(name for name, cls in objective_classes().items() if not getattr(cls, "causal", False))
+
+
+def parse_objectives(text: str, given: dict[str, Any] | None = None) -> list[RunSpec]:
+    """`--objectives` as run specs. `given`: the run-only train flags given (`run_only_flags`); a plain NAME whose
+    objective has a length flag (`Objective.length_flag`, block diffusion's --diffusion_block) takes K from there."""
+    given = given or {}
+    classes = objective_classes()
+    with_length = [name for name, cls in classes.items() if cls.length_flag]
     specs: list[RunSpec] = []
-    plain_block = False
+    used: set[str] = set()  # length flags a plain NAME took its K from
     for item in (part.strip() for part in text.split(",")):
         name, colon, k_text = item.partition(":")
-        if name not in OBJECTIVES:
-            raise UserError(f"--objectives={text}: unknown objective {item!r} (expected {', '.join(OBJECTIVES)})")
-        if name != "block_diffusion":
+        if name not in classes:
+            raise UserError(f"--objectives={text}: unknown objective {item!r} (expected {', '.join(classes)})")
+        flag = classes[name].length_flag
+        if flag is None:
             if colon:
-                raise UserError(f"--objectives={text}: {item!r}: only block_diffusion takes a block length (:K)")
+                raise UserError(
+                    f"--objectives={text}: {item!r}: only {' and '.join(with_length)} takes a block length (:K)"
+                )
             specs.append(RunSpec(name, name))
             continue
         if colon:
@@ -77,44 +102,46 @@ def parse_objectives(text: str, diffusion_block: int = 0) -> list[RunSpec]:
             if not re.fullmatch(r"[0-9]{1,9}", k_text) or int(k_text) < 1:
                 raise UserError(
                     f"--objectives={text}: {item!r}: K must be an integer >= 1 in ASCII digits, at most 9 of them "
-                    "(block_diffusion:4)"
+                    f"({name}:4)"
                 )
             k = int(k_text)
-        elif diffusion_block:
-            k, plain_block = diffusion_block, True
+        elif given.get(flag):
+            k = int(given[flag])
+            used.add(flag)
         else:
-            raise UserError(
-                f"--objectives={text}: block_diffusion needs a block length: write block_diffusion:K or give "
-                "--diffusion_block=K"
-            )
-        specs.append(RunSpec(f"block_diffusion_k{k}", name, k))
+            raise UserError(f"--objectives={text}: {name} needs a block length: write {name}:K or give --{flag}=K")
+        specs.append(RunSpec(f"{name}_k{k}", name, k))
     labels = [s.label for s in specs]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
         raise UserError(f"--objectives={text}: {', '.join(repeated)} named twice")
-    if diffusion_block and not plain_block:
-        raise UserError(
-            f"--diffusion_block={diffusion_block}: applies to a plain block_diffusion in --objectives, and "
-            f"--objectives={text} has none"
-        )
+    for flag in dict.fromkeys(cls.length_flag for cls in classes.values() if cls.length_flag):
+        if given.get(flag) and flag not in used:
+            takers = " or ".join(name for name, cls in classes.items() if cls.length_flag == flag)
+            raise UserError(
+                f"--{flag}={given[flag]}: applies to a plain {takers} in --objectives, and --objectives={text} has none"
+            )
     return specs
 
 
 def run_configs(
     base: dict[str, Any], specs: list[RunSpec], out: Path, block_values: dict[str, Any] | None = None
 ) -> list[TrainConfig]:
-    """One TrainConfig per spec: the shared train flags, the spec's objective, OUT_DIR/<label>, and for
-    block-diffusion runs the spec's K and `block_values` (--mask_rate_window). Built (so validated) before any run
-    trains: a K that does not divide block_size fails in one line, not after the first run has trained."""
+    """One TrainConfig per spec: the shared train flags, the spec's objective, OUT_DIR/<label>, and the
+    `block_values` (run-only flags given, such as --mask_rate_window) the spec's objective takes, with the spec's K
+    for its length flag. Built (so validated) before any run trains: a K that does not divide block_size fails in
+    one line, not after the first run has trained."""
     from unmask.config.train_config import TrainConfig
 
-    shared = {k: v for k, v in base.items() if k not in BLOCK_ONLY_FLAGS}
+    classes = objective_classes()
+    shared = {k: v for k, v in base.items() if k not in run_only_flags()}
     configs = []
     for spec in specs:
         values = {**shared, "objective": spec.objective, "out_dir": str(out / spec.label)}
-        if spec.objective == "block_diffusion":
-            values.update(block_values or {})
-            values["diffusion_block"] = spec.diffusion_block
+        cls = classes[spec.objective]
+        values.update({k: v for k, v in (block_values or {}).items() if k in cls.run_only_flags})
+        if cls.length_flag:
+            values[cls.length_flag] = spec.diffusion_block
         try:
             configs.append(TrainConfig.from_dict(values))
         except UserError as exc:
@@ -258,9 +285,9 @@ def main(argv: list[str]) -> int:
     if args.diffusion_objective is not None:
         if "objectives" in flags:
             raise UserError("--diffusion_objective: deprecated; give --objectives alone")
-        if args.diffusion_objective not in DIFFUSION_OBJECTIVES:
+        if args.diffusion_objective not in diffusion_objectives():
             raise UserError(
-                f"--diffusion_objective={args.diffusion_objective}: expected one of {', '.join(DIFFUSION_OBJECTIVES)}"
+                f"--diffusion_objective={args.diffusion_objective}: expected one of {', '.join(diffusion_objectives())}"
             )
         print(
             f"unmask compare: warning: --diffusion_objective is deprecated; write "
@@ -274,10 +301,10 @@ def main(argv: list[str]) -> int:
         )
     positional, train_flags = parse_flags(TrainConfig, rest, max_positional=1)
     values = {**(load_preset(positional[0], TrainConfig) if positional else {}), **train_flags}
-    block_values = {k: values.pop(k) for k in BLOCK_ONLY_FLAGS if k in values}
+    block_values = {k: values.pop(k) for k in run_only_flags() if k in values}
     check_values(TrainConfig, block_values)  # used before a TrainConfig checks them
     base = TrainConfig.from_dict(values)
-    specs = parse_objectives(args.objectives, int(block_values.get("diffusion_block", 0)))
+    specs = parse_objectives(args.objectives, block_values)
     if args.plot:
         try:
             import matplotlib  # noqa: F401 - checked before training, so a missing extra costs no compute

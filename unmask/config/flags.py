@@ -32,6 +32,12 @@ def _fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
 
 
+def _choices(cls: type) -> dict[str, Any]:
+    """Field name -> a function returning its allowed values, for fields whose metadata names one (`choices`): a
+    `str` field whose values are known only at run time (the registered objectives), checked like a Literal."""
+    return {f.name: f.metadata["choices"] for f in dataclasses.fields(cls) if "choices" in f.metadata}
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings (the string literal right under each field) -> help text."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
@@ -210,6 +216,7 @@ def parse_flags(cls: type, argv: list[str], max_positional: int) -> tuple[list[s
     Accepts `--key=value`, `--key value` and a bare `--key` for booleans (True).
     """
     hints = _fields(cls)
+    choices = _choices(cls)
     positional: list[str] = []
     overrides: dict[str, Any] = {}
     i = 0
@@ -239,12 +246,15 @@ def parse_flags(cls: type, argv: list[str], max_positional: int) -> tuple[list[s
             else:
                 raise UserError(f"--{key}: missing value (write --{key}=VALUE)")
         overrides[key] = convert(text, hint, key)
+        if key in choices and text not in choices[key]():
+            raise UserError(f"--{key}={text}: expected one of {', '.join(choices[key]())}")
     return positional, overrides
 
 
 def format_help(cls: type, usage: str, description: str) -> str:
     docs = field_docs(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    choices = _choices(cls)
     lines = [f"usage: {usage}", "", description, "", "flags:"]
     for name, hint in _fields(cls).items():
         default = fields[name].default
@@ -252,7 +262,8 @@ def format_help(cls: type, usage: str, description: str) -> str:
             default = f"{len(default)} stages"
         allowed = field_range(fields[name])
         within = f" in {allowed}" if allowed is not None else ""
-        lines.append(f"  --{name}={_type_name(hint)}{within}  (default: {default})")
+        kind = "{" + ",".join(choices[name]()) + "}" if name in choices else _type_name(hint)
+        lines.append(f"  --{name}={kind}{within}  (default: {default})")
         if docs.get(name):
             lines.extend("      " + line for line in textwrap.wrap(docs[name], 96))
     return "\n".join(lines)
@@ -273,6 +284,7 @@ def load_preset(ref: str, cls: type) -> dict[str, Any]:
     tree = _parse_source(text, str(path), "exec")
     assert isinstance(tree, ast.Module)
     hints = _fields(cls)
+    choices = _choices(cls)
     values: dict[str, Any] = {}
     weighted: dict[str, tuple[Any, int]] = {}
     for stmt in tree.body:
@@ -290,5 +302,7 @@ def load_preset(ref: str, cls: type) -> dict[str, Any]:
             line = exc.lineno if exc.lineno is not None else stmt.lineno
             raise UserError(f"{path}:{line}: {key}: {exc}") from None
         values[key] = _check_value(value, hints[key], where)
+        if key in choices and values[key] not in choices[key]():
+            raise UserError(f"{where}: expected one of {', '.join(choices[key]())}, got {values[key]!r}")
         weighted[key] = (values[key], weight)
     return values

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from unmask.config.flags import MAX_SEED, bounded, check_ranges
 from unmask.curriculum.stages import Stage, default_curriculum, parse_stages
 from unmask.errors import UserError
+from unmask.objectives import registry
 from unmask.runtime import MAX_THREADS, check_device_name
 
-ObjectiveName = Literal["unmasking", "mdlm", "autoregressive", "block_diffusion"]
 # Flags that define the learning-rate schedule: a resume that changes one changes the rest of the run's schedule.
 SCHEDULE_FLAGS = (
     "max_iters",
@@ -83,10 +83,12 @@ class TrainConfig:
     # --- training type and curriculum -----------------------------------------------------------------------
     training_type: Literal["unmasking"] = "unmasking"
     """The original framework's training type; 'unmasking' is the only one (see --objective)."""
-    objective: ObjectiveName = "unmasking"
-    """'unmasking': masked CE through the stage curriculum; 'mdlm': the continuous-time masked-diffusion ELBO
-    (t ~ U(eps, 1), linear schedule); 'autoregressive': causal attention and next-character targets (a nanoGPT
-    baseline). Every objective logs val_bpc (ELBO for diffusion, exact NLL for autoregressive)."""
+    objective: str = field(default="unmasking", metadata={"choices": registry.names})
+    """One of the objectives registered in `unmask.objectives.registry`. 'unmasking': masked CE through the stage
+    curriculum; 'mdlm': the continuous-time masked-diffusion ELBO (t ~ U(eps, 1), linear schedule);
+    'autoregressive': causal attention and next-character targets (a nanoGPT baseline); 'block_diffusion': masked
+    diffusion inside blocks of --diffusion_block characters. Every objective logs val_bpc (ELBO for diffusion, exact
+    NLL for autoregressive)."""
     diffusion_block: int = bounded(0, 0, 2**20)
     """--objective=block_diffusion: the block length K (divides block_size). Each block is a masked-diffusion
     model of K characters conditioned on the clean blocks before it (Arriola et al. 2025, BD3-LM): K = 1 is an
@@ -220,6 +222,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)  # every numeric flag's declared range, before any value is used
+        if self.objective not in registry.names():  # the registry is the one list of objectives
+            raise UserError(f"--objective={self.objective}: expected one of {', '.join(registry.names())}")
         if self.unmasking_stages is None:
             self.unmasking_stages = default_curriculum(self.max_iters)
         self.unmasking_stages = parse_stages(self.unmasking_stages, "--unmasking_stages")

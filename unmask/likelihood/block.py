@@ -175,17 +175,45 @@ def block_masked_log_probs(
     return logp.gather(1, clean[selected][:, None]).squeeze(1)  # (N,)
 
 
+def block_diffusion_weighted_loss(
+    model: torch.nn.Module, clean: Tensor, selected: Tensor, weight: Tensor, mask_id: int, block_length: int
+) -> Tensor:
+    """sum over masked positions of weight * -log p, divided by B * L (nats per character); scalar. selected and
+    weight (B, L) as `sample_block_training_masks` draws them."""
+    B, L = clean.shape
+    nll = -block_masked_log_probs(model, clean, selected, mask_id, block_length)  # (N,)
+    return (nll * weight[selected]).sum() / (B * L)
+
+
 def block_diffusion_loss_from_masks(
     model: torch.nn.Module, clean: Tensor, selected: Tensor, t: Tensor, mask_id: int, block_length: int
 ) -> Tensor:
     """sum over masked positions of -log p / t, divided by B * L (nats per character); scalar."""
-    B, L = clean.shape
-    nll = -block_masked_log_probs(model, clean, selected, mask_id, block_length)  # (N,)
-    weight = 1.0 / t[selected]  # (N,): -alpha'_t / (1 - alpha_t) = 1 / t for the linear schedule
-    return (nll * weight).sum() / (B * L)
+    # 1 / t = -alpha'_t / (1 - alpha_t) for the linear schedule
+    return block_diffusion_weighted_loss(model, clean, selected, 1.0 / t, mask_id, block_length)
 
 
 TRAINING_ESTIMATORS = ("antithetic_t", "exact_k")
+
+
+def sample_block_training_masks(
+    clean: Tensor,
+    block_length: int,
+    generator: torch.Generator,
+    mask_rate_window: tuple[float, float] = (0.0, 1.0),
+    estimator: str = "antithetic_t",
+) -> tuple[Tensor, Tensor]:
+    """(selected (B, L) bool, weight (B, L) float32): every random draw of the block-diffusion training loss on
+    clean (B, L). `antithetic_t`: a mask rate t ~ U(lo, hi] per block (`sample_block_masks`), weight 1 / t;
+    `exact_k`: k-subsets with K / k weights (`sample_block_exact_k`; the mask-rate window does not apply)."""
+    _check(clean, block_length, generator)
+    B, L = clean.shape
+    if estimator == "exact_k":
+        return sample_block_exact_k(B, L, block_length, generator)
+    if estimator != "antithetic_t":
+        raise ValueError(f"unknown training estimator {estimator!r}; expected one of {', '.join(TRAINING_ESTIMATORS)}")
+    selected, t = sample_block_masks(B, L, block_length, generator, mask_rate_window)  # (B, L), (B, L)
+    return selected, 1.0 / t  # -alpha'_t / (1 - alpha_t) = 1 / t for the linear schedule
 
 
 def block_diffusion_loss(
@@ -204,18 +232,11 @@ def block_diffusion_loss(
     full window (0, 1] its expectation is the block NELBO per character; a narrower window is BD3-LM's clipped
     schedule, which trades a biased objective for a lower gradient variance (evaluation always integrates over
     the full (0, 1], see `block_nelbo`). `estimator="exact_k"`: k-subsets with K/k weights instead
-    (`sample_block_exact_k`; the mask-rate window does not apply). One forward pass of length 2L - K.
+    (`sample_block_exact_k`; the mask-rate window does not apply). One forward pass of length 2L - K. The masks
+    are `sample_block_training_masks`, the loss `block_diffusion_weighted_loss`.
     """
-    _check(clean, block_length, generator)
-    B, L = clean.shape
-    if estimator == "exact_k":
-        selected, weight = sample_block_exact_k(B, L, block_length, generator)  # (B, L), (B, L)
-        nll = -block_masked_log_probs(model, clean, selected, mask_id, block_length)  # (N,)
-        return (nll * weight[selected]).sum() / (B * L)
-    if estimator != "antithetic_t":
-        raise ValueError(f"unknown training estimator {estimator!r}; expected one of {', '.join(TRAINING_ESTIMATORS)}")
-    selected, t = sample_block_masks(B, L, block_length, generator, mask_rate_window)  # (B, L), (B, L)
-    return block_diffusion_loss_from_masks(model, clean, selected, t, mask_id, block_length)
+    selected, weight = sample_block_training_masks(clean, block_length, generator, mask_rate_window, estimator)
+    return block_diffusion_weighted_loss(model, clean, selected, weight, mask_id, block_length)
 
 
 def block_masked_nll(

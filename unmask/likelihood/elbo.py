@@ -47,8 +47,8 @@ the variance of the mean; it is conservative in expectation. With one draw (or o
 
 [MASK] is never a target, so likelihoods here drop its logit before the softmax (MDLM's "zero-masking"): each
 prediction is a distribution over the real characters only, which is what a character-level likelihood (and
-nanoGPT's vocabulary without [MASK]) means, and which can only lower the number. (The training losses live in
-`unmask.objectives.base`.)
+nanoGPT's vocabulary without [MASK]) means, and which can only lower the number. (The training losses live with
+their objectives in `unmask.objectives`.)
 
 Functions here never touch the global RNG or the model's train/eval mode: randomness comes from the explicit
 generator (on the device of x), and callers put the model in eval mode for likelihoods.

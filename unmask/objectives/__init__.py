@@ -1,1 +1,1 @@
-"""Training objectives: one class per objective, registered by name."""
+"""Training objectives: the interface (`base`), one module per objective, and the `registry` that names them."""

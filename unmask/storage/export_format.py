@@ -34,6 +34,7 @@ from unmask.data.dataset import Vocab
 from unmask.data.prepare import MASK_TOKEN
 from unmask.errors import UserError
 from unmask.model import ModelConfig, Transformer
+from unmask.objectives import registry
 from unmask.storage.atomic import describe_os_error
 from unmask.storage.loading import Trained
 from unmask.storage.run_dir import METRICS, read_records
@@ -72,16 +73,8 @@ CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 
 
-# Training-config keys that parameterise an objective (how it was trained, hence how it should be scored and
-# sampled); only the keys a run's config actually has are exported.
-OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
-    "unmasking": ("unmasking_stages", "validation_stages", "use_all_stages_for_training", "label_smoothing"),
-    "mdlm": ("elbo_draws", "zero_masking", "mdlm_estimator"),
-    "autoregressive": ("zero_masking",),
-    "block_diffusion": ("diffusion_block", "mask_rate_window", "elbo_draws"),
-}
-
-
+# Besides each objective's own parameters (`Objective.params`, from the registry), exported for every objective;
+# only the keys a run's config actually has are exported.
 COMMON_OBJECTIVE_PARAMS = ("block_length",)
 
 
@@ -147,10 +140,20 @@ def objective_of(trained: Trained) -> str:
     return str(trained.task.get("objective") or trained.config.get("objective") or "unmasking")
 
 
+def objective_params(objective: str) -> tuple[str, ...]:
+    """The training-config keys that parameterise `objective` (how it was trained, hence how it should be scored
+    and sampled), as its registered class declares them; none for a name the registry does not know."""
+    from unmask.objectives.base import objective_class
+
+    if objective not in registry.ENTRIES:
+        return ()
+    return objective_class(objective).params
+
+
 def export_config(trained: Trained, ckpt: dict[str, Any], tied: dict[str, str]) -> dict[str, Any]:
     """The `config.json` document of an export."""
     objective = objective_of(trained)
-    wanted = (*OBJECTIVE_PARAMS.get(objective, ()), *COMMON_OBJECTIVE_PARAMS)
+    wanted = (*objective_params(objective), *COMMON_OBJECTIVE_PARAMS)
     return {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,

@@ -2,8 +2,9 @@
 
 `Trainer.run` reads as the list of what happens: evaluate (and let the objective react), checkpoint, train step,
 log. The trainer owns the model, the optimizer, the loop, the learning rate, DDP, signals and checkpoints; what a
-micro-batch is, what an evaluation measures and what the console shows about it belong to the run's objective
-(`unmask.objectives.base`), which the trainer never inspects.
+micro-batch is, its loss, what an evaluation measures and what the console shows about it belong to the run's
+objective (`unmask.objectives.base`), which the trainer never inspects; how the objective steers the loop (a
+curriculum's learning-rate window, an early end) comes through `objective.hooks`.
 
 Everything a resumed run needs to continue bit for bit is in `Trainer.state_dict`: model, optimizer, scaler,
 iteration, training characters seen, best validation loss, the data and masking generators, the global RNG
@@ -81,7 +82,7 @@ class Trainer:
         self.data_gen = torch.Generator().manual_seed(cfg.seed + runtime.rank)
         self.mask_gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed + MASK_SEED_OFFSET + runtime.rank)
         inputs = RunInputs(cfg, runtime, self.mask_gen, checkpoint, None if checkpoint is not None else pretrained)
-        self.objective: Objective = build_objective(inputs)
+        self.objective: Objective[Any] = build_objective(inputs)
         self.vocab = self.objective.vocab
         self.chars_per_iter = inputs.chars_per_iter
         self.raw_model = self.build_model()
@@ -188,16 +189,16 @@ class Trainer:
 
     def done(self) -> bool:
         """Training ends at max_iters, or when the objective says so (the final stage has lasted its duration)."""
-        return self.iter_num >= self.cfg.max_iters or self.objective.finished(self.iter_num, self.epochs)
+        return self.iter_num >= self.cfg.max_iters or self.objective.hooks.finished(self.iter_num, self.epochs)
 
     def before_step(self) -> None:
-        line = self.objective.before_step(self.iter_num, self.epochs)
+        line = self.objective.hooks.before_step(self.iter_num, self.epochs)
         if line is not None:
             self.log.print(line)
 
     def current_lr(self) -> float:
         """The learning rate of the step taken at the current iteration (schedule x the objective's factor)."""
-        start, end, factor = self.objective.lr_window()
+        start, end, factor = self.objective.hooks.lr_window()
         return lr_at(self.iter_num, self.cfg, start, end, factor)
 
     def open_run(self) -> None:
@@ -271,7 +272,9 @@ class Trainer:
         with torch.no_grad():
             fresh = []
             for _ in range(cfg.eval_iters):
-                fresh.append(self.objective.loss(self.raw_model, data_gen, mask_gen, False)[0])
+                batch = self.objective.batch(data_gen, mask_gen, False)
+                with self.rt.autocast():
+                    fresh.append(self.objective.loss(self.raw_model, batch))
                 bar.update()
             train_loss = self.rt.all_reduce_sum(torch.stack(fresh).mean().double()) / self.rt.world_size
             metrics: dict[str, Any] = {"iter": self.iter_num, "epochs": self.epochs, "train_loss": float(train_loss)}
@@ -295,7 +298,7 @@ class Trainer:
 
     def after_eval(self, m: dict[str, Any]) -> None:
         """The objective reacts (the curriculum may change stage); then the learning rate of the next step."""
-        self.objective.after_eval(m, self.iter_num, self.epochs)
+        self.objective.hooks.after_eval(m, self.iter_num, self.epochs)
         m["lr"] = self.current_lr()  # after the decision: a stage change restarts the schedule
         for key in ("val_loss", "val_bpc"):
             if key in m and m[key] < self.best.get(key, (math.inf, 0))[0]:
@@ -366,7 +369,7 @@ class Trainer:
     def finish(self) -> None:
         """Say why training ended, then the run's summary."""
         if self.iter_num < self.cfg.max_iters and not self.cfg.eval_only:
-            for line in self.objective.end_lines(self.iter_num, self.epochs):
+            for line in self.objective.hooks.end_lines(self.iter_num, self.epochs):
                 self.log.print(line)
         self.log.print(self.summary_line())
         self.log.close()
@@ -393,13 +396,16 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         total = torch.zeros((), device=self.rt.device)
         for micro in range(accum):
+            t_batch = time.perf_counter()
+            batch = self.objective.batch(self.data_gen, self.mask_gen, True)  # every random draw of the micro-step
+            batch_time += time.perf_counter() - t_batch
             # Under DDP, all-reduce gradients only on the last micro-step.
             sync = isinstance(self.model, DDP) and micro < accum - 1
             with self.model.no_sync() if sync else nullcontext():  # type: ignore[operator]
-                loss, seconds = self.objective.loss(self.model, self.data_gen, self.mask_gen, True)
+                with self.rt.autocast():
+                    loss = self.objective.loss(self.model, batch)
                 loss = loss / accum
                 self.scaler.scale(loss).backward()
-            batch_time += seconds
             total += loss.detach()
         grad_norm = self.clip_gradients()
         if self.step_is_finite(total, grad_norm):
@@ -461,7 +467,7 @@ class Trainer:
         mfu = self.mfu(step_s)
         eta = self.eta_seconds()
         lr = self.step_lr  # the effective learning rate of the step just taken (schedule x stage lr_factor)
-        fields = self.objective.log_fields()
+        fields = self.objective.hooks.log_fields()
         self.log.print(
             f"iter {self.iter_num}/{cfg.max_iters}: loss {loss:.4f}, {self.ms_per_iter:.2f}ms/iter, "
             f"{tokens_per_s:,.0f} tok/s"

@@ -8,14 +8,15 @@
 
 Validation is fixed (seed 42) and evaluated whole on every rank, so the metrics (accuracy per class, F1, AUROC,
 trivial baseline) need no collective. The model's vocabulary is the checkpoint's on resume, the pretrained one on
-a transfer start, else the data's.
+a transfer start, else the data's. `unmask.objectives.registry` names both tasks by module path, so only their runs
+import this package.
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +25,34 @@ from torch import Tensor
 from unmask.curriculum.batches import BatchSource
 from unmask.data.dataset import Vocab, check_split_length, load_dataset
 from unmask.model import Transformer
-from unmask.objectives.base import Objective, RunInputs, register
+from unmask.objectives.base import Objective, RunInputs
 from unmask.training.validation import VALIDATION_SEED
 from unmask.transfer import pretrained as transfer
 from unmask.transfer.binary import binary_metrics, class_balanced_cross_entropy, replace_characters
 from unmask.transfer.labeled_text import encode_texts, read_labeled, stratified_split
 
 CLASS_NAMES = {"replaced_token": ("kept", "replaced"), "sequence": ("label 0", "label 1")}
+BatchT = TypeVar("BatchT")
 
 
-class BinaryTask(Objective):
+@dataclass
+class TokenBatch:
+    """Corrupted windows x (B, T) and which characters were replaced, labels (B, T) long."""
+
+    x: Tensor
+    labels: Tensor
+
+
+@dataclass
+class SequenceBatch:
+    """Texts x (B, T) with their padding pad (B, T) bool and labels (B,) long."""
+
+    x: Tensor
+    pad: Tensor
+    labels: Tensor
+
+
+class BinaryTask(Objective[BatchT]):
     """What both binary tasks share: the model vocabulary, the head, pretrained weights, freezing, metrics."""
 
     task: ClassVar[str]
@@ -109,8 +128,7 @@ class BinaryTask(Objective):
         ]
 
 
-@register("binary_replaced_token")
-class ReplacedToken(BinaryTask):
+class ReplacedToken(BinaryTask[TokenBatch]):
     """Per-character classifier: which characters of a window were replaced by another character."""
 
     task = "replaced_token"
@@ -149,15 +167,12 @@ class ReplacedToken(BinaryTask):
         x, labels = replace_characters(clean, self.data.vocab.n_chars, self.cfg.replace_ratio_range, generator)
         return (x if self.table is None else self.table[x]), labels
 
-    def loss(
-        self, model: torch.nn.Module, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool
-    ) -> tuple[Tensor, float]:
-        t0 = time.perf_counter()
-        x, labels = self._corrupt(self.train_source.clean(self.cfg.batch_size, data_gen), mask_gen)
-        seconds = time.perf_counter() - t0
-        with self.rt.autocast():
-            logits = model(x)  # (B, T, 2)
-        return class_balanced_cross_entropy(logits.flatten(0, 1), labels.flatten()), seconds
+    def batch(self, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool) -> TokenBatch:
+        return TokenBatch(*self._corrupt(self.train_source.clean(self.cfg.batch_size, data_gen), mask_gen))
+
+    def loss(self, model: torch.nn.Module, batch: TokenBatch) -> Tensor:
+        logits = model(batch.x)  # (B, T, 2)
+        return class_balanced_cross_entropy(logits.flatten(0, 1), batch.labels.flatten())
 
     @torch.no_grad()
     def predictions(self, model: torch.nn.Module) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,8 +184,7 @@ class ReplacedToken(BinaryTask):
         return torch.cat(out[0]).cpu(), torch.cat(out[1]).cpu(), torch.cat(out[2]).cpu()
 
 
-@register("binary_sequence")
-class SequenceTask(BinaryTask):
+class SequenceTask(BinaryTask[SequenceBatch]):
     """Sequence classifier: one label per text of --classification_data."""
 
     task = "sequence"
@@ -197,18 +211,15 @@ class SequenceTask(BinaryTask):
         """Passes over the training texts."""
         return iter_num * self.examples_per_iter / self.train_size
 
-    def loss(
-        self, model: torch.nn.Module, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool
-    ) -> tuple[Tensor, float]:
-        t0 = time.perf_counter()
+    def batch(self, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool) -> SequenceBatch:
         dev = self.rt.device
         rows = torch.randint(0, len(self.train_texts), (self.cfg.batch_size,), generator=data_gen)
         x, pad = (t.to(dev) for t in self.train_texts.batch(rows))
-        labels = self.train_texts.labels[rows].to(dev)
-        seconds = time.perf_counter() - t0
-        with self.rt.autocast():
-            logits = model(x, pad=pad)  # (B, 2)
-        return class_balanced_cross_entropy(logits, labels), seconds
+        return SequenceBatch(x, pad, self.train_texts.labels[rows].to(dev))
+
+    def loss(self, model: torch.nn.Module, batch: SequenceBatch) -> Tensor:
+        logits = model(batch.x, pad=batch.pad)  # (B, 2)
+        return class_balanced_cross_entropy(logits, batch.labels)
 
     @torch.no_grad()
     def predictions(self, model: torch.nn.Module) -> tuple[Tensor, Tensor, Tensor]:
