@@ -1,6 +1,6 @@
 """Two "nodes" on localhost: two torchrun launchers of one process each, joined by the c10d rendezvous (gloo).
 
-The same guarantees as single-node DDP (tests/test_ddp.py): global rank 0 alone writes, every rank keeps its own
+The same guarantees as single-node DDP (tests/e2e/test_ddp.py): global rank 0 alone writes, every rank keeps its own
 data and masking streams, a resumed run continues bit for bit, and SIGTERM to one node's torchrun stops both nodes
 at the same step with one checkpoint. Both nodes have LOCAL_RANK 0, so any use of the local rank where the global
 rank is meant (rank-0 writes, per-rank streams, the out_dir lock) shows up here. docs/distributed.md cites these

@@ -26,7 +26,7 @@ from unmask.data.dataset import (
 from unmask.data.prepare import prepare
 from unmask.errors import UserError
 
-MIRROR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MIRROR_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 TINY = MIRROR_DIR / "tinyshakespeare.txt"
 
 # Paragraphs of varying length so that paragraph starts are irregular.

@@ -4,7 +4,7 @@ Each case trains 16 iterations through the real `unmask train` entry point (in-p
 training log line every 2 iterations, and compares every recorded train and validation loss with
 `tests/golden/<case>.json`. A refactor that moves any loss, even by 1 %, fails here.
 
-The files are regenerated only on purpose: `UNMASK_REGEN_GOLDEN=1 python -m pytest tests/test_golden.py` rewrites
+The files are regenerated only on purpose: `UNMASK_REGEN_GOLDEN=1 python -m pytest tests/golden/test_golden.py` rewrites
 them (and the test then fails, so a regeneration is never silent). Commit the new files with the reason.
 """
 
@@ -22,7 +22,7 @@ from tests.conftest import shuffled_task, tiny_flags
 from unmask.cli import main
 from unmask.curriculum.stages import ORIGINAL_STAGES
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parent  # the JSON files live next to this test
 REGENERATE = os.environ.get("UNMASK_REGEN_GOLDEN") == "1"
 TOLERANCE = 1e-6
 ITERS = 16

@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import tiny_flags
 from unmask.cli import main
 from unmask.errors import UserError
 from unmask.storage import checkpoint as ck
-
-from .conftest import tiny_flags
 
 REAL_FDOPEN, REAL_FSYNC, REAL_REPLACE, REAL_OPEN = os.fdopen, os.fsync, os.replace, os.open
 REASONS = {
@@ -230,7 +229,7 @@ for i in range(1, 100000):
 
 
 def test_kill_9_while_writing_leaves_only_intact_checkpoints(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, env=env, text=True)
     assert proc.stdout is not None
     for _ in range(3):  # three checkpoints done, the fourth being written

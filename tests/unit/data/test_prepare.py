@@ -27,7 +27,7 @@ from unmask.data import sources
 from unmask.data.dataset import load_dataset
 from unmask.errors import UserError
 
-MIRROR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MIRROR_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 TINY = MIRROR_DIR / "tinyshakespeare.txt"
 needs_mirror = pytest.mark.skipif(not TINY.is_file(), reason=f"{TINY} not available")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, tiny_flags
-from tests.test_train_e2e import STAGES, records
+from tests.e2e.test_train_e2e import STAGES, records
 from unmask.cli import main
 from unmask.training.trainer import Trainer
 

@@ -1,4 +1,4 @@
-"""The training objectives end to end and val_bpc (`unmask compare`: tests/test_compare.py)."""
+"""The training objectives end to end and val_bpc (`unmask compare`: tests/unit/commands/test_compare.py)."""
 
 from __future__ import annotations
 

@@ -13,14 +13,13 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import tiny_flags
 from unmask.cli import main
 from unmask.errors import UserError
 from unmask.model import ModelConfig, Transformer
 from unmask.storage import checkpoint as ck
 from unmask.storage import run_dir
 from unmask.storage.loading import read_trained
-
-from .conftest import tiny_flags
 
 MARKER = torch.arange(1000, 1016, dtype=torch.float32)  # bytes easy to find in the file
 
