@@ -55,11 +55,6 @@ class Runtime:
 
 
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
-THREADS_HELP = (
-    "CPU threads for torch. 0 (default): as many as the cores that are idle now (measured over 0.15 s from "
-    "/proc/stat, at least 1): threads that wait for each other on cores other jobs keep busy spin, and one thread "
-    "can then be many times faster than torch's one per core."
-)
 MAX_THREADS = 1024
 # How long `auto_threads` watches the CPUs: long enough for 15 clock ticks per CPU at Linux's 100 Hz, short against
 # a command's start-up (importing torch alone takes longer). The 1-minute load average it replaces lagged: right

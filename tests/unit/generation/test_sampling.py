@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from unmask.data.dataset import Vocab
+from unmask.errors import UserError
 from unmask.generation.cached import generate_autoregressive
 from unmask.generation.canvas import infill_canvas, placeholder_spans, prompt_canvas
 from unmask.generation.diffusion import SamplingConfig, StepEvent, generate
@@ -588,8 +589,8 @@ def test_threshold_nfe_adapts_per_sample_and_is_refused_for_refill_strategies() 
     tokens, nfe = sample_in_batches(model, 4, SamplingConfig(remasking="low_confidence", confidence_threshold=0.13))
     assert (nfe >= 3).all() and (nfe <= 37).all()  # 3 blocks of 16, 16, 5 masked positions (prompt of 3)
     assert len(set(nfe.tolist())) > 1, "the per-sample count should adapt"
-    with pytest.raises(ValueError, match="refill"):
-        threshold_run(FixedLogits(), SamplingConfig(remasking="remask", confidence_threshold=0.5))
+    with pytest.raises(UserError, match="--confidence_threshold=0.5: not with --remasking=remask"):
+        SamplingConfig(remasking="remask", confidence_threshold=0.5)  # refused before any work
 
 
 # --- autoregressive checkpoints: KV cache, sliding window ---------------------------------------------------------
