@@ -90,8 +90,9 @@ def bd_samples(
         SamplingConfig(steps=34, remasking="entropy", top_p=0.8),
         SamplingConfig(steps=34, remasking="remask", randomness_strength=0.5),
         SamplingConfig(remasking="low_confidence", confidence_threshold=0.14),
+        SamplingConfig(remasking="entropy", entropy_budget=2.5),
     ],
-    ids=lambda c: f"{c.remasking}-{c.schedule}-{c.confidence_threshold}",
+    ids=lambda c: f"{c.remasking}-{c.schedule}-{c.confidence_threshold}-{c.entropy_budget}",
 )
 def test_sampling_with_and_without_the_cache_gives_identical_samples(config: SamplingConfig) -> None:
     cached, cached_lp, cached_nfe = bd_samples(config, use_cache=True)

@@ -48,6 +48,9 @@ REFERENCE_SEED = 0  # real validation windows for the reference column: the same
 # Longest canvas: 10^6 characters keep the (B, L) canvas, fixed mask and float64 log-probabilities at about 17 MB
 # per sample; far longer canvases would allocate gigabytes before the first forward pass.
 MAX_LENGTH = 1_000_000
+# Largest --entropy_budget: far above any block's summed entropy (2^20 positions x ln(65,536) is about 1.2e7 nats),
+# so every useful value fits and a typo of many digits is refused.
+MAX_ENTROPY_BUDGET = 1e9
 
 
 @dataclass
@@ -87,6 +90,12 @@ class SampleArgs:
     character has model probability >= this (untempered, as LLaDA's and Fast-dLLM's confidence), and at least
     one (the one --remasking ranks first); forward passes then adapt to the model's certainty and --steps and
     --schedule are unused. 0 fills a block per step; above 1, one position per step. Not with remask/critic."""
+    entropy_budget: float | None = None
+    """Entropy-bounded parallel decoding (EB-sampler), in nats, from 0 to 1e9: every step commits masked positions of
+    the current block in --remasking's order while the summed entropy of the model's (untempered) distributions at
+    them stays within this budget, and at least one; forward passes then adapt to the model's certainty and
+    --steps and --schedule are unused. 0: one position per step; a budget above the block's summed entropy (at
+    most block length x ln(characters)) fills it in one step. Not with --confidence_threshold or remask/critic."""
     block_length: int | None = None
     """Semi-autoregressive blocks of this many positions, left to right, steps split across them (default: one
     block, or block_size / 2 when --length exceeds the model's block_size). A block-diffusion checkpoint always
@@ -170,6 +179,12 @@ class SampleArgs:
         tau = self.confidence_threshold
         if tau is not None and not tau >= 0.0:  # `not >=` also refuses NaN
             raise UserError(f"--confidence_threshold={tau}: must be >= 0 (0 commits a whole block per step)")
+        budget = self.entropy_budget
+        if budget is not None and not 0.0 <= budget <= MAX_ENTROPY_BUDGET:  # `not <=` also refuses NaN
+            raise UserError(
+                f"--entropy_budget={budget}: must be in [0, 1e9] nats (0 commits one position per step; a block's "
+                "summed entropy fills it in one)"
+            )
         if len(self.placeholder) != 1:
             raise UserError(f"--placeholder={self.placeholder}: must be a single character")
         self.strategies = tuple(s.strip() for s in self.remasking.split(","))
@@ -191,6 +206,17 @@ class SampleArgs:
                     raise UserError(f"--{flag}: not available with --sweep_steps (the sweep writes --sweep_out)")
         elif len(self.strategies) > 1:
             raise UserError(f"--remasking={self.remasking}: several strategies need --sweep_steps")
+        if budget is not None:
+            if tau is not None:
+                raise UserError(f"--entropy_budget={budget}: not with --confidence_threshold (give one adaptive rule)")
+            if self.sweep_steps is not None:
+                raise UserError(f"--entropy_budget={budget}: not with --sweep_steps (the steps are adaptive)")
+            refill = [s for s in self.strategies if s in ("remask", "critic")]
+            if refill:
+                raise UserError(
+                    f"--entropy_budget={budget}: not with --remasking={refill[0]} (it re-masks down the schedule's "
+                    "counts; entropy-bounded decoding needs a strategy that commits)"
+                )
         if tau is not None:
             if self.sweep_steps is not None:
                 raise UserError(f"--confidence_threshold={tau}: not with --sweep_steps (the steps are adaptive)")
@@ -209,7 +235,13 @@ class SampleArgs:
             raise UserError(f"--per_step={self.per_step}: must be >= 1, and goes with --policy")
         if self.policy is not None:  # the policy's own distribution: the sampler's other knobs would change it
             defaults = {"remasking": "random", "temperature": 1.0, "top_k": 0, "top_p": 1.0, "sweep_steps": None}
-            quiet = {"confidence_threshold": None, "show_steps": False, "trace": None, "animate": None}
+            quiet = {
+                "confidence_threshold": None,
+                "entropy_budget": None,
+                "show_steps": False,
+                "trace": None,
+                "animate": None,
+            }
             clash = [k for k, v in {**defaults, **quiet}.items() if getattr(self, k) != v]
             if clash:
                 raise UserError(f"--policy={self.policy}: not with --{clash[0]} (it draws from the model as it is)")
@@ -341,7 +373,7 @@ def _check_blocks(args: SampleArgs, fixed: torch.Tensor, trained: Trained, kind:
     block_size = trained.model_config.block_size
     if args.block_length is not None and args.block_length > block_size:
         raise UserError(f"--block_length={args.block_length}: longer than the model's block_size={block_size}")
-    if args.confidence_threshold is not None:
+    if args.confidence_threshold is not None or args.entropy_budget is not None:
         return  # adaptive steps: every block takes what it needs
     if kind == "block_diffusion":
         K = trained.model_config.diffusion_block
@@ -391,6 +423,8 @@ def _check_autoregressive(args: SampleArgs, trained: Trained) -> None:
     if args.confidence_threshold is not None:
         tau = args.confidence_threshold
         raise UserError(f"--confidence_threshold={tau}: {what}; it commits one character per step")
+    if args.entropy_budget is not None:
+        raise UserError(f"--entropy_budget={args.entropy_budget}: {what}; it commits one character per step")
     if args.block_length is not None:
         raise UserError(f"--block_length={args.block_length}: {what}; it generates one character at a time")
     if args.critic_ckpt is not None:
@@ -479,6 +513,7 @@ def sampling_config(args: SampleArgs, remasking: str, steps: int) -> SamplingCon
         top_p=args.top_p,
         block_length=args.block_length,
         confidence_threshold=args.confidence_threshold,
+        entropy_budget=args.entropy_budget,
     )
 
 
@@ -596,12 +631,14 @@ def describe(setup: Setup, config: SamplingConfig) -> str:
             f"policy {setup.args.policy}, {setup.args.per_step} per step, the model's own distribution (exact "
             f"likelihood: unmask eval --estimator=policy); seed {setup.args.seed}"
         )
-    if config.confidence_threshold is None:
+    if config.confidence_threshold is not None:
+        steps = f"confidence threshold {config.confidence_threshold} (adaptive steps)"
+    elif config.entropy_budget is not None:
+        steps = f"entropy budget {config.entropy_budget} nats per step (adaptive steps)"
+    else:
         steps = f"{config.schedule} schedule, {config.steps} steps"
         if setup.kind == "block_diffusion":
             steps += " split across the blocks"
-    else:
-        steps = f"confidence threshold {config.confidence_threshold} (adaptive steps)"
     kind = ""
     if setup.kind == "block_diffusion":
         kind = f", block diffusion: blocks of {t.model_config.diffusion_block} left to right, KV cache"
@@ -659,8 +696,9 @@ def json_document(setup: Setup, run: SampleRun, metrics: dict[str, Any] | None) 
 
 def step_printer(setup: Setup, out: IO[str]) -> StepHook:
     def show(first: int, event: StepEvent) -> None:
-        # With a confidence threshold the planned count is only the most possible steps.
-        of = f"/<={event.steps}" if setup.args.confidence_threshold is not None else f"/{event.steps}"
+        # With adaptive steps the planned count is only the most possible steps.
+        adaptive = setup.args.confidence_threshold is not None or setup.args.entropy_budget is not None
+        of = f"/<={event.steps}" if adaptive else f"/{event.steps}"
         print(f"--- step {event.step + 1}{of} (block {event.block + 1}) ---", file=out)
         for i, row in enumerate(event.canvas):
             print(f"[{first + i + 1}] {readable(setup.trained.vocab.decode(row))}", file=out)

@@ -2,8 +2,8 @@
 
 Both feed what is finished once into a `unmask.model.KVCache` and then run only the new positions against it:
 one character per forward pass for an autoregressive model; for a block-diffusion model (Arriola et al. 2025,
-BD3-LM) the denoising steps of one block of K characters, every remasking strategy, schedule and
-`confidence_threshold` of `unmask.generation.diffusion` inside it. Past the context, the cache is recomputed from about
+BD3-LM) the denoising steps of one block of K characters, every remasking strategy, schedule, `confidence_threshold`
+and `entropy_budget` of `unmask.generation.diffusion` inside it. Past the context, the cache is recomputed from about
 half of it, so that one recomputation serves block_size / 2 characters.
 """
 
@@ -63,7 +63,7 @@ def generate_autoregressive(
     recomputation of block_size / 2 positions serves block_size / 2 characters. (Recomputing from the last
     block_size - 1 characters instead, nanoGPT's window, would recompute at every character: no faster than no
     cache at all.)
-    `config.steps`, `schedule`, `remasking`, `block_length` and `confidence_threshold` do not apply.
+    `config.steps`, `schedule`, `remasking`, `block_length`, `confidence_threshold` and `entropy_budget` do not apply.
     """
     B, L = canvas.shape
     P = prefix_length(fixed)
@@ -170,10 +170,10 @@ def generate_block_diffusion(
     """Fill `canvas` (B, L) with a block-diffusion model (Arriola et al. 2025, BD3-LM): block by block, left to
     right, each block by iterative unmasking conditioned on the finished blocks before it.
 
-    Inside a block every remasking strategy, schedule and `confidence_threshold` works as in `generate`.
-    Finished blocks are fed clean into a `KVCache` once (`update_cache=True`, the training layout where clean
-    block b attends to clean blocks <= b); each denoising step then runs only the block's positions against the
-    cache. Whole blocks of a prompt are prefilled the same way, while a prompt's partial last block stays in the
+    Inside a block every remasking strategy, schedule, `confidence_threshold` and `entropy_budget` works as in
+    `generate`. Finished blocks are fed clean into a `KVCache` once (`update_cache=True`, the training layout where
+    clean block b attends to clean blocks <= b); each denoising step then runs only the block's positions against
+    the cache. Whole blocks of a prompt are prefilled the same way, while a prompt's partial last block stays in the
     canvas as fixed characters of the first generated block. Past `block_size` the window restarts at about half
     the context (whole blocks; `plan_diffusion_blocks`) and the cache is recomputed from the blocks it keeps.
     Fixed characters after the current block are not seen while it is generated (the model is block-causal), which
@@ -186,7 +186,7 @@ def generate_block_diffusion(
     B, L = canvas.shape
     strategy = remasking if remasking is not None else make_remasking(config.remasking, config.randomness_strength)
     x = torch.where(fixed, canvas, torch.full_like(canvas, mask_id))  # (B, L)
-    steps = None if config.confidence_threshold is not None else config.steps
+    steps = None if config.adaptive else config.steps
     blocks = plan_diffusion_blocks(~fixed, diffusion_block, block_size, steps)
     denoiser = _Denoiser(x, fixed, mask_id, config, strategy, generator, on_step, sum(b.steps for b in blocks))
     cache, cache_start = KVCache(), 0  # the cache holds canvas positions cache_start .. cache_start + length - 1

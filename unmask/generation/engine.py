@@ -102,7 +102,7 @@ class Strategy(Protocol):
 
 def _check_steps(request: GenerationRequest, needed: int) -> None:
     config = request.sampling
-    if config.confidence_threshold is None and config.steps < needed:
+    if not config.adaptive and config.steps < needed:
         raise UserError(
             f"--steps={config.steps}: fewer steps than the {needed} blocks to generate (one step per block at "
             "least); raise the steps or --block_length"
@@ -123,6 +123,9 @@ class Autoregressive:
         if request.sampling.confidence_threshold is not None:
             tau = request.sampling.confidence_threshold
             raise UserError(f"--confidence_threshold={tau}: {what}; it commits one character per step")
+        if request.sampling.entropy_budget is not None:
+            budget = request.sampling.entropy_budget
+            raise UserError(f"--entropy_budget={budget}: {what}; it commits one character per step")
         if request.sampling.block_length is not None:
             raise UserError(f"--block_length={request.sampling.block_length}: {what}; it generates one at a time")
         if request.policy is not None:
