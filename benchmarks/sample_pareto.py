@@ -9,7 +9,8 @@ measured three ways:
                     generation, metrics and the judge
   steady chars/s    generated characters per second of generation alone in a warm process (the same setting run
                     once before, untimed, so first-call allocations and thread start-up are excluded)
-  NFE               model calls per sample (the sampler's count; cache feeds of block diffusion not included)
+  NFE               model calls per sample (the sampler's count; block diffusion commits its finished blocks to the
+                    cache inside these calls)
   judge NLL         nats per generated character under `--judge_ckpt` (an autoregressive checkpoint: exact
                     NLL), next to the judge NLL of real validation windows of the same length
 

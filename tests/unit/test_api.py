@@ -202,6 +202,9 @@ def test_generate_matches_unmask_sample(exported: Path, run_dir: Path, capsys: p
         prompt="The ", num_samples=2, steps=8, remasking="low_confidence", temperature=0.7, top_k=5, seed=5
     )
     assert texts == cli_texts
+    assert main(["sample", f"--out_dir={run_dir}", "--prompt=The ", "--entropy_budget=3", "--seed=5", "--json"]) == 0
+    cli_texts = [s["text"] for s in json.loads(capsys.readouterr().out)["samples"]]
+    assert m.generate(prompt="The ", num_samples=4, entropy_budget=3.0, seed=5) == cli_texts
 
 
 def test_generate_option_errors_name_the_flag(exported: Path) -> None:
@@ -216,6 +219,10 @@ def test_generate_option_errors_name_the_flag(exported: Path) -> None:
         m.generate(prompt="The ~")
     with pytest.raises(UserError, match=r"^--prompt: 4 characters leave nothing"):
         m.generate(prompt="The ", length=4)
+    with pytest.raises(UserError, match=r"^--entropy_budget=nan: must be in \[0, 1e9\] nats"):
+        m.generate(entropy_budget=math.nan)
+    with pytest.raises(UserError, match=r"^--entropy_budget=1.0: not with --confidence_threshold"):
+        m.generate(entropy_budget=1.0, confidence_threshold=0.5)
 
 
 def test_generate_autoregressive(ar_run_dir: Path, tmp_path: Path) -> None:
@@ -232,6 +239,8 @@ def test_generate_autoregressive(ar_run_dir: Path, tmp_path: Path) -> None:
     assert len(free) == 2 and all(len(t) == 20 for t in free)
     with pytest.raises(UserError, match="remasking: not for an autoregressive model"):
         m.generate(remasking="random")
+    with pytest.raises(UserError, match="entropy_budget: not for an autoregressive model"):
+        m.generate(entropy_budget=1.0)
     with pytest.raises(UserError, match="^--infill: an autoregressive model"):
         m.generate(infill="The ___ king")
 

@@ -50,6 +50,9 @@ MAX_LENGTH = 1_000_000
 MAX_SAMPLES = 1_000_000
 MAX_STEPS = MAX_LENGTH  # more steps than characters to fill are skipped: they would only cost planning
 STEPS_RANGE = Range(1, MAX_STEPS)
+# Largest --entropy_budget: far above any block's summed entropy (2^20 positions x ln(65,536) is about 1.2e7 nats),
+# so every useful value fits and a typo of many digits is refused.
+MAX_ENTROPY_BUDGET = 1e9
 
 
 @dataclass
@@ -92,6 +95,12 @@ class SampleArgs:
     character has model probability >= this (untempered, as LLaDA's and Fast-dLLM's confidence), and at least
     one (the one --remasking ranks first); forward passes then adapt to the model's certainty and --steps and
     --schedule are unused. 0 fills a block per step; above 1, one position per step. Not with remask/critic."""
+    entropy_budget: float | None = bounded(None, 0.0, MAX_ENTROPY_BUDGET)
+    """Entropy-bounded parallel decoding (EB-sampler), in nats, from 0 to 1e9: every step commits masked positions of
+    the current block in --remasking's order while the summed entropy of the model's (untempered) distributions at
+    them stays within this budget, and at least one; forward passes then adapt to the model's certainty and
+    --steps and --schedule are unused. 0: one position per step; a budget above the block's summed entropy (at
+    most block length x ln(characters)) fills it in one step. Not with --confidence_threshold or remask/critic."""
     block_length: int | None = bounded(None, 1, 2**20)
     """Semi-autoregressive blocks of this many positions, left to right, steps split across them (default: one
     block, or block_size / 2 when --length exceeds the model's block_size). A block-diffusion checkpoint always
@@ -156,7 +165,7 @@ class SampleArgs:
         check_ranges(self)  # every numeric flag's declared range, before any value is used
         if self.infill is not None and len(self.infill) > MAX_LENGTH:
             raise UserError(f"--infill: a template of {len(self.infill):,} characters; at most {MAX_LENGTH:,}")
-        tau = self.confidence_threshold
+        tau, budget = self.confidence_threshold, self.entropy_budget
         if len(self.placeholder) != 1:
             raise UserError(f"--placeholder={self.placeholder}: must be a single character")
         self.strategies = tuple(s.strip() for s in self.remasking.split(","))
@@ -178,6 +187,17 @@ class SampleArgs:
                     raise UserError(f"--{flag}: not available with --sweep_steps (the sweep writes --sweep_out)")
         elif len(self.strategies) > 1:
             raise UserError(f"--remasking={self.remasking}: several strategies need --sweep_steps")
+        if budget is not None:
+            if tau is not None:
+                raise UserError(f"--entropy_budget={budget}: not with --confidence_threshold (give one adaptive rule)")
+            if self.sweep_steps is not None:
+                raise UserError(f"--entropy_budget={budget}: not with --sweep_steps (the steps are adaptive)")
+            refill = [s for s in self.strategies if s in ("remask", "critic")]
+            if refill:
+                raise UserError(
+                    f"--entropy_budget={budget}: not with --remasking={refill[0]} (it re-masks down the schedule's "
+                    "counts; entropy-bounded decoding needs a strategy that commits)"
+                )
         if tau is not None:
             if self.sweep_steps is not None:
                 raise UserError(f"--confidence_threshold={tau}: not with --sweep_steps (the steps are adaptive)")
@@ -196,7 +216,13 @@ class SampleArgs:
             raise UserError(f"--per_step={self.per_step}: goes with --policy")
         if self.policy is not None:  # the policy's own distribution: the sampler's other knobs would change it
             defaults = {"remasking": "random", "temperature": 1.0, "top_k": 0, "top_p": 1.0, "sweep_steps": None}
-            quiet = {"confidence_threshold": None, "show_steps": False, "trace": None, "animate": None}
+            quiet = {
+                "confidence_threshold": None,
+                "entropy_budget": None,
+                "show_steps": False,
+                "trace": None,
+                "animate": None,
+            }
             clash = [k for k, v in {**defaults, **quiet}.items() if getattr(self, k) != v]
             if clash:
                 raise UserError(f"--policy={self.policy}: not with --{clash[0]} (it draws from the model as it is)")
@@ -288,7 +314,7 @@ def build_from(args: SampleArgs, trained: Trained, device: torch.device) -> Setu
     if args.steps is not None:
         given.insert(0, (f"--steps={args.steps}", args.steps))
     base = GUIDE_STEPS if args.preset == "guide" else DEFAULT_STEPS
-    adaptive = args.confidence_threshold is not None
+    adaptive = args.confidence_threshold is not None or args.entropy_budget is not None
     steps = engine.steps(canvas.fixed, args.block_length, adaptive, given, base, args.policy)
     request = GenerationRequest(canvas.ids, canvas.fixed, sampling_config(args, args.strategies[0], steps))
     kind = engine.check(replace(request, policy=args.policy, per_step=args.per_step)).name
@@ -316,6 +342,7 @@ def sampling_config(args: SampleArgs, remasking: str, steps: int) -> SamplingCon
         top_p=args.top_p,
         block_length=args.block_length,
         confidence_threshold=args.confidence_threshold,
+        entropy_budget=args.entropy_budget,
     )
 
 
@@ -408,8 +435,9 @@ def json_document(setup: Setup, run: Generated, metrics: dict[str, Any] | None) 
 
 def step_printer(setup: Setup, out: IO[str]) -> StepHook:
     def show(first: int, event: StepEvent) -> None:
-        # With a confidence threshold the planned count is only the most possible steps.
-        of = f"/<={event.steps}" if setup.args.confidence_threshold is not None else f"/{event.steps}"
+        # With adaptive steps the planned count is only the most possible steps.
+        adaptive = setup.args.confidence_threshold is not None or setup.args.entropy_budget is not None
+        of = f"/<={event.steps}" if adaptive else f"/{event.steps}"
         print(f"--- step {event.step + 1}{of} (block {event.block + 1}) ---", file=out)
         for i, row in enumerate(event.canvas):
             print(f"[{first + i + 1}] {readable(setup.trained.vocab.decode(row))}", file=out)

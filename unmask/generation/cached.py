@@ -2,9 +2,10 @@
 
 Both feed what is finished once into a `unmask.model.KVCache` and then run only the new positions against it:
 one character per forward pass for an autoregressive model; for a block-diffusion model (Arriola et al. 2025,
-BD3-LM) the denoising steps of one block of K characters, every remasking strategy, schedule and
-`confidence_threshold` of `unmask.generation.diffusion` inside it. Past the context, the cache is recomputed from about
-half of it, so that one recomputation serves block_size / 2 characters.
+BD3-LM) the denoising steps of one block of K characters, every remasking strategy, schedule, `confidence_threshold`
+and `entropy_budget` of `unmask.generation.diffusion` inside it, the finished blocks entering the cache inside the
+next block's first denoising pass. Past the context, the cache is recomputed from about half of it, so that one
+recomputation serves block_size / 2 characters.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def generate_autoregressive(
     recomputation of block_size / 2 positions serves block_size / 2 characters. (Recomputing from the last
     block_size - 1 characters instead, nanoGPT's window, would recompute at every character: no faster than no
     cache at all.)
-    `config.steps`, `schedule`, `remasking`, `block_length` and `confidence_threshold` do not apply.
+    `config.steps`, `schedule`, `remasking`, `block_length`, `confidence_threshold` and `entropy_budget` do not apply.
     """
     B, L = canvas.shape
     P = prefix_length(fixed)
@@ -166,27 +167,34 @@ def generate_block_diffusion(
     on_step: Callable[[StepEvent], None] | None = None,
     remasking: Remasking | None = None,
     use_cache: bool = True,
+    merge_commit: bool = True,
 ) -> Generation:
     """Fill `canvas` (B, L) with a block-diffusion model (Arriola et al. 2025, BD3-LM): block by block, left to
     right, each block by iterative unmasking conditioned on the finished blocks before it.
 
-    Inside a block every remasking strategy, schedule and `confidence_threshold` works as in `generate`.
-    Finished blocks are fed clean into a `KVCache` once (`update_cache=True`, the training layout where clean
+    Inside a block every remasking strategy, schedule, `confidence_threshold` and `entropy_budget` works as in
+    `generate`. Finished blocks enter a `KVCache` once, clean (`update_cache=True`, the training layout where clean
     block b attends to clean blocks <= b); each denoising step then runs only the block's positions against the
-    cache. Whole blocks of a prompt are prefilled the same way, while a prompt's partial last block stays in the
-    canvas as fixed characters of the first generated block. Past `block_size` the window restarts at about half
-    the context (whole blocks; `plan_diffusion_blocks`) and the cache is recomputed from the blocks it keeps.
-    Fixed characters after the current block are not seen while it is generated (the model is block-causal), which
-    is why `unmask sample` refuses templates with text beyond the first hole's block.
+    cache. The finished blocks are committed inside the next block's first denoising pass: one forward over
+    [finished blocks, clean ; the new block, noisy], block-causal in absolute positions, so the clean blocks attend
+    to the cache and to themselves exactly as in a pass of their own and the noisy block to all of them; the noisy
+    block's keys and values are then cropped off the cache. Whole blocks of a prompt are prefilled the same way,
+    while a prompt's partial last block stays in the canvas as fixed characters of the first generated block. Past
+    `block_size` the window restarts at about half the context (whole blocks; `plan_diffusion_blocks`) and the
+    cache is rebuilt from the blocks it keeps, in that block's first pass too. Fixed characters after the current
+    block are not seen while it is generated (the model is block-causal), which is why `unmask sample` refuses
+    templates with text beyond the first hole's block.
 
-    `use_cache=False` runs every step as one block-causal forward over the window instead (the reference the
-    cached path is tested against). `Generation.nfe` counts denoising passes; `forward_passes` also counts the
-    cache feeds (at most one per block).
+    `merge_commit=False` commits the finished blocks in a forward pass of their own before the block's first step
+    (one pass more per block; the merged path is tested to give identical samples). `use_cache=False` runs every
+    step as one block-causal forward over the window instead (the reference the cached paths are tested against).
+    `Generation.nfe` counts denoising passes; `forward_passes` counts every model call for the batch: the
+    denoising passes, plus the separate commits with `merge_commit=False`.
     """
     B, L = canvas.shape
     strategy = remasking if remasking is not None else make_remasking(config.remasking, config.randomness_strength)
     x = torch.where(fixed, canvas, torch.full_like(canvas, mask_id))  # (B, L)
-    steps = None if config.confidence_threshold is not None else config.steps
+    steps = None if config.adaptive else config.steps
     blocks = plan_diffusion_blocks(~fixed, diffusion_block, block_size, steps)
     denoiser = _Denoiser(x, fixed, mask_id, config, strategy, generator, on_step, sum(b.steps for b in blocks))
     cache, cache_start = KVCache(), 0  # the cache holds canvas positions cache_start .. cache_start + length - 1
@@ -195,12 +203,29 @@ def generate_block_diffusion(
         if use_cache:
             if start != cache_start:  # the window moved: the cached keys sit at the wrong RoPE positions
                 cache, cache_start = KVCache(), start
-            fed = cache_start + cache.length
-            if fed < s:
+            fed = cache_start + cache.length  # finished positions fed .. s - 1 are not in the cache yet
+            if fed < s and not merge_commit:
                 model(x[:, fed:s], cache=cache, update_cache=True)  # finished blocks, clean, in one pass
                 denoiser.forward_passes += 1
+                fed = s
+            pending = [fed]  # where the block's first model call starts: s once the cache holds everything before
 
-            def cached(rows: Tensor, s: int = s, e: int = e, cache: KVCache = cache) -> Tensor:
+            def cached(
+                rows: Tensor,
+                s: int = s,
+                e: int = e,
+                cache: KVCache = cache,
+                cache_start: int = cache_start,
+                pending: list[int] = pending,
+            ) -> Tensor:
+                if pending[0] < s:
+                    # The commit rides on this pass: every row (the cache is the whole batch's), the finished blocks
+                    # clean and the block noisy; the block's own keys/values are cropped off again.
+                    first = pending[0]
+                    logits = model(x[:, first:e], cache=cache, update_cache=True)[:, s - first :]  # (B, n, V)
+                    cache.crop(s - cache_start)
+                    pending[0] = s
+                    return logits if rows.numel() == B else logits[rows]  # (R, n, V)
                 rows_cache = cache if rows.numel() == B else _cache_rows(cache, rows)
                 return model(x[rows, s:e], cache=rows_cache)  # (R, n, V): the block against the cache
 

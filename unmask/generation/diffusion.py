@@ -30,7 +30,9 @@ A single `torch.Generator` still works (one stream for the whole batch, as in LL
 `confidence_threshold` (Fast-dLLM, Wu et al. 2025) replaces the schedule by parallel decoding: each step commits
 every masked position of the current block whose drawn character has model probability >= the threshold, and at
 least one (the position the strategy ranks first), so the number of forward passes adapts to the model's
-certainty.
+certainty. `entropy_budget` (the EB-sampler, Ben-Hamu et al. 2025) adapts the same way by another rule: each step
+commits the masked positions of the block in the strategy's order while their summed predictive entropy (nats)
+stays within the budget, and at least one.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from unmask.generation.remasking import (
     Proposal,
     Remasking,
     chosen_probability,
+    entropy_budget_commit,
+    entropy_nats,
     make_remasking,
     select_top,
     threshold_commit,
@@ -78,6 +82,10 @@ class SamplingConfig:
     # None: the schedule's counts; a float: commit every masked position of the block whose drawn character has
     # probability >= this, at least one per step (Fast-dLLM); `steps` and `schedule` are then unused.
     confidence_threshold: float | None = bounded(None, 0.0, 1000.0)
+    # None: off; a float G >= 0: commit masked positions of the block in the strategy's order while the summed
+    # entropy (nats) of the model's distributions at them stays <= G, at least one per step (EB-sampler); `steps`
+    # and `schedule` are then unused. Not together with `confidence_threshold`.
+    entropy_budget: float | None = bounded(None, 0.0, 1e9)
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -85,12 +93,20 @@ class SamplingConfig:
             raise UserError(f"--schedule={self.schedule}: expected one of {', '.join(SCHEDULES)}")
         if self.remasking not in (*REMASKING, "critic"):
             raise UserError(f"--remasking={self.remasking}: expected one of {', '.join((*REMASKING, 'critic'))}")
-        tau = self.confidence_threshold
-        if tau is not None and self.remasking in ("remask", "critic"):
-            raise UserError(
-                f"--confidence_threshold={tau}: not with --remasking={self.remasking} (it re-masks down the "
-                "schedule's counts; threshold decoding needs a strategy that commits)"
-            )
+        tau, budget = self.confidence_threshold, self.entropy_budget
+        if tau is not None and budget is not None:
+            raise UserError(f"--entropy_budget={budget}: not with --confidence_threshold={tau} (one adaptive rule)")
+        for flag, value in (("confidence_threshold", tau), ("entropy_budget", budget)):
+            if value is not None and self.remasking in ("remask", "critic"):
+                raise UserError(
+                    f"--{flag}={value}: not with --remasking={self.remasking} (it re-masks down the schedule's "
+                    "counts; adaptive decoding needs a strategy that commits)"
+                )
+
+    @property
+    def adaptive(self) -> bool:
+        """True when the number of steps adapts to the model (a confidence threshold or an entropy budget)."""
+        return self.confidence_threshold is not None or self.entropy_budget is not None
 
 
 @dataclass(frozen=True)
@@ -98,7 +114,7 @@ class StepEvent:
     """Passed to `on_step` after every step that ran the model."""
 
     step: int  # 0-based, counted over all blocks
-    steps: int  # planned steps (with a confidence threshold: the most possible, one per masked position)
+    steps: int  # planned steps (adaptive runs: the most possible, one per masked position)
     block: int
     canvas: Tensor  # (B, L) after the step (a view: copy it to keep it)
     changed: Tensor  # (B, L) bool: positions written or re-masked in this step
@@ -140,11 +156,16 @@ class _Denoiser:
         on_step: Callable[[StepEvent], None] | None,
         total_steps: int,
     ) -> None:
-        if config.confidence_threshold is not None:
+        for name in ("confidence_threshold", "entropy_budget"):
+            value = getattr(config, name)
+            if value is None:
+                continue
             if strategy.refill:
-                raise ValueError(f"confidence_threshold does not apply to the refill strategy {strategy.name!r}")
-            if config.confidence_threshold < 0:
-                raise ValueError(f"confidence_threshold must be >= 0, got {config.confidence_threshold}")
+                raise ValueError(f"{name} does not apply to the refill strategy {strategy.name!r}")
+            if not value >= 0:  # `not >=` also refuses NaN
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if config.confidence_threshold is not None and config.entropy_budget is not None:
+            raise ValueError("confidence_threshold and entropy_budget are two rules for the same choice; give one")
         if isinstance(generator, RowGenerators) and len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} row generators for a batch of {x.shape[0]}")
         B, L = x.shape
@@ -164,19 +185,19 @@ class _Denoiser:
         x, config, strategy, mask_id = self.x, self.config, self.strategy, self.mask_id
         s, e = block.start, block.end
         offset = s - block.window_start
-        threshold = config.confidence_threshold
+        threshold, budget = config.confidence_threshold, config.entropy_budget
         editable = ~self.fixed[:, s:e]  # (B, n): all masked at the start of the block
         counts = remaining = None
-        if threshold is None:
+        if not config.adaptive:
             counts = num_transfer_tokens(editable.sum(dim=1), block.steps, config.schedule)  # (B, S_b)
             remaining = editable.sum(dim=1, keepdim=True) - counts.cumsum(dim=1)  # (B, S_b): masked after each step
         for i in range(block.steps):
             current = x[:, s:e]  # (B, n)
             masked = editable & (current == mask_id)  # (B, n)
-            if threshold is not None:
+            if config.adaptive:
                 active = masked.any(dim=1)  # (B,)
                 if not bool(active.any()):
-                    break  # the block is done: a threshold run takes only the steps it needs
+                    break  # the block is done: an adaptive run takes only the steps it needs
             elif strategy.refill:
                 active = editable.any(dim=1)
             else:
@@ -212,6 +233,11 @@ class _Denoiser:
                     # LLaDA's and Fast-dLLM's `x0_p` (untempered, whatever the strategy ranks by).
                     p_drawn = chosen_probability(proposal).to(x.device)  # (R, n)
                     written = threshold_commit(p_drawn, confidence, masked, threshold)
+                elif budget is not None:
+                    # The entropy of the model's own (untempered) distribution, like the threshold's probability:
+                    # how uncertain the model is there, whatever temperature and filters the draw used.
+                    uncertainty = entropy_nats(probs).to(x.device)  # (R, n)
+                    written = entropy_budget_commit(uncertainty, confidence, masked, budget)
                 else:
                     assert counts is not None
                     written = select_top(confidence, masked, counts[rows, i])  # (R, n)
@@ -252,7 +278,7 @@ def generate(
     """
     strategy = remasking if remasking is not None else make_remasking(config.remasking, config.randomness_strength)
     x = torch.where(fixed, canvas, torch.full_like(canvas, mask_id))  # (B, L)
-    steps = None if config.confidence_threshold is not None else config.steps
+    steps = None if config.adaptive else config.steps
     blocks = plan_blocks(~fixed, block_size, config.block_length, steps)
     total_steps = sum(block.steps for block in blocks)
     denoiser = _Denoiser(x, fixed, mask_id, config, strategy, generator, on_step, total_steps)

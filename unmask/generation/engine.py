@@ -127,7 +127,7 @@ def default_steps(base: int, to_fill: int, block_size: int, blocks: int) -> int:
 
 def _check_steps(request: GenerationRequest, needed: int | None) -> None:
     config = request.sampling
-    if needed is not None and config.confidence_threshold is None and config.steps < needed:
+    if needed is not None and not config.adaptive and config.steps < needed:
         raise UserError(
             f"--steps={config.steps}: fewer steps than the {needed} blocks to generate (one step per block at "
             "least); raise the steps or --block_length, or leave --steps unset"
@@ -148,6 +148,9 @@ class Autoregressive:
         if request.sampling.confidence_threshold is not None:
             tau = request.sampling.confidence_threshold
             raise UserError(f"--confidence_threshold={tau}: {what}; it commits one character per step")
+        if request.sampling.entropy_budget is not None:
+            budget = request.sampling.entropy_budget
+            raise UserError(f"--entropy_budget={budget}: {what}; it commits one character per step")
         if request.sampling.block_length is not None:
             raise UserError(f"--block_length={request.sampling.block_length}: {what}; it generates one at a time")
         if request.policy is not None:
@@ -296,6 +299,8 @@ class PolicyOrder:
 def _steps_text(config: SamplingConfig, split: str) -> str:
     if config.confidence_threshold is not None:
         how = f"confidence threshold {config.confidence_threshold} (adaptive steps)"
+    elif config.entropy_budget is not None:
+        how = f"entropy budget {config.entropy_budget} nats per step (adaptive steps)"
     else:
         how = f"{config.schedule} schedule, {config.steps} steps{split}"
     return f"{config.remasking}, {how}"

@@ -1,6 +1,7 @@
 """Which positions a step commits: the remasking strategies (low_confidence as in LLaDA, random as MDLM's
 ancestral order, margin, entropy, and the original framework's `remask`, which fills everything and re-masks the
-least confident), `select_top` and the confidence-threshold rule of parallel decoding (Fast-dLLM)."""
+least confident), `select_top` and the two adaptive rules of parallel decoding: the confidence threshold
+(Fast-dLLM) and the entropy budget (EB-sampler)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def chosen_probability(proposal: Proposal) -> Tensor:
     return proposal.probs.gather(-1, proposal.tokens.to(proposal.probs.device).unsqueeze(-1)).squeeze(-1)
 
 
-def _entropy(probs: Tensor) -> Tensor:
+def entropy_nats(probs: Tensor) -> Tensor:
     """Entropy in nats over the last axis; 0 log 0 = 0."""
     return -torch.special.xlogy(probs, probs).sum(dim=-1)
 
@@ -99,7 +100,7 @@ class Entropy:
     refill = False
 
     def confidence(self, proposal: Proposal, generator: Generators) -> Tensor:
-        return -_entropy(proposal.probs)
+        return -entropy_nats(proposal.probs)
 
 
 class EntropyRemask:
@@ -121,7 +122,7 @@ class EntropyRemask:
 
     def confidence(self, proposal: Proposal, generator: Generators) -> Tensor:
         allowed = (proposal.probs > 0).sum(dim=-1).clamp(min=2)  # (B, n): non-special ids with mass
-        entropy = _entropy(proposal.probs) / allowed.double().log()  # (B, n) in [0, 1]
+        entropy = entropy_nats(proposal.probs) / allowed.double().log()  # (B, n) in [0, 1]
         noise = uniform(entropy.shape, generator)  # (B, n)
         s = self.randomness_strength
         return -(s * noise + (1.0 - s) * entropy)  # the highest re-masking score is the least confident
@@ -163,3 +164,23 @@ def threshold_commit(p_drawn: Tensor, score: Tensor, masked: Tensor, threshold: 
     """
     best = select_top(score, masked, torch.ones(masked.shape[0], dtype=torch.long, device=masked.device))
     return (masked & (p_drawn >= threshold)) | best
+
+
+def entropy_budget_commit(entropy: Tensor, score: Tensor, masked: Tensor, budget: float) -> Tensor:
+    """(B, n) bool: the masked positions to commit in one entropy-bounded step (the EB-sampler, Ben-Hamu et al.
+    2025).
+
+    The masked positions are taken in the strategy's order (`score` (B, n), highest first, ties to the leftmost)
+    for as long as the summed `entropy` (B, n), in nats, of those taken stays <= `budget`; the first one is
+    always taken, so each row with a masked position commits at least one and a block always finishes. Budget 0
+    commits exactly one per step (more only where the model is certain: entropy exactly 0); a budget at least
+    the block's summed entropy commits the whole block at once. (The paper bounds the sum minus the largest
+    entropy of the set, which makes the first position free; here the budget counts every committed position.)
+    """
+    B, n = score.shape
+    keyed = score.masked_fill(~masked, -math.inf)
+    order = keyed.argsort(dim=1, descending=True, stable=True)  # (B, n): masked positions first, best first
+    spent = entropy.masked_fill(~masked, 0.0).gather(1, order).cumsum(dim=1)  # (B, n): entropies are >= 0
+    first = torch.arange(n, device=score.device) == 0  # (n,)
+    taken = (spent <= budget) | first  # (B, n) in sorted order: a prefix, since the sums only grow
+    return masked & torch.zeros_like(masked).scatter_(1, order, taken)

@@ -117,6 +117,28 @@ def test_confidence_threshold_reports_nfe_per_sample(run_dir: Path, capsys: pyte
     assert "confidence threshold 0.5 (adaptive steps)" in out and "NFE per sample: mean " in out
 
 
+def test_entropy_budget_reports_adaptive_nfe_that_falls_with_the_budget(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = (f"--out_dir={run_dir}", "--num_samples=3", "--length=20", "--prompt=The", "--metrics=False")
+    doc = sample(capsys, *flags, "--entropy_budget=0", "--remasking=low_confidence")
+    assert [s["nfe"] for s in doc["samples"]] == [17, 17, 17] and doc["speed"]["forward_passes"] == 17
+    assert doc["settings"]["entropy_budget"] == 0.0 and doc["settings"]["confidence_threshold"] is None
+    doc = sample(capsys, *flags, "--entropy_budget=1e9")
+    assert [s["nfe"] for s in doc["samples"]] == [1, 1, 1]  # the whole canvas (one block) in one step
+    means = []
+    for budget in ("0", "8", "20", "1e9"):
+        doc = sample(capsys, *flags, f"--entropy_budget={budget}", "--length=80", "--block_length=16")
+        nfe = [s["nfe"] for s in doc["samples"]]
+        assert all(5 <= n <= 77 for n in nfe) and doc["speed"]["mean_nfe"] == pytest.approx(sum(nfe) / 3)
+        assert all(len(s["text"]) == 80 and MASK_GLYPH not in s["text"] for s in doc["samples"])
+        means.append(doc["speed"]["mean_nfe"])
+    assert means[0] == 77 and means[-1] == 5 and means[0] > means[1] > means[2] > means[3], means
+    assert main(["sample", *flags, "--entropy_budget=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "entropy budget 0.5 nats per step (adaptive steps)" in out and "NFE per sample: mean " in out
+
+
 @pytest.fixture(scope="session")
 def ar_run_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """out_dir of a tiny autoregressive run (block_size 32) on the `tiny` dataset."""
@@ -149,6 +171,7 @@ def test_autoregressive_checkpoint_samples_beyond_its_context(
         ("--infill=The ___ king", "--infill: "),
         ("--sweep_steps=4,8", "--sweep_steps=4,8: "),
         ("--confidence_threshold=0.5", "--confidence_threshold=0.5: "),
+        ("--entropy_budget=0.5", "--entropy_budget=0.5: "),
         ("--block_length=8", "--block_length=8: "),
     ],
 )
@@ -182,11 +205,15 @@ def test_block_diffusion_checkpoint_samples_block_by_block(bd_ckpt: Path, capsys
     assert doc["kind"] == "block_diffusion"
     assert all(len(s["text"]) == 70 and s["text"].startswith("The king") for s in doc["samples"])
     assert all(MASK_GLYPH not in s["text"] and s["nfe"] == 16 for s in doc["samples"])
-    assert doc["speed"]["forward_passes"] == 16 + 8  # and one cache feed before each of the 8 blocks
+    # The finished blocks enter the cache inside the next block's first denoising pass: no pass of their own.
+    assert doc["speed"]["forward_passes"] == 16
     one = sample(capsys, *flags, "--steps=16", "--batch_size=1")
     assert [s["text"] for s in one["samples"]] == [s["text"] for s in doc["samples"]]
     fast = sample(capsys, *flags, "--confidence_threshold=0")
     assert [s["nfe"] for s in fast["samples"]] == [8, 8, 8]  # one step per block
+    budgets = [sample(capsys, *flags, f"--entropy_budget={g}")["samples"] for g in (0, 8, 1e9)]
+    assert [s["nfe"] for s in budgets[0]] == [62] * 3 and [s["nfe"] for s in budgets[2]] == [8] * 3
+    assert all(8 < s["nfe"] < 62 for s in budgets[1]), budgets[1]  # 62 positions in 8 blocks
     template = "The __ k" + "_" * 10  # fixed text after a hole only inside its block of 8; then a free suffix
     doc = sample(capsys, f"--ckpt={bd_ckpt}", f"--infill={template}", "--steps=6", "--metrics=False")
     assert all(s["text"][:4] == "The " and s["text"][6:8] == " k" and len(s["text"]) == 18 for s in doc["samples"])
@@ -427,6 +454,13 @@ def test_out_of_vocabulary_characters_are_listed(run_dir: Path, capsys: pytest.C
         (("--length=1000000000",), "--length=1000000000: must be in [1, 1,000,000]"),
         (("--confidence_threshold=0.9", "--remasking=remask"), "not with --remasking=remask"),
         (("--confidence_threshold=0.9", "--sweep_steps=4,8"), "not with --sweep_steps"),
+        (("--entropy_budget=-1",), "--entropy_budget=-1.0: must be in [0, 1e9] nats"),
+        (("--entropy_budget=1e10",), "--entropy_budget=10000000000.0: must be in [0, 1e9] nats"),
+        (("--entropy_budget=nan",), "--entropy_budget=nan: expected a finite number"),
+        (("--entropy_budget=1", "--confidence_threshold=0.9"), "--entropy_budget=1.0: not with --confidence_thr"),
+        (("--entropy_budget=1", "--remasking=remask"), "--entropy_budget=1.0: not with --remasking=remask"),
+        (("--entropy_budget=1", "--sweep_steps=4,8"), "--entropy_budget=1.0: not with --sweep_steps"),
+        (("--entropy_budget=1", "--policy=margin"), "--policy=margin: not with --entropy_budget"),
     ],
 )
 def test_bad_flags_are_one_line_errors(

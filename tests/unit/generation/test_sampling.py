@@ -18,7 +18,14 @@ from unmask.generation.cached import generate_autoregressive
 from unmask.generation.canvas import infill_canvas, placeholder_spans, prompt_canvas
 from unmask.generation.diffusion import SamplingConfig, StepEvent, generate
 from unmask.generation.draws import RowGenerators, filter_logits, sample_categorical, sample_seed
-from unmask.generation.remasking import REMASKING, EntropyRemask, Proposal, Remasking, select_top
+from unmask.generation.remasking import (
+    REMASKING,
+    EntropyRemask,
+    Proposal,
+    Remasking,
+    entropy_budget_commit,
+    select_top,
+)
 from unmask.generation.schedules import SCHEDULES, num_transfer_tokens, plan_blocks, split_steps
 from unmask.model import KVCache, ModelConfig, Transformer
 from unmask.transfer.critic import CriticRemask
@@ -591,6 +598,86 @@ def test_threshold_nfe_adapts_per_sample_and_is_refused_for_refill_strategies() 
     assert len(set(nfe.tolist())) > 1, "the per-sample count should adapt"
     with pytest.raises(UserError, match="--confidence_threshold=0.5: not with --remasking=remask"):
         SamplingConfig(remasking="remask", confidence_threshold=0.5)  # refused before any work
+
+
+# --- entropy-bounded (EB-sampler) decoding -----------------------------------------------------------------------
+
+
+def test_entropy_budget_commits_a_prefix_of_the_strategys_order_within_the_budget() -> None:
+    entropy = torch.tensor([[0.5, 0.2, 0.3, 0.4], [0.1, 0.7, 0.1, 0.1], [0.9, 0.9, 0.9, 0.9]], dtype=torch.float64)
+    score = torch.tensor([[0.1, 0.9, 0.5, 0.3], [1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    masked = torch.tensor([[True, True, True, True], [True, True, True, True], [False, False, False, False]])
+
+    def commit(budget: float, masked: Tensor = masked) -> list[list[int]]:
+        return entropy_budget_commit(entropy, score, masked, budget).int().tolist()
+
+    # Budget 0: exactly one per row, the strategy's first; a row with nothing masked commits nothing.
+    assert commit(0.0) == [[0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+    # Row 0 in order 1, 2, 3, 0 spends 0.2, 0.5, 0.9, 1.4 nats; row 1 in order 3, 2, 1, 0 spends 0.1, 0.2, 0.9, 1.0.
+    assert commit(0.5) == [[0, 1, 1, 0], [0, 0, 1, 1], [0, 0, 0, 0]]
+    # Cumulative in order: row 1's position 0 (0.1 nats) would fit in 0.85 on its own but comes after position 1.
+    assert commit(0.85) == [[0, 1, 1, 0], [0, 0, 1, 1], [0, 0, 0, 0]]
+    assert commit(0.9) == [[0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]]
+    # A huge budget: every masked position at once; positions not masked are never committed.
+    assert commit(1e9) == [[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]]
+    partial = torch.tensor([[True, False, True, True], [False, False, False, True], [False, True, False, False]])
+    assert commit(1e9, partial) == partial.int().tolist()
+    assert commit(0.0, partial) == [[0, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0]]  # ties go to the leftmost
+    # An entropy above the budget on the strategy's first position: still that one, so a block always finishes.
+    assert commit(0.01, partial)[0] == [0, 0, 1, 0]
+
+
+def test_entropy_budget_zero_is_one_commit_per_step_and_a_huge_one_a_block_per_step() -> None:
+    length = 12
+    for remasking in ("low_confidence", "random", "margin", "entropy"):
+        config = SamplingConfig(remasking=remasking, entropy_budget=0.0, temperature=0.7)
+        tokens, events, nfe, passes = threshold_run(FixedLogits(), config, length)
+        assert all(e.changed.sum(dim=1).tolist() == [1, 1] for e in events)
+        assert nfe.tolist() == [length, length] and passes == length == len(events)
+        # The same draws as the schedule with one commit per step: identical samples.
+        same, _, _, _ = threshold_run(FixedLogits(), SamplingConfig(steps=length, remasking=remasking, temperature=0.7))
+        assert torch.equal(tokens, same), remasking
+    tokens, events, nfe, passes = threshold_run(FixedLogits(), SamplingConfig(entropy_budget=1e9, block_length=5))
+    assert [e.block for e in events] == [0, 1, 2] and nfe.tolist() == [3, 3] and passes == 3
+    assert [int(e.changed[0].sum()) for e in events] == [5, 5, 2]
+    whole, _, _, _ = threshold_run(FixedLogits(), SamplingConfig(confidence_threshold=0.0, block_length=5))
+    assert torch.equal(tokens, whole)
+
+
+def test_entropy_budget_counts_the_model_entropy_per_position() -> None:
+    # HalfSure: even positions carry ~0 nats, odd ones ln 5 = 1.609; low_confidence takes the sure ones first.
+    # Budget 2: step 1 commits the 6 sure positions and one unsure (6 x ~0 + 1.609 <= 2), each later step one.
+    config = SamplingConfig(remasking="low_confidence", entropy_budget=2.0)
+    tokens, events, nfe, passes = threshold_run(HalfSure(), config)
+    assert [int(e.changed[0].sum()) for e in events] == [7, 1, 1, 1, 1, 1] and nfe.tolist() == [6, 6]
+    # Budget 3.3 fits two unsure positions per step: 1 + 5 // 2 more steps.
+    _, events, nfe, _ = threshold_run(HalfSure(), SamplingConfig(remasking="low_confidence", entropy_budget=3.3))
+    assert [int(e.changed[0].sum()) for e in events] == [8, 2, 2] and nfe.tolist() == [3, 3]
+    assert tokens[:, 0::2].tolist() == [[p % MASK for p in range(0, 12, 2)]] * 2 and (tokens < MASK).all()
+
+
+def test_entropy_budget_nfe_falls_with_the_budget_on_a_random_model() -> None:
+    model = tiny_transformer()
+    masked, blocks = 40 - 3, 5  # after a prompt of 3, in blocks of 8 (block_size / 2 for a canvas over block_size)
+    means = []
+    for budget in (0.0, 4.5, 9.0, 1e9):  # a random model: about ln 8 = 2.08 nats per position
+        one, nfe = sample_in_batches(model, 1, SamplingConfig(remasking="entropy", entropy_budget=budget))
+        four, nfe_four = sample_in_batches(model, 4, SamplingConfig(remasking="entropy", entropy_budget=budget))
+        assert torch.equal(one, four) and torch.equal(nfe, nfe_four)  # independent of the batch
+        assert (nfe >= blocks).all() and (nfe <= masked).all()  # one pass per block at least, per position at most
+        means.append(nfe.double().mean().item())
+    assert means[0] == masked and means[-1] == blocks
+    assert means[0] > means[1] > means[2] > means[3], means
+
+
+def test_entropy_budget_is_refused_with_refill_strategies_a_threshold_and_bad_values() -> None:
+    with pytest.raises(ValueError, match="refill"):
+        threshold_run(FixedLogits(), SamplingConfig(remasking="remask", entropy_budget=0.5))
+    with pytest.raises(ValueError, match="give one"):
+        threshold_run(FixedLogits(), SamplingConfig(confidence_threshold=0.5, entropy_budget=0.5))
+    for bad in (-0.1, math.nan):
+        with pytest.raises(ValueError, match="entropy_budget must be >= 0"):
+            threshold_run(FixedLogits(), SamplingConfig(entropy_budget=bad))
 
 
 # --- autoregressive checkpoints: KV cache, sliding window ---------------------------------------------------------
