@@ -671,13 +671,14 @@ def test_entropy_budget_nfe_falls_with_the_budget_on_a_random_model() -> None:
 
 
 def test_entropy_budget_is_refused_with_refill_strategies_a_threshold_and_bad_values() -> None:
-    with pytest.raises(ValueError, match="refill"):
-        threshold_run(FixedLogits(), SamplingConfig(remasking="remask", entropy_budget=0.5))
-    with pytest.raises(ValueError, match="give one"):
-        threshold_run(FixedLogits(), SamplingConfig(confidence_threshold=0.5, entropy_budget=0.5))
+    """Refused when the config is made, before any work, in one line naming the flag."""
+    with pytest.raises(UserError, match="--entropy_budget=0.5: not with --remasking=remask"):
+        SamplingConfig(remasking="remask", entropy_budget=0.5)
+    with pytest.raises(UserError, match="one adaptive rule"):
+        SamplingConfig(confidence_threshold=0.5, entropy_budget=0.5)
     for bad in (-0.1, math.nan):
-        with pytest.raises(ValueError, match="entropy_budget must be >= 0"):
-            threshold_run(FixedLogits(), SamplingConfig(entropy_budget=bad))
+        with pytest.raises(UserError, match="--entropy_budget="):
+            SamplingConfig(entropy_budget=bad)
 
 
 # --- autoregressive checkpoints: KV cache, sliding window ---------------------------------------------------------
