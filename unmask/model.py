@@ -178,8 +178,15 @@ def check_attention_backend(backend: str, device: torch.device, flag: str = "--a
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
-    """flex_attention, compiled once on CUDA (the fused kernel); eager elsewhere (the unfused reference path)."""
+    """flex_attention, compiled once on CUDA (the fused kernel); eager elsewhere (the unfused reference path).
+
+    Inside a model that torch.compile is tracing on CUDA, the call goes into the model's graph as it is (inductor
+    fuses it there), rather than into a second compilation started mid-trace. On the CPU the call stays out of the
+    graph (the warnings context breaks it) and runs eagerly: traced into a compiled model, inductor's CPU flex
+    template gave logits 0.06 off the SDPA path (torch 2.13), where the eager call matches it to 1e-7."""
     global _compiled_flex
+    if q.device.type == "cuda" and torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask)
     if q.device.type != "cuda":
         with warnings.catch_warnings():
             # Eager flex_attention warns that it is unfused: known and intended off CUDA.
