@@ -17,7 +17,7 @@ block diffusion's attention path: the path `--attention=auto` takes on this devi
 with the dense mask and through FlexAttention (where FlexAttention can train: CUDA, compute capability >= 8.0).
 
     python benchmarks/gpu_check.py [--tiny] [--json] [--out=FILE] [--compile=True|False] [--device=auto]
-        [--batch_size=N] [--steps=10] [--warmup=3] [--budget_s=360] [--data_dir=DIR --dataset=NAME] [--threads=0]
+        [--batch_size=N] [--steps=10] [--warmup=3] [--budget_s=300] [--data_dir=DIR --dataset=NAME] [--threads=0]
 
 Default size: 12 layers, 12 heads, 768 wide, block 1024, batch sized to fill about 40% of a GPU's free memory with
 float32 activations (the reference run holds the most), at most 64 sequences. `--tiny` (2 layers, 32 wide, block 64,
@@ -27,6 +27,12 @@ corpus prepared in a temporary directory unless `--data_dir`/`--dataset` name a 
 stderr; stdout gets one JSON document (`--json`) or a table; `--out=FILE` also writes the JSON, after every phase, so a
 run cut short still leaves what it measured. A phase that would start after `--budget_s` seconds is skipped (and
 listed); an error in one objective is recorded in its entry and the check goes on.
+
+Time on a GPU (the check must fit one device call of under 8 minutes): compilation dominates, about a minute per
+objective at the default size (a guess, not yet measured; inductor's cache makes repeated graphs cheaper), the
+float32 steps take seconds each. The default budget (300 s) plus the longest phase (one objective, about two
+minutes) stays under 8 minutes; the phases run in order of importance (training, sampling, attention), so a tight
+budget drops the attention comparison first.
 """
 
 from __future__ import annotations
@@ -341,7 +347,8 @@ def attention_check(name: str, trainer: Trainer, args: argparse.Namespace, start
     if HAVE_FLEX:
         entry["block_mask_ms"] = _time_ms(lambda: block_mask_from_bool(mask), device, 3)
         entry["mask_density"] = float(mask.float().mean())
-    clean = torch.randint(0, trainer.vocab.mask_id, (trainer.cfg.batch_size, L), device=device)
+    # At most 8 rows: the comparison needs the same work on both paths, not a full step (time for flex's compilation).
+    clean = torch.randint(0, trainer.vocab.mask_id, (min(trainer.cfg.batch_size, 8), L), device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     pos = torch.cat((torch.arange(L, device=device), torch.arange(seq_len - L, device=device)))
     idx = torch.cat((clean, clean[:, : seq_len - L]), dim=1)
@@ -457,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 10, --tiny 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3, --tiny 1)")
     p.add_argument("--run_s", type=float, default=20.0, help="stop timing a run's steps after this many seconds")
-    p.add_argument("--budget_s", type=float, default=360.0, help="start no phase after this many seconds")
+    p.add_argument("--budget_s", type=float, default=300.0, help="start no phase after this many seconds")
     p.add_argument("--parity_tol", type=float, default=PARITY_TOL, help="relative bf16/fp32 loss tolerance")
     p.add_argument("--data_dir", default=None, help="a prepared dataset instead of the synthetic corpus")
     p.add_argument("--dataset", default=None)
