@@ -45,7 +45,7 @@ HEADS = ("lm", "token_binary", "sequence_binary")
 # forward-only off CUDA: for tests).
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 # Shortest sequence "auto" sends to FlexAttention. Its kernels work in 128 x 128 tiles and skip only whole empty
-# tiles, so below 4 tiles a side (block diffusion's mask is about half empty) there is little to skip, and
+# tiles, so below 4 tiles a side (block diffusion's mask is 3/4 empty at large L) there is little to skip, and
 # attention is a small share of the step while the BlockMask and the kernel launch cost the same. A first guess
 # from the tile size, not a GPU measurement: `benchmarks/gpu_check.py` times both paths at its block size.
 FLEX_MIN_LENGTH = 512
