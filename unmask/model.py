@@ -35,12 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unmask.errors import UserError
+
 # "lm": logits over the vocabulary, tied to the embedding; "token_binary": 2 logits per position;
 # "sequence_binary": 2 logits per sequence from the mean-pooled final hidden states.
 HEADS = ("lm", "token_binary", "sequence_binary")
-# "auto": FlexAttention for explicit (T, T) masks on a CUDA device that supports it, SDPA otherwise; "sdpa" and
-# "flex" force one path (flex runs eagerly, unfused, off CUDA: for tests).
+# "auto": FlexAttention for explicit (T, T) masks of at least FLEX_MIN_LENGTH positions on a CUDA device that
+# supports it, SDPA otherwise (`choose_attention`); "sdpa" and "flex" force one path (flex runs eagerly, unfused and
+# forward-only off CUDA: for tests).
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+# Shortest sequence "auto" sends to FlexAttention. Its kernels work in 128 x 128 tiles and skip only whole empty
+# tiles, so below 4 tiles a side (block diffusion's mask is 3/4 empty at large L) there is little to skip, and
+# attention is a small share of the step while the BlockMask and the kernel launch cost the same. A first guess
+# from the tile size, not a GPU measurement: `benchmarks/gpu_check.py` times both paths at its block size.
+FLEX_MIN_LENGTH = 512
 BINARY_HEAD_INIT_STD = 0.002  # the original framework's switch_to_binary_classification (docs/origin.md §1.7)
 
 
@@ -136,9 +144,49 @@ def flex_supported(device: torch.device) -> bool:
     return HAVE_FLEX and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def choose_attention(
+    backend: str, *, flex_capable: bool, seq_len: int, head_dim: int, shared_mask: bool, dropout: bool
+) -> str:
+    """The attention path, "flex" or "sdpa", of one forward pass that has an explicit attention mask.
+
+    `backend` is the model's `attention_backend` (ATTENTION_BACKENDS); `flex_capable` whether the fused FlexAttention
+    kernel runs on the device (`flex_supported`); `shared_mask` whether the mask is one (T, T) pattern for every row
+    (the only kind turned into a BlockMask); `dropout` whether attention dropout is active (flex has none). Only a
+    shared mask without dropout can take the flex path; then "sdpa" and "flex" force the path, and "auto" takes flex
+    on a capable device for sequences of at least FLEX_MIN_LENGTH and head sizes the fused kernel supports (powers
+    of two from 16), SDPA otherwise.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend={backend!r}: expected one of {ATTENTION_BACKENDS}")
+    if backend == "sdpa" or not shared_mask or dropout:
+        return "sdpa"
+    if backend == "flex":
+        return "flex"
+    head_ok = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return "flex" if flex_capable and head_ok and seq_len >= FLEX_MIN_LENGTH else "sdpa"
+
+
+def check_attention_backend(backend: str, device: torch.device, flag: str = "--attention") -> None:
+    """Refuse, in one line, a forced flex path for training where FlexAttention cannot train (its backward needs the
+    CUDA kernel of compute capability >= 8.0; on the CPU it is forward-only)."""
+    if backend == "flex" and not flex_supported(device):
+        where = "PyTorch without FlexAttention" if not HAVE_FLEX else f"device {device}"
+        raise UserError(
+            f"{flag}=flex: FlexAttention trains only on CUDA GPUs of compute capability 8.0 or more, not on {where}; "
+            f"use {flag}=auto (or sdpa)"
+        )
+
+
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
-    """flex_attention, compiled once on CUDA (the fused kernel); eager elsewhere (the unfused reference path)."""
+    """flex_attention, compiled once on CUDA (the fused kernel); eager elsewhere (the unfused reference path).
+
+    Inside a model that torch.compile is tracing on CUDA, the call goes into the model's graph as it is (inductor
+    fuses it there), rather than into a second compilation started mid-trace. On the CPU the call stays out of the
+    graph (the warnings context breaks it) and runs eagerly: traced into a compiled model, inductor's CPU flex
+    template gave logits 0.06 off the SDPA path (torch 2.13), where the eager call matches it to 1e-7."""
     global _compiled_flex
+    if q.device.type == "cuda" and torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask)
     if q.device.type != "cuda":
         with warnings.catch_warnings():
             # Eager flex_attention warns that it is unfused: known and intended off CUDA.
@@ -399,7 +447,14 @@ class Transformer(nn.Module):
                     raise ValueError(
                         f"pos must be an integer tensor of shape ({seq_len},), got {pos.dtype} {tuple(pos.shape)}"
                     )
-                if seq_len and (int(pos.min()) < 0 or int(pos.max()) >= cfg.block_size):
+                # Reading the range back is a host sync and, under torch.compile, a graph break in front of every
+                # layer: a compiled model (block diffusion's training layout, whose pos is built in-library)
+                # skips the check.
+                if (
+                    seq_len
+                    and not torch.compiler.is_compiling()
+                    and (int(pos.min()) < 0 or int(pos.max()) >= cfg.block_size)
+                ):
                     raise ValueError(f"pos must lie in [0, block_size={cfg.block_size})")
                 cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D)
             if attn_mask is not None:
@@ -438,20 +493,28 @@ class Transformer(nn.Module):
         return self.ln_f(x)  # (B, T, C)
 
     def _use_flex(self, mask: Tensor | None, device: torch.device) -> bool:
-        """FlexAttention for a shared (T, T) mask when the backend allows it (never with dropout: flex has none)."""
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend={self.attention_backend!r}: expected one of {ATTENTION_BACKENDS}")
-        if self.attention_backend == "sdpa" or mask is None or mask.dim() != 2:
+        """Whether this pass attends through FlexAttention (`choose_attention`)."""
+        if mask is None:
             return False
-        if self.training and self.config.dropout > 0:
-            return False
-        if self.attention_backend == "flex":
-            return True
-        D = self.config.head_dim
-        return flex_supported(device) and D >= 16 and D & (D - 1) == 0  # the fused kernel's head sizes
+        return self.attention_path(mask.shape[-1], device, shared_mask=mask.dim() == 2) == "flex"
 
+    def attention_path(self, seq_len: int, device: torch.device, shared_mask: bool = True) -> str:
+        """ "flex" or "sdpa": the kernel a forward pass with an explicit mask over `seq_len` positions takes on
+        `device` (e.g. block diffusion's training layout, seq_len = 2L - K), for this model's backend, head size and
+        dropout."""
+        return choose_attention(
+            self.attention_backend,
+            flex_capable=flex_supported(device),
+            seq_len=seq_len,
+            head_dim=self.config.head_dim,
+            shared_mask=shared_mask,
+            dropout=self.training and self.config.dropout > 0,
+        )
+
+    @torch.compiler.disable
     def _flex_block_mask(self, mask: Tensor | None) -> Any:
-        """The BlockMask of `mask`, rebuilt only when a different mask tensor comes (masks are read-only)."""
+        """The BlockMask of `mask`, rebuilt only when a different mask tensor comes (masks are read-only). Eager even
+        in a compiled model: a cache lookup on the mask's identity, built once per mask."""
         assert mask is not None
         if self._flex_key is not mask:
             self._flex_mask = block_mask_from_bool(mask)

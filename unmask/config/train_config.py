@@ -212,6 +212,11 @@ class TrainConfig:
     """Compute dtype: 'auto' is bfloat16 on GPUs that support it, else float16 on CUDA, float32 elsewhere."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+    """Attention kernel of block diffusion's explicit masks: 'auto' takes FlexAttention (which skips the masked-out
+    tiles) on a CUDA GPU of compute capability >= 8.0 when the training layout (2 * block_size - diffusion_block
+    positions) is at least 512 long, PyTorch's SDPA otherwise; 'sdpa' or 'flex' forces one ('flex' trains on such
+    GPUs only, with --dropout=0)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """DDP backend under torchrun: 'auto' is nccl on CUDA, gloo on CPU."""
     threads: int = bounded(0, 0, MAX_THREADS)
@@ -266,6 +271,16 @@ class TrainConfig:
                 f"--mask_rate_window={lo},{hi}: clips the mask rate t of --mdlm_estimator=antithetic_t; exact_k "
                 "draws mask counts, not rates"
             )
+        if self.attention == "flex":
+            if self.objective != "block_diffusion":
+                raise UserError(
+                    f"--attention=flex: only --objective=block_diffusion has explicit attention masks (got "
+                    f"{self.objective}, which attends through SDPA's own kernels)"
+                )
+            if self.dropout:
+                raise UserError(
+                    f"--attention=flex: FlexAttention has no dropout; give --dropout=0 (got {self.dropout})"
+                )
         if self.objective != "block_diffusion":
             if self.diffusion_block:
                 raise UserError(f"--diffusion_block={self.diffusion_block}: needs --objective=block_diffusion")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from unmask.config.train_config import TrainConfig, differing_fields
 from unmask.errors import UserError
-from unmask.model import ModelConfig, Transformer
+from unmask.model import ModelConfig, Transformer, check_attention_backend
 from unmask.objectives.base import Objective, RunInputs, build_objective
 from unmask.runtime import Runtime, environment_record, peak_flops
 from unmask.storage import checkpoint as ckpt_io
@@ -132,7 +132,10 @@ class Trainer:
             bias=cfg.bias,
             **self.objective.model_fields(),
         )
-        return Transformer(self.model_config).to(self.rt.device)
+        check_attention_backend(cfg.attention, self.rt.device)
+        model = Transformer(self.model_config).to(self.rt.device)
+        model.attention_backend = cfg.attention
+        return model
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW over the trainable parameters; also creates the GradScaler (float16 only)."""
