@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 
 from unmask import __version__
 from unmask.errors import EXIT_USER_ERROR, UserError
@@ -70,4 +71,23 @@ def entry() -> None:
         # The reader went away (`unmask train --help | head`): silence the flush at exit, as a Unix tool would.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 141
+    except Exception:
+        if not _in_process_group():
+            raise
+        traceback.print_exc()  # what the interpreter would print, before the exit below
+        code = 1
+    if _in_process_group():
+        from unmask.runtime import exit_process
+
+        exit_process(code)  # a torchrun worker never finalizes the interpreter: see exit_process for why
     sys.exit(code)
+
+
+def _in_process_group() -> bool:
+    """Whether this process joined a torchrun process group. Only commands that compute import unmask.runtime
+    (and torch), so `unmask --help` still starts without them."""
+    if "unmask.runtime" not in sys.modules:
+        return False
+    from unmask.runtime import process_group_started
+
+    return process_group_started()

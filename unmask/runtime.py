@@ -3,18 +3,23 @@ peak FLOP/s for MFU)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from unmask.errors import UserError
+
+# Set once this process has joined a torchrun process group: `unmask.cli.entry` then ends it with `exit_process`.
+_process_group_started = False
 
 
 @dataclass
@@ -131,8 +136,42 @@ def init_runtime(device_name: str, dtype_name: str, backend: str) -> Runtime:
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    global _process_group_started
     dist.init_process_group(backend=backend)
+    _process_group_started = True
     return Runtime(device, resolve_dtype(dtype_name, device), rank, local_rank, world_size)
+
+
+def process_group_started() -> bool:
+    """Whether this process joined a torchrun process group (it must then end through `exit_process`)."""
+    return _process_group_started
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a torchrun worker with `code` once all its output is written, without finalizing the interpreter.
+
+    Why not a normal exit: the process group's worker threads (gloo's) are not joined by destroy_process_group,
+    and one of them can still hold the last reference to a tensor that Python handed to a finished collective.
+    Gloo completes a work (which is all that wait(), a barrier or destroy_process_group can observe) inside the
+    thread's `execute` and drops its own references to it only afterwards, so no wait, barrier or `del` on the
+    Python side orders that release before interpreter shutdown; waiting longer (gc, sleep) only makes it rarer.
+    When the release comes after finalization has begun, the thread's decref of the tensor's Python object asks
+    for the GIL, CPython ends the thread with pthread_exit, and the unwind through a noexcept destructor calls
+    std::terminate: SIGABRT after a run that trained, saved and printed its summary.
+
+    `os._exit` makes that impossible rather than unlikely: the interpreter never starts finalizing, so any
+    release before this call takes the GIL normally, and any later one never happens (the kernel ends every thread
+    at once). Everything a normal exit does before finalizing still happens: the atexit handlers run here (they
+    run with the interpreter intact on a normal exit too: logging's flush, wandb's cleanup after an error), then
+    stdout and stderr are flushed. The run's own files are already complete: checkpoints and config.json are
+    written atomically, metrics.jsonl is closed after every record, and the out_dir lock is a flock the kernel
+    releases. Single-process runs never get here: they exit normally.
+    """
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing more can be written
+            stream.flush()
+    os._exit(code)
 
 
 # Dense bf16/fp16 tensor-core peaks (vendor data sheets), for MFU; matched against torch's device name.
