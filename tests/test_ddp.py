@@ -1,9 +1,12 @@
-"""Two-process DDP on the CPU (gloo) through the real torchrun launcher: train, checkpoint, resume."""
+"""Two-process DDP on the CPU (gloo) through the real torchrun launcher (and `python -m unmask.launch`, torchrun
+with meaningful exit codes): train, checkpoint, resume; exit codes; graceful stops."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +16,20 @@ import torch
 
 from tests.conftest import REPO, tiny_flags
 
+TORCHRUN = ("-m", "torch.distributed.run")
+LAUNCH = ("-m", "unmask.launch")
+
+
+def _command(launcher: tuple[str, ...], args: tuple[str, ...]) -> list[str]:
+    return [sys.executable, *launcher, "--standalone", "--nproc_per_node=2", "-m", "unmask", *args]
+
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unmask", *args]
-    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+def _torchrun(*args: str, cwd: Path, launcher: tuple[str, ...] = TORCHRUN) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_command(launcher, args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -37,7 +46,8 @@ def test_two_process_gloo_train_and_resume(tiny_data: Path, tmp_path: Path) -> N
     assert len(ckpt["rng"]) == 2  # every rank's data and masking streams are saved
     assert not torch.equal(ckpt["rng"][0]["data"], ckpt["rng"][1]["data"])
 
-    done = _torchrun("train", "--init_from=resume", f"--out_dir={out}", "--max_iters=12", cwd=tmp_path)
+    # The resume goes through unmask.launch: the same agent and workers, exit 0 too.
+    done = _torchrun("train", "--init_from=resume", f"--out_dir={out}", "--max_iters=12", cwd=tmp_path, launcher=LAUNCH)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "terminate called" not in done.stderr
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -104,8 +114,32 @@ cli.entry()
 def test_a_collective_released_during_exit_cannot_abort_a_worker(tmp_path: Path) -> None:
     script = tmp_path / "late_release.py"
     script.write_text(_LATE_RELEASE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    cmd = [sys.executable, *TORCHRUN, "--standalone", "--nproc_per_node=2", str(script)]
     done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert "terminate called" not in done.stderr, done.stderr[-3000:]
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("unmask ") == 2  # both workers ran the command (`--version`) and flushed its output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_graceful_stop_through_the_launcher_exits_128_plus_the_signal(
+    tiny_data: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """torchrun exits 1 after any stop; unmask.launch (the same agent) exits 143 for SIGTERM, 130 for SIGINT."""
+    out = tmp_path / "run"
+    cmd = _command(LAUNCH, ("train", *tiny_flags(tiny_data, out, max_iters=100_000)))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # rank 0's log: training is under way
+        if line.startswith("iter "):
+            break
+    proc.send_signal(signum)  # to the launcher, as a scheduler or Ctrl-C would: torchrun forwards it
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    assert "terminate called" not in stderr
+    stops = re.findall(rf"received {signum.name}: stopped after iteration (\d+), saved checkpoint (\S+);", stderr)
+    assert len(stops) == 1, stderr[-3000:]  # rank 0 names the checkpoint, the other rank says rank 0 wrote it
+    step, path = stops[0]
+    assert torch.load(path, weights_only=True)["iter_num"] == int(step)
+    assert json.loads(Path(path).with_suffix(".json").read_text())["stopped_by"] == signum.name
