@@ -1,5 +1,5 @@
 """Two-process DDP on the CPU (gloo) through the real torchrun launcher (and `python -m unmask.launch`, torchrun
-with meaningful exit codes): train, checkpoint, resume; exit codes; graceful stops."""
+with meaningful exit codes): train, checkpoint, resume; exit codes; user errors seen by one rank; graceful stops."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ import pytest
 import torch
 
 from tests.conftest import REPO, tiny_flags
+from unmask import run_dir
 
 TORCHRUN = ("-m", "torch.distributed.run")
 LAUNCH = ("-m", "unmask.launch")
+# The one line of torchrun's own agent that may follow a user error: the first worker to exit failed while another
+# was still exiting, and the agent stopped that one (torch's glog-style format, "W0515 18:20:01.123000 1234 ...]").
+_AGENT_STOPS_A_WORKER = re.compile(r"^W\d{4} [\d:.]+ +\d+ \S+:\d+\] Sending process \d+ closing signal SIGTERM$")
 
 
 def _command(launcher: tuple[str, ...], args: tuple[str, ...]) -> list[str]:
@@ -143,3 +147,32 @@ def test_a_graceful_stop_through_the_launcher_exits_128_plus_the_signal(
     step, path = stops[0]
     assert torch.load(path, weights_only=True)["iter_num"] == int(step)
     assert json.loads(Path(path).with_suffix(".json").read_text())["stopped_by"] == signum.name
+
+
+def _occupy(out: Path, case: str) -> str:
+    """Prepare `out` so that the run fails with a user error; returns a part of the expected line."""
+    out.mkdir(parents=True)
+    if case == "locked":  # another run holds out_dir: rank 0 alone takes the lock, so rank 0 alone sees it
+        run_dir.RunLock(out).acquire("elsewhere")  # held by this test process until it ends
+        return f"--out_dir={out}: in use by run elsewhere"
+    if case == "occupied":  # another run's files: every rank sees them
+        run_dir.write_manifest(out, "previous")
+        return f"--out_dir={out}: holds run previous"
+    # The sidecar of the first checkpoint cannot be written (a directory under its name): rank 0 alone fails,
+    # in the middle of training.
+    (out / "ckpt_unmasking_4.json").mkdir()
+    return f"{out / 'ckpt_unmasking_4.json'}: cannot write"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["locked", "occupied", "checkpoint_write"])
+def test_a_user_error_under_ddp_is_one_line_and_exit_2(tiny_data: Path, tmp_path: Path, case: str) -> None:
+    """Whether one rank or every rank sees a user error, the run prints its one line once and every rank exits 2
+    (no rank fails in a collective the others left); unmask.launch then exits 2 without torchrun's report."""
+    out = tmp_path / "run"
+    expected = _occupy(out, case)
+    done = _torchrun("train", *tiny_flags(tiny_data, out, max_iters=8), cwd=tmp_path, launcher=LAUNCH)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if not _AGENT_STOPS_A_WORKER.match(line)]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("unmask train: error: ") and expected in lines[0], lines

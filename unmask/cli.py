@@ -12,7 +12,7 @@ import sys
 import traceback
 
 from unmask import __version__
-from unmask.errors import EXIT_USER_ERROR, UserError
+from unmask.errors import EXIT_USER_ERROR, UserError, report, set_command
 from unmask.preemption import TrainingInterrupted
 
 # name -> (module whose `main(argv) -> int` runs it, one-line description)
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         print(f"unmask {__version__}")
         return 0
+    set_command(argv[0])
     try:
         if argv[0] not in COMMANDS:
             raise UserError(f"{argv[0]}: unknown command (expected one of {', '.join(COMMANDS)})")
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         code: int = module.main(argv[1:])
         return code
     except UserError as exc:
-        print(f"unmask {argv[0]}: error: {exc}", file=sys.stderr)
+        report(exc)  # under DDP only the rank that reported it, before the ranks parted, printed its line
         return EXIT_USER_ERROR
     except TrainingInterrupted as exc:
         print(f"unmask {argv[0]}: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ import functools
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -16,7 +17,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from unmask.errors import UserError
+from unmask.errors import ReportedByAnotherRank, UserError, report
 
 # Set once this process has joined a torchrun process group: `unmask.cli.entry` then ends it with `exit_process`.
 _process_group_started = False
@@ -49,13 +50,44 @@ class Runtime:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def barrier(self) -> None:
-        if self.ddp:
-            dist.barrier()
-
     def shutdown(self) -> None:
         if self.ddp and dist.is_initialized():
             dist.destroy_process_group()
+
+    @contextlib.contextmanager
+    def shared_user_errors(self) -> Iterator[None]:
+        """Run a block on every rank, then agree on its user errors before any rank goes on to a collective.
+
+        A user error that only some ranks see (rank 0 alone takes the out_dir lock) would otherwise end those ranks
+        with one line while the others fail in their next collective with a backend traceback. Here every rank
+        finishes the block and the ranks exchange their error messages (one all_gather_object). If any rank has
+        one, the lowest rank holding each distinct message prints it (an error every rank sees is one line, not
+        one per rank), all ranks pass a barrier, and only then does every rank raise (the others
+        `ReportedByAnotherRank`: exit 2, silent). The barrier makes the line safe by construction: no rank exits
+        before it is written, so torchrun, which stops the remaining workers when the first one fails, cannot stop
+        the reporting rank before it printed. Only `UserError` is shared: any other exception ends its rank, and
+        torchrun then stops the rest.
+        """
+        error: UserError | None = None
+        try:
+            yield
+        except UserError as exc:
+            if not self.ddp:
+                raise
+            error = exc
+        if not self.ddp:
+            return
+        messages: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(messages, None if error is None else str(error))
+        if all(message is None for message in messages):
+            return
+        if error is not None and str(error) not in messages[: self.rank]:
+            report(error)
+        dist.barrier()
+        if error is not None and error.reported:
+            raise error
+        reporter = next(rank for rank, message in enumerate(messages) if message is not None)
+        raise ReportedByAnotherRank(f"rank {reporter} reported a user error")
 
 
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
