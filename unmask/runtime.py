@@ -183,13 +183,13 @@ def exit_process(code: int) -> NoReturn:
     """End a torchrun worker with `code` once all its output is written, without finalizing the interpreter.
 
     Why not a normal exit: the process group's worker threads (gloo's) are not joined by destroy_process_group,
-    and one of them can still hold the last reference to a tensor that Python handed to a finished collective.
-    Gloo completes a work (which is all that wait(), a barrier or destroy_process_group can observe) inside the
-    thread's `execute` and drops its own references to it only afterwards, so no wait, barrier or `del` on the
-    Python side orders that release before interpreter shutdown; waiting longer (gc, sleep) only makes it rarer.
-    When the release comes after finalization has begun, the thread's decref of the tensor's Python object asks
-    for the GIL, CPython ends the thread with pthread_exit, and the unwind through a noexcept destructor calls
-    std::terminate: SIGABRT after a run that trained, saved and printed its summary.
+    and one of them can still hold the last reference to a finished collective's work and the tensors Python
+    handed to it. Gloo completes a work (which is all that wait(), a barrier or destroy_process_group can observe)
+    inside the thread's `execute` and drops its own references to it only afterwards, so no wait, barrier or `del`
+    on the Python side orders that release before interpreter shutdown; waiting longer (gc, sleep) only makes it
+    rarer. When that release needs the GIL (a Python-created tensor) just as the interpreter starts finalizing,
+    CPython ends the thread with pthread_exit once it gets the GIL, and the unwind through a noexcept destructor
+    calls std::terminate: SIGABRT after a run that trained, saved and printed its summary.
 
     `os._exit` makes that impossible rather than unlikely: the interpreter never starts finalizing, so any
     release before this call takes the GIL normally, and any later one never happens (the kernel ends every thread
@@ -197,7 +197,8 @@ def exit_process(code: int) -> NoReturn:
     run with the interpreter intact on a normal exit too: logging's flush, wandb's cleanup after an error), then
     stdout and stderr are flushed. The run's own files are already complete: checkpoints and config.json are
     written atomically, metrics.jsonl is closed after every record, and the out_dir lock is a flock the kernel
-    releases. Single-process runs never get here: they exit normally.
+    releases; unmask starts no non-daemon thread that a normal exit would wait for. Single-process runs never get
+    here: they exit normally.
     """
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
