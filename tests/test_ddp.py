@@ -89,13 +89,16 @@ def test_a_torchrun_worker_exits_without_finalizing_the_interpreter() -> None:
     assert done.stderr.startswith("unmask nonsense: error: nonsense: unknown command")
 
 
-# A torchrun worker that hands a tensor to a collective its peer joins late, so that gloo's thread releases the
-# work only while the worker is exiting: the atexit handler registered first runs last and holds the GIL in C code
-# (sum over a range) while the peer joins; after it the interpreter finalizes, and a thread that asked for the GIL
-# meanwhile ends in pthread_exit -> std::terminate. A normal exit aborted in every trial; unmask's exit may not.
+# Two torchrun workers: rank 0 hands a tensor to an all_reduce and exits; rank 1 joins that all_reduce only once
+# rank 0 is in its last atexit handlers, which run in C with no Python code in between: a marker directory, then a
+# sum that holds the GIL. Gloo's thread on rank 0 completes the work meanwhile and waits for the GIL to release it;
+# after a normal exit the interpreter is finalizing by the time it gets the GIL, CPython ends the thread with
+# pthread_exit and std::terminate aborts the worker (in every trial before the fix). unmask's exit never finalizes.
 _LATE_RELEASE = """
-import atexit, sys
-atexit.register(sum, range(60_000_000))
+import atexit, os, sys
+if os.environ["RANK"] == "0":
+    atexit.register(sum, range(60_000_000))  # registered first: run last
+    atexit.register(os.mkdir, sys.argv[1])
 import time
 import torch
 import torch.distributed as dist
@@ -107,7 +110,8 @@ if runtime.rank == 0:
     work = dist.all_reduce(torch.ones(1000), async_op=True)
     del work  # gloo's thread now holds the only reference
 else:
-    time.sleep(0.5)  # rank 0 is in its atexit handler by now
+    while not os.path.isdir(sys.argv[1]):  # rank 0 is in its atexit handlers
+        time.sleep(0.01)
     dist.all_reduce(torch.ones(1000))
 sys.argv = ["unmask", "--version"]
 cli.entry()
@@ -118,7 +122,7 @@ cli.entry()
 def test_a_collective_released_during_exit_cannot_abort_a_worker(tmp_path: Path) -> None:
     script = tmp_path / "late_release.py"
     script.write_text(_LATE_RELEASE)
-    cmd = [sys.executable, *TORCHRUN, "--standalone", "--nproc_per_node=2", str(script)]
+    cmd = [sys.executable, *TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "exiting")]
     done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert "terminate called" not in done.stderr, done.stderr[-3000:]
     assert done.returncode == 0, done.stderr[-3000:]
