@@ -180,3 +180,17 @@ def test_a_user_error_under_ddp_is_one_line_and_exit_2(tiny_data: Path, tmp_path
     lines = [line for line in done.stderr.splitlines() if not _AGENT_STOPS_A_WORKER.match(line)]
     assert len(lines) == 1, done.stderr[-3000:]
     assert lines[0].startswith("unmask train: error: ") and expected in lines[0], lines
+
+
+def test_the_launcher_keeps_the_workers_exit_code_when_they_agree() -> None:
+    import logging
+
+    from unmask.launch import _not_a_reported_failure, failed_code
+
+    assert failed_code([2, 2]) == 2  # a user error on every rank
+    assert failed_code([143]) == 143  # a stop signalled to the workers (or to another node's launcher)
+    assert failed_code([-9, -9]) == 128 + 9  # killed by SIGKILL, as a shell reports it
+    assert failed_code([2, 143]) == failed_code([1]) == 1  # they disagree, or crashed: torchrun's code
+    line = "failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s"
+    agent = [logging.LogRecord("a", logging.ERROR, "f", 1, line, (code, 0, 1, "python"), None) for code in (2, 1)]
+    assert [_not_a_reported_failure(record) for record in agent] == [False, True]  # only the explained one is dropped
