@@ -9,9 +9,10 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 
 from unmask import __version__
-from unmask.errors import EXIT_USER_ERROR, UserError
+from unmask.errors import EXIT_USER_ERROR, UserError, report, set_command
 from unmask.training.preemption import TrainingInterrupted
 
 # name -> (module whose `main(argv) -> int` runs it, one-line description)
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         print(f"unmask {__version__}")
         return 0
+    set_command(argv[0])
     try:
         if argv[0] not in COMMANDS:
             raise UserError(f"{argv[0]}: unknown command (expected one of {', '.join(COMMANDS)})")
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         code: int = module.main(argv[1:])
         return code
     except UserError as exc:
-        print(f"unmask {argv[0]}: error: {exc}", file=sys.stderr)
+        report(exc)  # under DDP only the rank that reported it, before the ranks parted, printed its line
         return EXIT_USER_ERROR
     except TrainingInterrupted as exc:
         print(f"unmask {argv[0]}: {exc}", file=sys.stderr)
@@ -76,4 +78,23 @@ def entry() -> None:
         # The reader went away (`unmask train --help | head`): silence the flush at exit, as a Unix tool would.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 141
+    except Exception:
+        if not _in_process_group():
+            raise
+        traceback.print_exc()  # what the interpreter would print, before the exit below
+        code = 1
+    if _in_process_group():
+        from unmask.runtime import exit_process
+
+        exit_process(code)  # a torchrun worker never finalizes the interpreter: see exit_process for why
     sys.exit(code)
+
+
+def _in_process_group() -> bool:
+    """Whether this process joined a torchrun process group. Only commands that compute import unmask.runtime
+    (and torch), so `unmask --help` still starts without them."""
+    if "unmask.runtime" not in sys.modules:
+        return False
+    from unmask.runtime import process_group_started
+
+    return process_group_started()

@@ -3,19 +3,25 @@ peak FLOP/s for MFU)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
-from unmask.errors import UserError
+from unmask.errors import ReportedByAnotherRank, UserError, report
+
+# Set once this process has joined a torchrun process group: `unmask.cli.entry` then ends it with `exit_process`.
+_process_group_started = False
 
 
 @dataclass
@@ -46,13 +52,44 @@ class Runtime:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def barrier(self) -> None:
-        if self.ddp:
-            dist.barrier()
-
     def shutdown(self) -> None:
         if self.ddp and dist.is_initialized():
             dist.destroy_process_group()
+
+    @contextlib.contextmanager
+    def shared_user_errors(self) -> Iterator[None]:
+        """Run a block on every rank, then agree on its user errors before any rank goes on to a collective.
+
+        A user error that only some ranks see (rank 0 alone takes the out_dir lock) would otherwise end those ranks
+        with one line while the others fail in their next collective with a backend traceback. Here every rank
+        finishes the block and the ranks exchange their error messages (one all_gather_object). If any rank has
+        one, the lowest rank holding each distinct message prints it (an error every rank sees is one line, not
+        one per rank), all ranks pass a barrier, and only then does every rank raise (the others
+        `ReportedByAnotherRank`: exit 2, silent). The barrier makes the line safe by construction: no rank exits
+        before it is written, so torchrun, which stops the remaining workers when the first one fails, cannot stop
+        the reporting rank before it printed. Only `UserError` is shared: any other exception ends its rank, and
+        torchrun then stops the rest.
+        """
+        error: UserError | None = None
+        try:
+            yield
+        except UserError as exc:
+            if not self.ddp:
+                raise
+            error = exc
+        if not self.ddp:
+            return
+        messages: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(messages, None if error is None else str(error))
+        if all(message is None for message in messages):
+            return
+        if error is not None and str(error) not in messages[: self.rank]:
+            report(error)
+        dist.barrier()
+        if error is not None and error.reported:
+            raise error
+        reporter = next(rank for rank, message in enumerate(messages) if message is not None)
+        raise ReportedByAnotherRank(f"rank {reporter} reported a user error")
 
 
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
@@ -212,8 +249,43 @@ def init_runtime(device_name: str, dtype_name: str, backend: str) -> Runtime:
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    global _process_group_started
     dist.init_process_group(backend=backend)
+    _process_group_started = True
     return Runtime(device, resolve_dtype(dtype_name, device), rank, local_rank, world_size)
+
+
+def process_group_started() -> bool:
+    """Whether this process joined a torchrun process group (it must then end through `exit_process`)."""
+    return _process_group_started
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a torchrun worker with `code` once all its output is written, without finalizing the interpreter.
+
+    Why not a normal exit: the process group's worker threads (gloo's) are not joined by destroy_process_group,
+    and one of them can still hold the last reference to a finished collective's work and the tensors Python
+    handed to it. Gloo completes a work (which is all that wait(), a barrier or destroy_process_group can observe)
+    inside the thread's `execute` and drops its own references to it only afterwards, so no wait, barrier or `del`
+    on the Python side orders that release before interpreter shutdown; waiting longer (gc, sleep) only makes it
+    rarer. When that release needs the GIL (a Python-created tensor) just as the interpreter starts finalizing,
+    CPython ends the thread with pthread_exit once it gets the GIL, and the unwind through a noexcept destructor
+    calls std::terminate: SIGABRT after a run that trained, saved and printed its summary.
+
+    `os._exit` makes that impossible rather than unlikely: the interpreter never starts finalizing, so any
+    release before this call takes the GIL normally, and any later one never happens (the kernel ends every thread
+    at once). Everything a normal exit does before finalizing still happens: the atexit handlers run here (they
+    run with the interpreter intact on a normal exit too: logging's flush, wandb's cleanup after an error), then
+    stdout and stderr are flushed. The run's own files are already complete: checkpoints and config.json are
+    written atomically, metrics.jsonl is closed after every record, and the out_dir lock is a flock the kernel
+    releases; unmask starts no non-daemon thread that a normal exit would wait for. Single-process runs never get
+    here: they exit normally.
+    """
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing more can be written
+            stream.flush()
+    os._exit(code)
 
 
 # Dense bf16/fp16 tensor-core peaks (vendor data sheets), for MFU; matched against torch's device name.

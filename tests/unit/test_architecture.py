@@ -257,7 +257,7 @@ def _package(module: str) -> str:
 def test_the_tree_shows_the_pipeline() -> None:
     """Subpackages by role; at the top only the entry points, the model, the runtime, the API and the errors."""
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    assert top == ["__init__", "__main__", "api", "cli", "errors", "model", "runtime"]
+    assert top == ["__init__", "__main__", "api", "cli", "errors", "launch", "model", "runtime"]
     assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()) == sorted(
         SUBPACKAGES
     )

@@ -64,6 +64,30 @@ class Trainer:
         plain resume): the highest `seq` of the run's checkpoints before `checkpoint` was read; a higher one found
         under the lock means another resume of the run wrote meanwhile, and this one is refused."""
         self.cfg, self.rt = cfg, runtime
+        # A user error on any rank (an occupied out_dir, a missing dataset, another world size) stops every rank
+        # here, reported once, before DDP's first collective would fail on the ranks that did not see it.
+        with runtime.shared_user_errors():
+            self.build(checkpoint, checkpoint_path, pretrained, seen_seq)
+        self.model: torch.nn.Module = self.raw_model
+        if cfg.compile:
+            self.model = torch.compile(self.raw_model)  # type: ignore[assignment]
+        if runtime.ddp:
+            idx = [runtime.local_rank] if runtime.device.type == "cuda" else None
+            self.model = DDP(self.model, device_ids=idx)  # frozen parameters take no part in the all-reduce
+        self.step_times: list[float] = []
+        self.batch_times: list[float] = []
+        self.step_lr = 0.0  # the learning rate of the last step, for its log line
+        self.ms_per_iter: float | None = None  # smoothed over log intervals, for the ETA
+        self.eval_seconds = 0.0  # the last evaluation's wall time, for the ETA
+        self.started = time.time()
+        self.last_checkpoint: Path | None = None
+        self.seq = 1  # the write sequence number of the next checkpoint (set from out_dir when the run opens)
+
+    def build(
+        self, checkpoint: dict[str, Any] | None, checkpoint_path: Path | None, pretrained: Any, seen_seq: int | None
+    ) -> None:
+        """Everything a rank can refuse before the first collective: out_dir, data, objective, model, checkpoint."""
+        cfg, runtime = self.cfg, self.rt
         self.out_dir = Path(cfg.out_dir)
         self.resumed = checkpoint is not None
         if not self.resumed:
@@ -100,20 +124,6 @@ class Trainer:
         self.nonfinite_steps = 0
         if checkpoint is not None:
             self.load_state_dict(checkpoint, checkpoint_path or Path("checkpoint"))
-        self.model: torch.nn.Module = self.raw_model
-        if cfg.compile:
-            self.model = torch.compile(self.raw_model)  # type: ignore[assignment]
-        if runtime.ddp:
-            idx = [runtime.local_rank] if runtime.device.type == "cuda" else None
-            self.model = DDP(self.model, device_ids=idx)  # frozen parameters take no part in the all-reduce
-        self.step_times: list[float] = []
-        self.batch_times: list[float] = []
-        self.step_lr = 0.0  # the learning rate of the last step, for its log line
-        self.ms_per_iter: float | None = None  # smoothed over log intervals, for the ETA
-        self.eval_seconds = 0.0  # the last evaluation's wall time, for the ETA
-        self.started = time.time()
-        self.last_checkpoint: Path | None = None
-        self.seq = 1  # the write sequence number of the next checkpoint (set from out_dir when the run opens)
 
     # --- construction -----------------------------------------------------------------------------------------
 
@@ -208,32 +218,37 @@ class Trainer:
         """Take the lock, then check and write: a new run starts only in a directory that holds no other run (or with
         --overwrite=True, which removes that run's files), a resume only from what is still the run's newest
         checkpoint. Then config.json and run.json; a resumed run keeps its metrics.jsonl up to the checkpoint."""
-        if self.rt.is_master:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UserError(f"{self.out_dir}: cannot create: {ckpt_io.describe_os_error(exc)}") from None
-            self.lock.acquire(self.run_id)  # held until the run ends; a second run on out_dir is refused
-            # Under the lock, before anything is written: what was checked before may have changed meanwhile (a run
-            # that finished in between, another resume of this run).
-            if self.resumed_from is not None:
-                path, seq = self.resumed_from
-                run_dir.check_resume_current(self.out_dir, self.run_id, seq, path)
-            if not self.resumed:
-                run_dir.check_new_run(self.out_dir, self.cfg.overwrite)
-            if not self.resumed and self.cfg.overwrite:
-                removed = run_dir.remove_run_files(self.out_dir)
-                if removed:
-                    self.log.print(f"--overwrite=True: removed {removed} file(s) of the previous run in {self.out_dir}")
-            swept = ckpt_io.sweep_temp_files(self.out_dir)
-            if swept:
-                self.log.print(f"removed {swept} temporary file(s) left by interrupted writes in {self.out_dir}")
-            run_dir.write_manifest(self.out_dir, self.run_id)
-            self.seq = run_dir.next_seq(self.out_dir, self.run_id)
-            record = {**self.cfg.to_dict(), "run_id": self.run_id, **environment_record()}
-            ckpt_io.atomic_write_json(self.out_dir / "config.json", record)
-            if self.resumed:
-                self.log.truncate_after(self.iter_num)
+        # Rank 0 alone takes the lock and writes; the others learn here whether it could (a locked out_dir ends
+        # every rank with one line, not rank 0's line and the others' backend tracebacks at their next collective).
+        with self.rt.shared_user_errors():
+            if self.rt.is_master:
+                try:
+                    self.out_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise UserError(f"{self.out_dir}: cannot create: {ckpt_io.describe_os_error(exc)}") from None
+                self.lock.acquire(self.run_id)  # held until the run ends; a second run on out_dir is refused
+                # Under the lock, before anything is written: what was checked before may have changed meanwhile (a
+                # run that finished in between, another resume of this run).
+                if self.resumed_from is not None:
+                    path, seq = self.resumed_from
+                    run_dir.check_resume_current(self.out_dir, self.run_id, seq, path)
+                if not self.resumed:
+                    run_dir.check_new_run(self.out_dir, self.cfg.overwrite)
+                if not self.resumed and self.cfg.overwrite:
+                    removed = run_dir.remove_run_files(self.out_dir)
+                    if removed:
+                        self.log.print(
+                            f"--overwrite=True: removed {removed} file(s) of the previous run in {self.out_dir}"
+                        )
+                swept = ckpt_io.sweep_temp_files(self.out_dir)
+                if swept:
+                    self.log.print(f"removed {swept} temporary file(s) left by interrupted writes in {self.out_dir}")
+                run_dir.write_manifest(self.out_dir, self.run_id)
+                self.seq = run_dir.next_seq(self.out_dir, self.run_id)
+                record = {**self.cfg.to_dict(), "run_id": self.run_id, **environment_record()}
+                ckpt_io.atomic_write_json(self.out_dir / "config.json", record)
+                if self.resumed:
+                    self.log.truncate_after(self.iter_num)
 
     def start(self) -> None:
         rt = self.rt
@@ -328,27 +343,29 @@ class Trainer:
         """Write the checkpoint of the current state (rank 0; every rank takes part); returns its path on rank 0."""
         rng = self.gather_rng_states()  # collective: every rank takes part
         path = None
-        if self.rt.is_master:
-            state = self.state_dict(rng)
-            sidecar = {
-                "iter": self.iter_num,
-                "run_id": self.run_id,
-                "seq": self.seq,
-                **extra,
-                "best_val_loss": self.best_val_loss,
-                **self.objective.state_dict(),
-                "model_config": self.model_config.__dict__,
-                "vocab": list(self.vocab.itos),
-                "task": state["task"],
-                "config": self.cfg.to_dict(),
-                "versions": state["versions"],
-            }
-            own = partial(run_dir.lineage, self.out_dir, self.run_id)  # rotation never touches another run's files
-            path = ckpt_io.save_checkpoint(self.out_dir, self.iter_num, state, sidecar, self.cfg.keep_last, own)
-            self.seq += 1
-            self.last_checkpoint = path
-            self.log.print(f"saved checkpoint {path}")
-        self.rt.barrier()
+        # This agreement is also the barrier after the write: a write that fails on rank 0 (a full disk) ends every
+        # rank with its one line instead of leaving the others to a backend traceback.
+        with self.rt.shared_user_errors():
+            if self.rt.is_master:
+                state = self.state_dict(rng)
+                sidecar = {
+                    "iter": self.iter_num,
+                    "run_id": self.run_id,
+                    "seq": self.seq,
+                    **extra,
+                    "best_val_loss": self.best_val_loss,
+                    **self.objective.state_dict(),
+                    "model_config": self.model_config.__dict__,
+                    "vocab": list(self.vocab.itos),
+                    "task": state["task"],
+                    "config": self.cfg.to_dict(),
+                    "versions": state["versions"],
+                }
+                own = partial(run_dir.lineage, self.out_dir, self.run_id)  # rotation never touches another run's files
+                path = ckpt_io.save_checkpoint(self.out_dir, self.iter_num, state, sidecar, self.cfg.keep_last, own)
+                self.seq += 1
+                self.last_checkpoint = path
+                self.log.print(f"saved checkpoint {path}")
         return path
 
     def stop_for_signal(self, signum: int) -> None:
