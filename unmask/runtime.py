@@ -328,3 +328,16 @@ def environment_record() -> dict[str, Any]:
     from unmask import __version__
 
     return {"versions": {"unmask": __version__, "torch": str(torch.__version__), "git_commit": _git_commit()}}
+
+
+def check_attention_backend(backend: str, device: torch.device, flag: str = "--attention") -> None:
+    """Refuse, in one line, a forced flex path for training where FlexAttention cannot train (its backward needs the
+    CUDA kernel of compute capability >= 8.0; on the CPU it is forward-only)."""
+    from unmask.model import HAVE_FLEX, flex_supported
+
+    if backend == "flex" and not flex_supported(device):
+        where = "PyTorch without FlexAttention" if not HAVE_FLEX else f"device {device}"
+        raise UserError(
+            f"{flag}=flex: FlexAttention trains only on CUDA GPUs of compute capability 8.0 or more, not on {where}; "
+            f"use {flag}=auto (or sdpa)"
+        )

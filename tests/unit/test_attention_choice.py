@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import unmask.model as model_module
+import unmask.model.transformer as model_module
 from tests.conftest import tiny_flags
 from unmask.cli import main
 from unmask.config.train_config import TrainConfig
@@ -22,9 +22,9 @@ from unmask.model import (
     HAVE_FLEX,
     ModelConfig,
     Transformer,
-    check_attention_backend,
     choose_attention,
 )
+from unmask.runtime import check_attention_backend
 
 LONG, SHORT = FLEX_MIN_LENGTH, FLEX_MIN_LENGTH - 1
 

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from unmask.config.train_config import TrainConfig, differing_fields
 from unmask.errors import UserError
-from unmask.model import ModelConfig, Transformer, check_attention_backend
+from unmask.model import ModelConfig, Transformer
 from unmask.objectives.base import Objective, RunInputs, build_objective
-from unmask.runtime import Runtime, environment_record, peak_flops
+from unmask.runtime import Runtime, check_attention_backend, environment_record, peak_flops
 from unmask.storage import checkpoint as ckpt_io
 from unmask.storage import run_dir
 from unmask.training.preemption import StopSignal, TrainingInterrupted

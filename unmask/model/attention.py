@@ -1,0 +1,228 @@
+"""Attention of the Transformer: RoPE, SDPA or FlexAttention (chosen per pass by `choose_attention`), the
+block-causal mask of block diffusion and the exact KV cache of sampling."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unmask.model.config import ATTENTION_BACKENDS, ModelConfig
+
+# Shortest sequence "auto" sends to FlexAttention. Its kernels work in 128 x 128 tiles and skip only whole empty
+# tiles, so below 4 tiles a side (block diffusion's mask is 3/4 empty at large L) there is little to skip, and
+# attention is a small share of the step while the BlockMask and the kernel launch cost the same. A first guess
+# from the tile size, not a GPU measurement: `benchmarks/gpu_check.py` times both paths at its block size.
+FLEX_MIN_LENGTH = 512
+
+
+def rope_cache(head_dim: int, positions: Tensor, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin tables, each (T, head_dim) in float32, for the rotate-half form of RoPE.
+
+    Su et al. 2021, eq. 15: channel pair i rotates by angle m * theta_i at position m, with
+    theta_i = base^(-2i / head_dim). In the rotate-half layout pair i is (x[i], x[i + head_dim/2]), so the
+    frequencies are repeated twice along the channel axis.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (..., T, D) by the per-position angles in cos/sin (T, D).
+
+    The tables are cast to x's dtype first: under bf16/fp16 autocast q and k come out of the Linear in half
+    precision, and multiplying them by float32 tables would silently promote them to float32, leaving q, k
+    and v in different dtypes for scaled_dot_product_attention.
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)  # (..., T, D): (x1, x2) -> (-x2, x1) is a 90 degree turn per pair
+    return x * cos + rotated * sin
+
+
+try:  # FlexAttention (PyTorch >= 2.5): block-sparse attention from a mask function.
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    HAVE_FLEX = True
+except ImportError:  # pragma: no cover - older PyTorch
+    HAVE_FLEX = False
+
+_compiled_flex: Callable[..., Tensor] | None = None
+
+
+def flex_supported(device: torch.device) -> bool:
+    """Whether the fused FlexAttention kernel can run on `device`: a CUDA GPU of compute capability 8.0 or more.
+
+    FlexAttention's Triton kernels target Ampere and newer; elsewhere (and on CPU, where it runs unfused and
+    eagerly) SDPA with a boolean mask is the faster path.
+    """
+    return HAVE_FLEX and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def choose_attention(
+    backend: str, *, flex_capable: bool, seq_len: int, head_dim: int, shared_mask: bool, dropout: bool
+) -> str:
+    """The attention path, "flex" or "sdpa", of one forward pass that has an explicit attention mask.
+
+    `backend` is the model's `attention_backend` (ATTENTION_BACKENDS); `flex_capable` whether the fused FlexAttention
+    kernel runs on the device (`flex_supported`); `shared_mask` whether the mask is one (T, T) pattern for every row
+    (the only kind turned into a BlockMask); `dropout` whether attention dropout is active (flex has none). Only a
+    shared mask without dropout can take the flex path; then "sdpa" and "flex" force the path, and "auto" takes flex
+    on a capable device for sequences of at least FLEX_MIN_LENGTH and head sizes the fused kernel supports (powers
+    of two from 16), SDPA otherwise.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend={backend!r}: expected one of {ATTENTION_BACKENDS}")
+    if backend == "sdpa" or not shared_mask or dropout:
+        return "sdpa"
+    if backend == "flex":
+        return "flex"
+    head_ok = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return "flex" if flex_capable and head_ok and seq_len >= FLEX_MIN_LENGTH else "sdpa"
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
+    """flex_attention, compiled once on CUDA (the fused kernel); eager elsewhere (the unfused reference path).
+
+    Inside a model that torch.compile is tracing on CUDA, the call goes into the model's graph as it is (inductor
+    fuses it there), rather than into a second compilation started mid-trace. On the CPU the call stays out of the
+    graph (the warnings context breaks it) and runs eagerly: traced into a compiled model, inductor's CPU flex
+    template gave logits 0.06 off the SDPA path (torch 2.13), where the eager call matches it to 1e-7."""
+    global _compiled_flex
+    if q.device.type == "cuda" and torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if q.device.type != "cuda":
+        with warnings.catch_warnings():
+            # Eager flex_attention warns that it is unfused: known and intended off CUDA.
+            warnings.simplefilter("ignore", UserWarning)
+            return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+def block_mask_from_bool(mask: Tensor) -> Any:
+    """A FlexAttention BlockMask equal to a (T, S) bool mask (True = may attend); fully masked tiles are skipped."""
+    if not HAVE_FLEX:
+        raise RuntimeError("FlexAttention needs PyTorch >= 2.5")
+    dense = mask.contiguous()
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return dense[q_idx, kv_idx]
+
+    return create_block_mask(mask_mod, None, None, mask.shape[0], mask.shape[1], device=mask.device)
+
+
+@functools.lru_cache(maxsize=32)
+def block_causal_mask(T: int, K: int, device: torch.device) -> Tensor:
+    """(T, T) bool, True = may attend: position i attends to j iff j // K <= i // K (blocks of K, Arriola et al.
+    2025). Cached per (T, K, device) and shared: treat it as read-only."""
+    block = torch.arange(T, device=device) // K  # (T,)
+    return block[None, :] <= block[:, None]  # (T, T)
+
+
+class KVCache:
+    """Keys/values of the positions fed so far, per layer, each (B, H, S, D); S = self.length.
+
+    Keys are stored after RoPE, i.e. rotated by the angles of their absolute positions 0..S-1, so new tokens fed
+    at positions S, S+1, ... score against them with the right relative offsets.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[Tensor] = []  # per layer (B, H, S, D)
+        self.values: list[Tensor] = []  # per layer (B, H, S, D)
+
+    @property
+    def length(self) -> int:
+        """Positions cached (0 when empty)."""
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def crop(self, length: int) -> None:
+        """Keep only the first `length` positions."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"crop length {length} must be in [0, {self.length}]")
+        self.keys = [k[:, :, :length] for k in self.keys]
+        self.values = [v[:, :, :length] for v in self.values]
+
+    def past(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """The cached (keys, values) of `layer`, or None when nothing is cached yet."""
+        if layer < len(self.keys) and self.keys[layer].shape[2] > 0:
+            return self.keys[layer], self.values[layer]
+        return None
+
+    def store(self, layer: int, keys: Tensor, values: Tensor) -> None:
+        """Set `layer`'s cache to keys/values (B, H, S', D) covering positions 0..S'-1."""
+        if layer < len(self.keys):
+            self.keys[layer], self.values[layer] = keys, values
+        elif layer == len(self.keys):
+            self.keys.append(keys)
+            self.values.append(values)
+        else:
+            raise ValueError(f"layer {layer} stored before layer {len(self.keys)}")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with RoPE on q and k, via PyTorch's fused SDPA kernel (or FlexAttention)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.causal = config.causal
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn_mask: Tensor | None = None,
+        *,
+        is_causal: bool | None = None,
+        block_mask: Any = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        update_cache: bool = False,
+    ) -> Tensor:
+        """`attn_mask` (T, S) or (B, 1, T|1, S) bool, True where a key may be attended to (None: every key).
+
+        `is_causal` None means the model's own `causal`. With `cache`, the keys/values of `layer` cached so far are
+        prepended (S = cached + T) and, with `update_cache`, the extended ones are stored back. `block_mask`
+        (a FlexAttention BlockMask) replaces `attn_mask` on the flex path.
+        """
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            past = cache.past(layer)
+            if past is not None:
+                k = torch.cat((past[0], k), dim=2)  # (B, H, S, D)
+                v = torch.cat((past[1], v), dim=2)  # (B, H, S, D)
+            if update_cache:
+                cache.store(layer, k, v)
+        if block_mask is not None:
+            y = _flex(q, k, v, block_mask)  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                is_causal=self.causal if is_causal is None else is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+            )  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
