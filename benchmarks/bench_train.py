@@ -71,12 +71,12 @@ def bench(name: str, shape: dict, args: argparse.Namespace) -> dict:
         trainer.train_step()
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
-    trainer.step_times.clear()
-    trainer.batch_times.clear()
+    trainer.progress.step_times.clear()
+    trainer.progress.batch_times.clear()
     for _ in range(args.iters):
         trainer.train_step()
-    step = statistics.median(trainer.step_times)
-    share = sum(trainer.batch_times) / sum(trainer.step_times)
+    step = statistics.median(trainer.progress.step_times)
+    share = sum(trainer.progress.batch_times) / sum(trainer.progress.step_times)
     tokens = cfg.batch_size * cfg.block_size
     result = {
         "config": name,

@@ -208,21 +208,25 @@ def train_run(
         for _ in range(args.warmup):
             losses.append(trainer.train_step())
         warmup_s = time.perf_counter() - t0
-        trainer.step_times.clear()
+        trainer.progress.step_times.clear()
         limit = args.steps if steps is None else steps
-        while len(trainer.step_times) < limit:
+        while len(trainer.progress.step_times) < limit:
             losses.append(trainer.train_step())
-            if steps is None and len(trainer.step_times) >= 2 and sum(trainer.step_times) > args.run_s:
+            if (
+                steps is None
+                and len(trainer.progress.step_times) >= 2
+                and sum(trainer.progress.step_times) > args.run_s
+            ):
                 break
         sync(device)
         memory, memory_kind = peak_memory(device)
-    step_s = statistics.median(trainer.step_times)
+    step_s = statistics.median(trainer.progress.step_times)
     mfu = trainer.mfu(step_s)
     numbers = {
         "dtype": dtype,
         "compile": compile_model,
         "warmup_steps": args.warmup,
-        "timed_steps": len(trainer.step_times),
+        "timed_steps": len(trainer.progress.step_times),
         "ms_per_iter": 1000 * step_s,
         "tokens_per_s": trainer.chars_per_iter / step_s,
         "mfu": mfu,

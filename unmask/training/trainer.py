@@ -1,10 +1,10 @@
 """The training loop of `unmask train`, the same for every objective.
 
 `Trainer.run` reads as the list of what happens: evaluate (and let the objective react), checkpoint, train step,
-log. The trainer owns the model, the optimizer, the loop, the learning rate, DDP, signals and checkpoints; what a
-micro-batch is, its loss, what an evaluation measures and what the console shows about it belong to the run's
-objective (`unmask.objectives.base`), which the trainer never inspects; how the objective steers the loop (a
-curriculum's learning-rate window, an early end) comes through `objective.hooks`.
+log. The trainer owns the model, optimizer, loop, learning rate, DDP, signals and checkpoints; a micro-batch, its
+loss, what an evaluation measures and shows belong to the run's objective (`unmask.objectives.base`), which the
+trainer never inspects; how the objective steers the loop (a curriculum's learning-rate window, an early end) comes
+through `objective.hooks`. Building and restoring pieces live in `state.py`, the log line's numbers in `progress.py`.
 
 Everything a resumed run needs to continue bit for bit is in `Trainer.state_dict`: model, optimizer, scaler,
 iteration, training characters seen, best validation loss, the data and masking generators, the global RNG
@@ -26,28 +26,23 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from unmask.config.train_config import TrainConfig, differing_fields
+from unmask.config.train_config import TrainConfig
 from unmask.errors import UserError
-from unmask.model import ModelConfig, Transformer
+from unmask.model import Transformer
 from unmask.objectives.base import Objective, RunInputs, build_objective
-from unmask.runtime import Runtime, check_attention_backend, environment_record, peak_flops
+from unmask.runtime import Runtime, environment_record, peak_flops
 from unmask.storage import checkpoint as ckpt_io
 from unmask.storage import run_dir
+from unmask.training import state
 from unmask.training.preemption import StopSignal, TrainingInterrupted
+from unmask.training.progress import Interval, Progress, banner, summary_line
 from unmask.training.run_log import RunLog
 from unmask.training.schedule import lr_at
 
-# Fixed offsets keep the generators of one run independent of each other (and of the validation seed 42).
+# Fixed offsets keep the generators of a run independent of each other (and of the validation seed 42).
 MASK_SEED_OFFSET = 1_000_003
 _EVAL_SEED_OFFSET = 2_000_003
 _MAX_NONFINITE_STEPS = 5
-
-
-def check_architecture(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
-    """A resumed run must keep the checkpoint's architecture; list every differing field."""
-    diffs = differing_fields(cfg, saved)
-    if diffs:
-        raise UserError(f"{path}: architecture differs from the flags ({'; '.join(diffs)})")
 
 
 class Trainer:
@@ -74,12 +69,8 @@ class Trainer:
         if runtime.ddp:
             idx = [runtime.local_rank] if runtime.device.type == "cuda" else None
             self.model = DDP(self.model, device_ids=idx)  # frozen parameters take no part in the all-reduce
-        self.step_times: list[float] = []
-        self.batch_times: list[float] = []
+        self.progress = Progress()  # step timings, smoothed ms/iter, the ETA
         self.step_lr = 0.0  # the learning rate of the last step, for its log line
-        self.ms_per_iter: float | None = None  # smoothed over log intervals, for the ETA
-        self.eval_seconds = 0.0  # the last evaluation's wall time, for the ETA
-        self.started = time.time()
         self.last_checkpoint: Path | None = None
         self.seq = 1  # the write sequence number of the next checkpoint (set from out_dir when the run opens)
 
@@ -129,35 +120,15 @@ class Trainer:
 
     def build_model(self) -> Transformer:
         """The model for the objective's vocabulary and the config's architecture."""
-        cfg = self.cfg
-        # Model init draws from the global RNG; seed it identically on every rank (DDP also broadcasts).
-        torch.manual_seed(cfg.seed)
-        self.model_config = ModelConfig(
-            vocab_size=self.vocab.size,
-            block_size=cfg.block_size,
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            n_embd=cfg.n_embd,
-            dropout=cfg.dropout,
-            bias=cfg.bias,
-            **self.objective.model_fields(),
+        self.model_config, model = state.build_model(
+            self.cfg, self.vocab.size, self.objective.model_fields(), self.rt.device
         )
-        check_attention_backend(cfg.attention, self.rt.device)
-        model = Transformer(self.model_config).to(self.rt.device)
-        model.attention_backend = cfg.attention
         return model
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW over the trainable parameters; also creates the GradScaler (float16 only)."""
-        cfg, device = self.cfg, self.rt.device
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.rt.dtype == torch.float16)
-        return torch.optim.AdamW(
-            self.raw_model.optimizer_groups(cfg.weight_decay),
-            lr=cfg.learning_rate,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.adam_eps,
-            fused=device.type == "cuda",
-        )
+        optimizer, self.scaler = state.build_optimizer(self.cfg, self.raw_model, self.rt)
+        return optimizer
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
@@ -255,14 +226,7 @@ class Trainer:
         self.open_run()
         for line in self.notes:
             self.log.print(line)
-        n = self.raw_model.num_params()
-        threads = torch.get_num_threads()  # --threads, or what its default chose: it decides CPU speed
-        cpu_threads = f" ({threads} thread{'s' if threads > 1 else ''})" if rt.device.type == "cpu" else ""
-        self.log.print(
-            f"unmask: {n:,} parameters, vocabulary {self.vocab.n_chars} characters + [MASK], "
-            f"{rt.device} {str(rt.dtype).removeprefix('torch.')}{cpu_threads}, world size {rt.world_size}, "
-            f"{self.chars_per_iter:,} tokens per iteration"
-        )
+        self.log.print(banner(self.raw_model.num_params(), self.vocab.n_chars, rt, self.chars_per_iter))
         for line in self.objective.start_lines(self.iter_num if self.resumed else None):
             self.log.print(line)
         if self.resumed and self.done() and self.last_eval_iter == self.iter_num:
@@ -302,10 +266,10 @@ class Trainer:
         bar.close()
         self.raw_model.train()
         self.last_eval_iter = self.iter_num
-        self.eval_seconds = time.perf_counter() - t0
-        metrics["eval_seconds"] = self.eval_seconds
+        self.progress.eval_seconds = time.perf_counter() - t0
+        metrics["eval_seconds"] = self.progress.eval_seconds
         if not tty:
-            self.log.print(f"evaluation at iteration {self.iter_num}: {self.eval_seconds:.1f} s")
+            self.log.print(f"evaluation at iteration {self.iter_num}: {self.progress.eval_seconds:.1f} s")
         if not (math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["train_loss"])):
             raise UserError(
                 f"evaluation at iteration {self.iter_num} gave a non-finite loss "
@@ -395,15 +359,8 @@ class Trainer:
         self.log.close()
 
     def summary_line(self) -> str:
-        """Best val loss / val_bpc with their iterations, wall time, the newest checkpoint, the command to sample."""
-        parts = [f"done: {self.iter_num} iterations in {time.time() - self.started:.1f} s"]
-        for key, (value, it) in self.best.items():
-            parts.append(f"best {key.replace('_', ' ')} {value:.4f} (iter {it})")
-        if self.last_checkpoint is not None:
-            parts.append(f"checkpoint {self.last_checkpoint}")
-            if self.model_config.head == "lm":
-                parts.append(f"sample with: unmask sample --ckpt={self.last_checkpoint}")
-        return "; ".join(parts)
+        sample = self.last_checkpoint is not None and self.model_config.head == "lm"
+        return summary_line(self.iter_num, self.progress.elapsed(), self.best, self.last_checkpoint, sample)
 
     def train_step(self) -> float:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
@@ -438,8 +395,7 @@ class Trainer:
         self.iter_num += 1
         self.train_chars_seen += self.chars_per_iter
         self.step_lr = lr
-        self.batch_times.append(batch_time)
-        self.step_times.append(time.perf_counter() - t0)
+        self.progress.add_step(time.perf_counter() - t0, batch_time)
         return float(total)
 
     def clip_gradients(self) -> torch.Tensor:
@@ -450,18 +406,8 @@ class Trainer:
         return torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
 
     def step_is_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Whether to take the optimizer step: the loss and the gradient norm are finite on every rank.
-
-        The answer is all-reduced, so all ranks skip together: a NaN on one rank already reached the others'
-        gradients through DDP's all-reduce, and ranks that stepped on them would diverge silently (torchtitan
-        checks loss and grad norm the same way). With float16 an infinite gradient is an overflow, which the
-        GradScaler handles by skipping the step and lowering the scale; only the loss counts then.
-        """
-        bad = ~torch.isfinite(loss.detach())
-        if not self.scaler.is_enabled():
-            bad = bad | ~torch.isfinite(grad_norm)
-        flag = bad.to(torch.float32).reshape(1)
-        return float(self.rt.all_reduce_sum(flag).item()) == 0.0
+        """Whether to take the optimizer step (`unmask.training.state.step_is_finite`: on every rank)."""
+        return state.step_is_finite(loss, grad_norm, self.scaler.is_enabled(), self.rt)
 
     def skip_nonfinite_step(self) -> None:
         """A non-finite loss or gradient skips the update (several in a row stop the run: `stop_diverged`)."""
@@ -478,41 +424,17 @@ class Trainer:
         cfg = self.cfg
         if self.iter_num % cfg.log_interval and self.iter_num != cfg.max_iters:
             return
-        step_s = sum(self.step_times) / len(self.step_times)
-        batch_share = sum(self.batch_times) / sum(self.step_times)
-        # An exponential average over log intervals (nanoGPT smooths its MFU the same way).
-        ms = 1000 * step_s
-        self.ms_per_iter = ms if self.ms_per_iter is None else 0.9 * self.ms_per_iter + 0.1 * ms
-        tokens_per_s = self.chars_per_iter / step_s
-        mfu = self.mfu(step_s)
-        eta = self.eta_seconds()
-        lr = self.step_lr  # the effective learning rate of the step just taken (schedule x stage lr_factor)
-        fields = self.objective.hooks.log_fields()
-        self.log.print(
-            f"iter {self.iter_num}/{cfg.max_iters}: loss {loss:.4f}, {self.ms_per_iter:.2f}ms/iter, "
-            f"{tokens_per_s:,.0f} tok/s"
-            + (f", mfu {100 * mfu:.1f}%" if mfu is not None else "")
-            + f", eta {_duration(eta)}, batch+mask {100 * batch_share:.1f}%, lr {lr:.6f}"
-            + "".join(f", {k} {v}" for k, v in fields.items())
-            + f", epochs {self.epochs:.3f}"
+        step_s, batch_share = self.progress.close_interval()
+        line, record = self.progress.report(
+            Interval(self.iter_num, cfg.max_iters, cfg.eval_interval, self.epochs, loss, self.step_lr),
+            step_s,
+            batch_share,
+            self.chars_per_iter / step_s,
+            self.mfu(step_s),
+            self.objective.hooks.log_fields(),
         )
-        record: dict[str, Any] = {
-            "iter": self.iter_num,
-            "epochs": self.epochs,
-            "train_loss_step": loss,
-            "lr": lr,
-            "ms_per_iter": ms,
-            "ms_per_iter_smoothed": self.ms_per_iter,
-            "tokens_per_s": tokens_per_s,
-            "batch_share": batch_share,
-            "eta_s": eta,
-            **fields,
-        }
-        if mfu is not None:
-            record["mfu"] = mfu
+        self.log.print(line)
         self.log.record("train", record)
-        self.step_times.clear()
-        self.batch_times.clear()
 
     def mfu(self, step_s: float) -> float | None:
         """Model FLOPs utilisation (nanoGPT's estimate: PaLM's 6N + 12 L T C FLOPs per token) against the
@@ -523,29 +445,12 @@ class Trainer:
         flops = self.raw_model.flops_per_token(self.cfg.block_size) * self.chars_per_iter / self.rt.world_size
         return flops / step_s / peak
 
-    def eta_seconds(self) -> float:
-        """Remaining iterations at the smoothed step time, plus the remaining evaluations at the last one's time."""
-        left = max(0, self.cfg.max_iters - self.iter_num)
-        evals = left // self.cfg.eval_interval + 1
-        return left * (self.ms_per_iter or 0.0) / 1000 + evals * self.eval_seconds
-
     # --- checkpoint state ----------------------------------------------------------------------------------------
 
     def gather_rng_states(self) -> list[dict[str, Any]]:
         """Every rank's RNG states (index = rank): each rank draws its own data and masks."""
-        rng: dict[str, Any] = {
-            "torch": torch.get_rng_state(),
-            "data": self.data_gen.get_state(),
-            "mask": self.mask_gen.get_state(),
-            **self.objective.rank_state(),
-        }
-        if self.rt.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
-        if not self.rt.ddp:
-            return [rng]
-        gathered: list[Any] = [None] * self.rt.world_size
-        torch.distributed.all_gather_object(gathered, rng)
-        return gathered
+        own = state.rank_rng_state(self.rt.device, self.data_gen, self.mask_gen, self.objective.rank_state())
+        return state.gather_rank_states(self.rt, own)
 
     def state_dict(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -572,7 +477,7 @@ class Trainer:
         saved_vocab = ckpt.get("vocab")
         if saved_vocab is not None and list(saved_vocab) != list(self.vocab.itos):
             raise UserError(f"{path}: the checkpoint's vocabulary differs from {self.cfg.dataset}'s meta.json")
-        check_architecture(self.cfg, ckpt["model_config"], path)
+        state.check_architecture(self.cfg, ckpt["model_config"], path)
         self.raw_model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -584,21 +489,6 @@ class Trainer:
         # Checkpoints from before epochs were tracked: every step so far had this run's batch shape.
         self.train_chars_seen = int(ckpt.get("train_chars_seen", self.iter_num * self.chars_per_iter))
         self.best_val_loss = float(ckpt["best_val_loss"])
-        if len(ckpt["rng"]) != self.rt.world_size:
-            raise UserError(
-                f"{path}: saved by {len(ckpt['rng'])} process(es), resumed with {self.rt.world_size}; "
-                f"resume with the same number of processes to continue the same data streams"
-            )
-        rng = ckpt["rng"][self.rt.rank]
+        rng = state.own_rank_state(ckpt, self.rt, path)
         self.objective.load_state(ckpt, rng, self.iter_num, self.epochs, path)
-        torch.set_rng_state(rng["torch"])
-        self.data_gen.set_state(rng["data"])
-        self.mask_gen.set_state(rng["mask"])
-        if "cuda" in rng and self.rt.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
-
-
-def _duration(seconds: float) -> str:
-    """h:mm:ss."""
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+        state.restore_rng_state(rng, self.rt.device, self.data_gen, self.mask_gen)
