@@ -33,6 +33,7 @@ OUT/quality.md, the JSON document to OUT/quality.json. Without --data_dir the da
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -44,7 +45,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.7
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
-            "torch": torch.__version__,
+            "torch": importlib.metadata.version("torch"),  # not imported: the CLI runs it
             "cpu_count": os.cpu_count(),
             "threads": a.threads,
         },
