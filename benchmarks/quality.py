@@ -45,7 +45,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.7
 # (run name, training flags); the judge is an autoregressive run with its own seed
