@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                     "char_entropy_bits": metrics["samples"]["char_entropy_bits"],
                     "chars_per_second": doc["speed"]["chars_per_second"],
                     "mean_nfe": doc["speed"]["mean_nfe"],
+                    # all forward passes of the run, the KV-cache passes over finished blocks included
+                    "forward_passes": doc["speed"]["forward_passes"],
                     "samples": [s["generated"] for s in doc["samples"]],
                 }
             )
