@@ -181,6 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     t_start = time.perf_counter()
+    commit = git_commit()  # at the start: the code that measured, even if the checkout moves on meanwhile
     out = Path(a.out)
     results, logs = out / "results", out / "logs"
     results.mkdir(parents=True, exist_ok=True)
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_start
     document = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": commit,
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
