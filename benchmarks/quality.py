@@ -25,7 +25,8 @@ inside each block) and threshold decoding.
 Defaults are the issue's configuration (4 layers, 128 wide, block 64, batch 12, 2000 iterations, lr 1e-3, tiny
 Shakespeare); the flags shrink it. Every run is a run directory OUT/NAME (NAME: judge, autoregressive, mdlm,
 unmasking, block_diffusion4); every step's result is a file under OUT/results, and a step whose file exists is
-skipped, so an interrupted invocation resumes where it stopped. The markdown table is printed and written to
+skipped, so an interrupted invocation resumes where it stopped (OUT/config.json records the flags: an invocation
+with other values, --objectives excepted, is refused). The markdown table is printed and written to
 OUT/quality.md, the JSON document to OUT/quality.json. Without --data_dir the dataset is prepared into OUT/data by
 `unmask prepare shakespeare_char` (offline with UNMASK_DATA_MIRROR set).
 """
@@ -178,12 +179,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def check_same_config(a: argparse.Namespace, path: Path) -> None:
+    """Results under OUT are reused, so OUT must hold one configuration: the first invocation records it, a later one
+    with another value of a flag (--objectives excepted: it picks runs) is refused before anything runs."""
+    config = {k: v for k, v in vars(a).items() if k != "objectives"}
+    if path.exists():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        changed = [k for k in config if recorded.get(k) != config[k]]
+        if changed:
+            k = changed[0]
+            sys.stderr.write(
+                f"quality.py: --{k}={config[k]}: {path.parent} holds results made with --{k}={recorded.get(k)}; "
+                "give another --out\n"
+            )
+            raise SystemExit(2)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(config, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     t_start = time.perf_counter()
     commit = git_commit()  # at the start: the code that measured, even if the checkout moves on meanwhile
     out = Path(a.out)
     results, logs = out / "results", out / "logs"
+    check_same_config(a, out / "config.json")
     results.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     threads = [f"--threads={a.threads}", "--device=cpu"]

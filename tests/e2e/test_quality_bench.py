@@ -24,7 +24,7 @@ def _script() -> ModuleType:
     return module
 
 
-def _bench(tiny_data: Path, out: Path) -> int:
+def _bench(tiny_data: Path, out: Path, samples: int = 2) -> int:
     """The script's main in this process (it runs `python -m unmask` in subprocesses, as a user would)."""
     argv = [
         f"--out={out}",
@@ -37,7 +37,7 @@ def _bench(tiny_data: Path, out: Path) -> int:
         "--block_size=32",
         "--batch_size=4",
         "--max_iters=2",
-        "--samples=2",
+        f"--samples={samples}",
         "--length=12",
         "--eval_max_windows=2",
     ]
@@ -75,6 +75,12 @@ def test_quality_bench_writes_table_and_json_and_resumes(
     assert "training" not in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == stamp
     assert json.loads((out / "quality.json").read_text())["rows"] == rows
+
+    with pytest.raises(SystemExit) as exit_info:  # results made with --samples=2 are not --samples=3 results
+        _bench(tiny_data, out, samples=3)
+    assert exit_info.value.code == 2
+    assert "--samples=3: " in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == stamp
 
 
 def test_quality_bench_refuses_unknown_objective(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
