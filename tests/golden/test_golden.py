@@ -55,6 +55,8 @@ def _case_argv(case: str, tiny_data: Path, root: Path) -> list[str]:
         return _flags(tiny_data, out, objective=case)
     if case == "unmasking_original_stages":  # the curriculum before the default gained its final stage
         return ["original", *_flags(tiny_data, out)[:-1]]
+    if case == "autoregressive_zero_masking":  # the autoregressive default before it became the full softmax
+        return _flags(tiny_data, out, objective="autoregressive", zero_masking=True)
     if case.endswith("_full_softmax"):  # the losses before zero-masking became the default
         return _flags(tiny_data, out, objective=case.removesuffix("_full_softmax"), zero_masking=False)
     if case == "block_diffusion":
@@ -81,6 +83,7 @@ CASES = (
     "autoregressive",
     "mdlm_full_softmax",
     "autoregressive_full_softmax",
+    "autoregressive_zero_masking",
     "mdlm_exact_k",
     "block_diffusion",
     "binary_replaced_token",

@@ -96,10 +96,12 @@ class TrainConfig:
     mask_rate_window: tuple[float, float] = bounded((0.0, 1.0), 0.0, 1.0)
     """--objective=block_diffusion: LO,HI: each block's training mask rate t ~ U(LO, HI] (BD3-LM's clipped schedule,
     a variance reduction). Evaluation always integrates t over (0, 1], so val_bpc stays a bound."""
-    zero_masking: bool = True
+    zero_masking: bool | None = None
     """mdlm and autoregressive: drop the [MASK] logit from the softmax of the training loss (MDLM's zero-masking,
-    the SUBS parameterisation): [MASK] is never a target, so no probability is spent on it; validation CE then
-    drops it too. False: the full softmax (the behaviour before). The unmasking objective keeps the full softmax."""
+    the SUBS parameterisation: [MASK] is never a target); False: the full softmax. None (default): the objective's
+    own default, as measured (docs/likelihood.md, "Zero-masking per objective"): True for mdlm, False for
+    autoregressive, whose early training it slowed down. val_bpc and `unmask eval` always drop [MASK]; the
+    unmasking objective always trains with the full softmax."""
     mdlm_estimator: Literal["auto", "antithetic_t", "exact_k"] = "auto"
     """Training estimator of mdlm and block_diffusion: 'antithetic_t' draws t stratified over the batch (per block
     for block diffusion), Bernoulli(t) masks, weight 1/t (MDLM); 'exact_k' draws k uniform in 1..L (1..K per

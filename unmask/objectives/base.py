@@ -271,7 +271,7 @@ class DiffusionModel(LanguageModel[BatchT]):
 
     @property
     def zero_masking(self) -> bool:
-        return self.cfg.zero_masking and self.zero_masking_applies
+        return self.zero_masking_applies and drops_mask_logit(self.cfg, default=True)
 
     def __init__(self, inputs: RunInputs) -> None:
         super().__init__(inputs)
@@ -326,3 +326,8 @@ class DiffusionModel(LanguageModel[BatchT]):
                 f"({m[f'val_stage_{i}_samples']} samples) - {stage.ratio_label()}"
             )
         return lines
+
+
+def drops_mask_logit(cfg: TrainConfig, default: bool) -> bool:
+    """--zero_masking, or the objective's `default` when the flag is unset (None)."""
+    return default if cfg.zero_masking is None else bool(cfg.zero_masking)

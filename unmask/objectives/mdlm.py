@@ -118,4 +118,4 @@ class MDLM(DiffusionModel[MDLMBatch]):
         return draw_mdlm_batch(windows, self.vocab.mask_id, mask_gen, estimator=self.cfg.training_estimator)
 
     def loss(self, model: torch.nn.Module, batch: MDLMBatch) -> Tensor:
-        return mdlm_batch_loss(model, batch, self.vocab.mask_id if self.cfg.zero_masking else None)
+        return mdlm_batch_loss(model, batch, self.vocab.mask_id if self.zero_masking else None)
