@@ -61,13 +61,26 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except UserError as exc:
         report(exc)  # under DDP only the rank that reported it, before the ranks parted, printed its line
-        return EXIT_USER_ERROR
+        return _leave(EXIT_USER_ERROR)
     except TrainingInterrupted as exc:
         print(f"unmask {argv[0]}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _leave(exc.exit_code)
     except KeyboardInterrupt:
         print(f"unmask {argv[0]}: interrupted", file=sys.stderr)
-        return 130
+        return _leave(130)
+
+
+def _leave(code: int) -> int:
+    """Called inside an `except` block: a torchrun worker exits right here, while the exception still holds the
+    run (its traceback reaches the trainer, its DDP reducer and the process group). Leaving the block would free
+    them, and the process group's destructor joins gloo's threads, which wait for a peer that may already have
+    exited (a stop on another node): the rank hung forever in that join (seen in 1 of 4 two-node SIGTERM runs).
+    A single process returns the code."""
+    if _in_process_group():
+        from unmask.runtime import exit_process
+
+        exit_process(code)
+    return code
 
 
 def entry() -> None:
@@ -81,7 +94,8 @@ def entry() -> None:
     except Exception:
         if not _in_process_group():
             raise
-        traceback.print_exc()  # what the interpreter would print, before the exit below
+        traceback.print_exc()  # what the interpreter would print
+        _leave(1)  # inside the block, before the traceback (and the process group it reaches) is freed
         code = 1
     if _in_process_group():
         from unmask.runtime import exit_process
