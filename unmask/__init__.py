@@ -1,24 +1,20 @@
 """unmask: masked discrete-diffusion ("unmasking") language models, character-level first.
 
-The modules in data-flow order (docs/architecture.md has the details):
+The subpackages in data-flow order (docs/architecture.md has the details and the layer rules):
 
-text -> ids          `prepare` (the command; `sources`: where shakespeare_char comes from), `data` (the dataset
-                     format, `Vocab`, memmapped splits)
-ids -> windows       `data.sample_windows`, `batches.BatchSource`
-windows -> batch     `masking` (pure selection/corruption functions), `stages` (stage dicts), `curriculum`
-                     (which stages train now), `batches` (per-stage corruption, the selection pool)
-batch -> logits      `model` (`Transformer`, KV cache)
-logits -> loss       `objectives` (one module per objective with its losses, `registry` names them), `block_diffusion`
-                     (its masks, loss and bound), `transfer.tasks` (the binary tasks)
-loss -> step         `trainer` (the loop), `schedule` (learning rate), `runtime` (device, DDP, threads),
-                     `preemption`
-step -> metrics      `validation` (every evaluation metric of training), `elbo` (likelihood estimators),
-                     `policy` (the exact likelihood of an unmasking policy), `run_log` (console, metrics.jsonl)
-metrics -> files     `checkpoint` (atomic, verified), `run_dir` (a run owns its out_dir), `loading` (checkpoint ->
-                     model for inference), `export` (safetensors), `api` (`unmask.load`)
-commands             `cli` (dispatch table), `command` (shared parsing), `train`, `sample` (+ `sampling`,
-                     `sampling_cached`, `sample_metrics`, `animate`), `evaluate`, `compare`, `plot`, `export`,
-                     `transfer.classify`
+text -> ids          `data` (prepare, the dataset format, `Vocab`, where corpora come from)
+ids -> batches       `curriculum` (pure masking functions, stage dicts, the plateau rule, batches)
+batch -> logits      `model` (`Transformer`, attention, KV cache)
+logits -> loss       `objectives` (the registry, one module per objective), `likelihood.block` (block diffusion's
+                     maths), `transfer.tasks` (the binary tasks)
+loss -> step         `training` (the loop, its state and progress, the schedule, preemption, the run log,
+                     validation), `runtime` (device, DDP, threads), `launch` (torchrun with honest exit codes)
+step -> numbers      `likelihood` (estimators, ELBO, block bound, policy, and `score`: the one likelihood path)
+model -> text        `generation` (`engine`: the one generation engine; canvases, schedules, remasking, draws,
+                     the KV-cached paths, sample quality, the animation)
+files                `storage` (atomic writes, checkpoints, run directories, loading, the export format)
+commands             `cli` (dispatch table), `config` (flags, presets, `TrainConfig`), `commands` (one thin main
+                     per command), `api` (`unmask.load`)
 """
 
 from __future__ import annotations
