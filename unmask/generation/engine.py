@@ -134,11 +134,15 @@ def _check_steps(request: GenerationRequest, needed: int | None) -> None:
         )
 
 
-class Autoregressive:
-    name = "autoregressive"
+class _ModelStrategy:
+    """What every strategy holds: the model, its architecture, the [MASK] id, and how refusals name the model."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int, source: str = "the model") -> None:
         self.model, self.config, self.mask_id, self.source = model, config, mask_id, source
+
+
+class Autoregressive(_ModelStrategy):
+    name = "autoregressive"
 
     def check(self, request: GenerationRequest) -> None:
         what = f"{self.source} is an autoregressive checkpoint"
@@ -175,11 +179,8 @@ class Autoregressive:
         return generate_autoregressive(self.model, canvas, fixed, self.mask_id, block_size, config, generators, on_step)
 
 
-class BlockDiffusion:
+class BlockDiffusion(_ModelStrategy):
     name = "block_diffusion"
-
-    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int, source: str = "the model") -> None:
-        self.model, self.config, self.mask_id, self.source = model, config, mask_id, source
 
     def check(self, request: GenerationRequest) -> None:
         K, length = self.config.diffusion_block, request.sampling.block_length
@@ -227,11 +228,8 @@ class BlockDiffusion:
         )  # fmt: skip
 
 
-class FullSequence:
+class FullSequence(_ModelStrategy):
     name = "diffusion"
-
-    def __init__(self, model: torch.nn.Module, config: ModelConfig, mask_id: int, source: str = "the model") -> None:
-        self.model, self.config, self.mask_id, self.source = model, config, mask_id, source
 
     def check(self, request: GenerationRequest) -> None:
         block_size, length = self.config.block_size, request.sampling.block_length
