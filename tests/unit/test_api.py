@@ -229,7 +229,7 @@ def test_generate_autoregressive(ar_run_dir: Path, tmp_path: Path) -> None:
     assert main(["export", f"--ckpt={ar_run_dir}", f"--out={tmp_path / 'ar'}"]) == 0
     config = json.loads((tmp_path / "ar" / "config.json").read_text())
     assert config["objective"] == "autoregressive" and config["model_config"]["causal"] is True
-    assert config["objective_params"] == {"zero_masking": True}
+    assert config["objective_params"] == {"zero_masking": None}  # unset: the objective's default (full softmax)
     m = unmask.load(tmp_path / "ar")
     assert m.objective == "autoregressive" and m.model_config.causal
     text = m.generate(prompt="The ", length=50, temperature=0.8, seed=2)  # longer than block_size: a sliding window
