@@ -13,14 +13,18 @@ one configuration (or takes existing run directories with --ckpt_dir) and report
   is not quality;
 - chars/s and NFE (forward passes per sample) of the sampler.
 
-Samplers: autoregressive at temperature 1 (KV cache); diffusion (mdlm, unmasking) in random order one character
-per step (--steps = --length), low_confidence one character per step, and threshold decoding
-(--remasking=low_confidence --confidence_threshold=0.7); block diffusion one character per step (random order
-inside each block) and threshold decoding.
+Samplers: autoregressive at temperature 1 (KV cache); every diffusion run (block diffusion through its KV cache)
+in random order one character per step (--steps = --length), low_confidence one character per step, threshold
+decoding (--remasking=low_confidence --confidence_threshold=0.7) and entropy-bounded decoding
+(--remasking=low_confidence --entropy_budget=G for G in 0.5, 1 and 2 nats).
+
+Runs: the four objectives by default; the ablations of the quality levers (mdlm_sc, unmasking_sc,
+block_diffusion4_sc: --self_conditioning=True; mdlm_window, block_diffusion4_window: --mask_rate_window=auto) are
+added with --objectives.
 
     python benchmarks/quality.py --out=OUT [--data_dir=DIR --dataset=shakespeare_char] [--ckpt_dir=DIR]
         [--n_layer=4 --n_embd=128 --max_iters=2000 --samples=8 --length=256 --threads=1]
-        [--objectives=autoregressive,mdlm,unmasking,block_diffusion4]
+        [--objectives=autoregressive,mdlm,unmasking,block_diffusion4,mdlm_sc,...]
 
 Defaults are the issue's configuration (4 layers, 128 wide, block 64, batch 12, 2000 iterations, lr 1e-3, tiny
 Shakespeare); the flags shrink it. Every run is a run directory OUT/NAME (NAME: judge, autoregressive, mdlm,
@@ -55,8 +59,16 @@ RUNS: dict[str, list[str]] = {
     "mdlm": ["--objective=mdlm"],
     "unmasking": ["--objective=unmasking"],
     "block_diffusion4": ["--objective=block_diffusion", "--diffusion_block=4"],
+    # the ablations of the quality levers: self-conditioning and the searched mask-rate window
+    "mdlm_sc": ["--objective=mdlm", "--self_conditioning=True"],
+    "mdlm_window": ["--objective=mdlm", "--mask_rate_window=auto"],
+    "unmasking_sc": ["--objective=unmasking", "--self_conditioning=True"],
+    "block_diffusion4_sc": ["--objective=block_diffusion", "--diffusion_block=4", "--self_conditioning=True"],
+    "block_diffusion4_window": ["--objective=block_diffusion", "--diffusion_block=4", "--mask_rate_window=auto"],
 }
 TABLE_RUNS = [name for name in RUNS if name != "judge"]
+DEFAULT_RUNS = ["autoregressive", "mdlm", "unmasking", "block_diffusion4"]
+ENTROPY_BUDGETS = (0.5, 1.0, 2.0)  # nats per step: the EB-sampler's budget
 COLUMNS = [
     ("run", "run"),
     ("sampler", "sampler"),
@@ -74,12 +86,14 @@ def samplers(name: str, length: int) -> dict[str, list[str]]:
     threshold = ["--remasking=low_confidence", f"--confidence_threshold={THRESHOLD}"]
     if name == "autoregressive":
         return {"temperature 1, KV cache": ["--temperature=1"]}
-    if name == "block_diffusion4":
-        return {"random, 1 char/step": ["--remasking=random", one_per_step], f"threshold {THRESHOLD}": threshold}
+    budgets = {
+        f"entropy budget {g:g}": ["--remasking=low_confidence", f"--entropy_budget={g:g}"] for g in ENTROPY_BUDGETS
+    }
     return {
         "random, 1 char/step": ["--remasking=random", one_per_step],
         "low_confidence, 1 char/step": ["--remasking=low_confidence", one_per_step],
         f"threshold {THRESHOLD}": threshold,
+        **budgets,
     }
 
 
@@ -160,7 +174,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample_seed", type=int, default=0)
     p.add_argument("--eval_max_windows", type=int, default=None, help="unmask eval --max_windows (default: all)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--objectives", default=",".join(TABLE_RUNS), help="comma list of the runs to report")
+    p.add_argument("--objectives", default=",".join(DEFAULT_RUNS), help=f"comma list from {', '.join(TABLE_RUNS)}")
     a = p.parse_args(argv)
     a.objectives = [s.strip() for s in a.objectives.split(",") if s.strip()]
     unknown = [s for s in a.objectives if s not in TABLE_RUNS]
