@@ -102,6 +102,12 @@ class TrainConfig:
     own default, as measured (docs/likelihood.md, "Zero-masking per objective"): True for mdlm, False for
     autoregressive, whose early training it slowed down. val_bpc and `unmask eval` always drop [MASK]; the
     unmasking objective always trains with the full softmax."""
+    self_conditioning: bool = False
+    """mdlm, block_diffusion and unmasking: self-conditioning (Chen et al. 2022, "Analog Bits"): the model takes a
+    previous prediction's probabilities as an extra input. Training feeds, in half the batches, the softmax of a
+    first no-grad pass (else nothing); sampling feeds each step the step before's prediction (no extra forward
+    pass); scoring (val_bpc, `unmask eval`) feeds nothing, so the bound stays valid. Part of the architecture:
+    kept on resume, stored in checkpoints and exports."""
     mdlm_estimator: Literal["auto", "antithetic_t", "exact_k"] = "auto"
     """Training estimator of mdlm and block_diffusion: 'antithetic_t' draws t stratified over the batch (per block
     for block diffusion), Bernoulli(t) masks, weight 1/t (MDLM); 'exact_k' draws k uniform in 1..L (1..K per
@@ -255,6 +261,11 @@ class TrainConfig:
         if self.label_smoothing and self.objective != "unmasking":
             raise UserError(
                 f"--label_smoothing={self.label_smoothing} applies to --objective=unmasking only (got {self.objective})"
+            )
+        if self.self_conditioning and (self.switch_to_binary or self.objective == "autoregressive"):
+            what = "--switch_to_binary=True" if self.switch_to_binary else f"--objective={self.objective}"
+            raise UserError(
+                f"--self_conditioning=True: applies to --objective=mdlm, block_diffusion or unmasking (not {what})"
             )
         self._check_block_diffusion()
         self._check_transfer()

@@ -11,12 +11,12 @@ recomputation serves block_size / 2 characters.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from unmask.generation.diffusion import Generation, SamplingConfig, StepEvent, _Denoiser
+from unmask.generation.diffusion import Generation, SamplingConfig, StepEvent, _Denoiser, place
 from unmask.generation.draws import Generators, model_probs, sample_categorical
 from unmask.generation.remasking import Remasking, make_remasking
 from unmask.generation.schedules import Block, split_steps
@@ -28,7 +28,9 @@ from unmask.model import KVCache
 class CachedModel(Protocol):
     """A `unmask.model.Transformer`-like model: ids (B, T) -> logits (B, T, V), optionally through a KV cache."""
 
-    def __call__(self, idx: Tensor, *, cache: KVCache | None = None, update_cache: bool = False) -> Tensor: ...
+    def __call__(
+        self, idx: Tensor, *, cache: KVCache | None = None, update_cache: bool = False, self_cond: Tensor | None = None
+    ) -> Tensor: ...
 
 
 def prefix_length(fixed: Tensor) -> int:
@@ -168,6 +170,7 @@ def generate_block_diffusion(
     remasking: Remasking | None = None,
     use_cache: bool = True,
     merge_commit: bool = True,
+    self_conditioning: bool = False,
 ) -> Generation:
     """Fill `canvas` (B, L) with a block-diffusion model (Arriola et al. 2025, BD3-LM): block by block, left to
     right, each block by iterative unmasking conditioned on the finished blocks before it.
@@ -190,13 +193,18 @@ def generate_block_diffusion(
     step as one block-causal forward over the window instead (the reference the cached paths are tested against).
     `Generation.nfe` counts denoising passes; `forward_passes` counts every model call for the batch: the
     denoising passes, plus the separate commits with `merge_commit=False`.
+
+    `self_conditioning`: each denoising step feeds the block's previous prediction (`_Denoiser`) at the block's
+    positions and zeros at every clean one, so the committed blocks' keys and values stay those of clean text and
+    the merged commit stays exact.
     """
     B, L = canvas.shape
     strategy = remasking if remasking is not None else make_remasking(config.remasking, config.randomness_strength)
     x = torch.where(fixed, canvas, torch.full_like(canvas, mask_id))  # (B, L)
     steps = None if config.adaptive else config.steps
     blocks = plan_diffusion_blocks(~fixed, diffusion_block, block_size, steps)
-    denoiser = _Denoiser(x, fixed, mask_id, config, strategy, generator, on_step, sum(b.steps for b in blocks))
+    total_steps = sum(b.steps for b in blocks)
+    denoiser = _Denoiser(x, fixed, mask_id, config, strategy, generator, on_step, total_steps, self_conditioning)
     cache, cache_start = KVCache(), 0  # the cache holds canvas positions cache_start .. cache_start + length - 1
     for b, block in enumerate(blocks):
         s, e, start = block.start, block.end, block.window_start
@@ -212,28 +220,39 @@ def generate_block_diffusion(
 
             def cached(
                 rows: Tensor,
+                self_cond: Tensor | None,
                 s: int = s,
                 e: int = e,
                 cache: KVCache = cache,
                 cache_start: int = cache_start,
                 pending: list[int] = pending,
             ) -> Tensor:
+                extra: dict[str, Any] = {}  # the self-condition input, when there is one
                 if pending[0] < s:
                     # The commit rides on this pass: every row (the cache is the whole batch's), the finished blocks
                     # clean and the block noisy; the block's own keys/values are cropped off again.
                     first = pending[0]
-                    logits = model(x[:, first:e], cache=cache, update_cache=True)[:, s - first :]  # (B, n, V)
+                    if self_cond is not None:  # every row's input: zeros for the rows not in this step
+                        every = self_cond.new_zeros(B, *self_cond.shape[1:])  # (B, n, V)
+                        every[rows] = self_cond
+                        extra["self_cond"] = place(every, e - first, s - first)  # (B, e - first, V)
+                    logits = model(x[:, first:e], cache=cache, update_cache=True, **extra)[:, s - first :]  # (B, n, V)
                     cache.crop(s - cache_start)
                     pending[0] = s
                     return logits if rows.numel() == B else logits[rows]  # (R, n, V)
                 rows_cache = cache if rows.numel() == B else _cache_rows(cache, rows)
-                return model(x[rows, s:e], cache=rows_cache)  # (R, n, V): the block against the cache
+                if self_cond is not None:
+                    extra["self_cond"] = self_cond  # (R, n, V)
+                return model(x[rows, s:e], cache=rows_cache, **extra)  # (R, n, V): the block against the cache
 
             denoiser.fill_block(b, block, cached)
         else:
 
-            def uncached(rows: Tensor, s: int = s, e: int = e, start: int = start) -> Tensor:
-                return model(x[rows, start:e])[:, s - start :]  # (R, n, V): block-causal over the window
+            def uncached(rows: Tensor, self_cond: Tensor | None, s: int = s, e: int = e, start: int = start) -> Tensor:
+                extra: dict[str, Any] = {}
+                if self_cond is not None:
+                    extra["self_cond"] = place(self_cond, e - start, s - start)  # (R, e - start, V)
+                return model(x[rows, start:e], **extra)[:, s - start :]  # (R, n, V): block-causal over the window
 
             denoiser.fill_block(b, block, uncached)
     return denoiser.result()

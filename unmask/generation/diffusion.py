@@ -135,7 +135,8 @@ def _token_logprob(probs: Tensor, tokens: Tensor) -> Tensor:
     return probs.gather(-1, tokens.to(probs.device).unsqueeze(-1)).squeeze(-1).log()  # (B, n)
 
 
-LogitsFor = Callable[[Tensor], Tensor]  # rows (R,) -> logits (R, n, V) of the current block for those rows
+# (rows (R,), self-condition input (R, n, V) or None) -> logits (R, n, V) of the current block for those rows
+LogitsFor = Callable[[Tensor, Tensor | None], Tensor]
 
 
 class _Denoiser:
@@ -143,6 +144,10 @@ class _Denoiser:
 
     The model is reached through a `LogitsFor` per block, so windowed models and cached ones (block diffusion)
     share the step logic. Only the rows that have something to do in a step are run and draw random numbers.
+
+    `self_conditioning` (a model with `ModelConfig.self_conditioning`): every step passes the model's distribution of
+    the row's previous step in this block as the self-condition input, at the positions still masked (zeros
+    elsewhere); nothing (the same as zeros) at a block's first step. It costs no extra forward pass.
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class _Denoiser:
         generator: Generators,
         on_step: Callable[[StepEvent], None] | None,
         total_steps: int,
+        self_conditioning: bool = False,
     ) -> None:
         for name in ("confidence_threshold", "entropy_budget"):
             value = getattr(config, name)
@@ -171,6 +177,7 @@ class _Denoiser:
         B, L = x.shape
         self.x, self.fixed, self.mask_id, self.config, self.strategy = x, fixed, mask_id, config, strategy
         self.generator, self.on_step, self.total_steps = generator, on_step, total_steps
+        self.self_conditioning = self_conditioning
         self.sampling_device = generator.device  # float64 lives here (MPS has none: the caller passes CPU ones)
         self.logprobs = torch.zeros(B, L, dtype=torch.float64, device=self.sampling_device)  # (B, L)
         self.nfe = torch.zeros(B, dtype=torch.long)  # (B,)
@@ -191,6 +198,7 @@ class _Denoiser:
         if not config.adaptive:
             counts = num_transfer_tokens(editable.sum(dim=1), block.steps, config.schedule)  # (B, S_b)
             remaining = editable.sum(dim=1, keepdim=True) - counts.cumsum(dim=1)  # (B, S_b): masked after each step
+        previous: Tensor | None = None  # (B, n, V) float32: each row's last prediction in the block (self-conditioning)
         for i in range(block.steps):
             current = x[:, s:e]  # (B, n)
             masked = editable & (current == mask_id)  # (B, n)
@@ -208,7 +216,8 @@ class _Denoiser:
                 continue
             rows = active.nonzero().flatten()  # (R,)
             generator = self.generator.rows(rows) if isinstance(self.generator, RowGenerators) else self.generator
-            logits = logits_for(rows)  # (R, n, V)
+            self_cond = None if previous is None else previous[rows] * masked[rows].unsqueeze(-1)  # (R, n, V)
+            logits = logits_for(rows, self_cond)  # (R, n, V)
             self.forward_passes += 1
             self.nfe[rows.cpu()] += 1
             if self.banned is None:
@@ -217,6 +226,10 @@ class _Denoiser:
             current, masked, row_editable = current[rows], masked[rows], editable[rows]  # (R, n)
             drawn = sample_categorical(logits, self.banned, config.temperature, config.top_k, config.top_p, generator)
             probs = model_probs(logits, self.banned, self.sampling_device)  # (R, n, V)
+            if self.self_conditioning:
+                if previous is None:
+                    previous = torch.zeros(x.shape[0], e - s, probs.shape[-1], device=x.device)  # (B, n, V)
+                previous[rows] = probs.to(x.device, torch.float32)
             tokens = torch.where(masked, drawn.to(x.device), current)  # (R, n)
             context = x[rows, block.window_start : block.window_end].clone()  # (R, W)
             context[:, offset : offset + e - s] = tokens
@@ -259,7 +272,7 @@ class _Denoiser:
 
 @torch.inference_mode()
 def generate(
-    model: Callable[[Tensor], Tensor],
+    model: Callable[..., Tensor],
     canvas: Tensor,
     fixed: Tensor,
     mask_id: int,
@@ -268,6 +281,7 @@ def generate(
     generator: Generators,
     on_step: Callable[[StepEvent], None] | None = None,
     remasking: Remasking | None = None,
+    self_conditioning: bool = False,
 ) -> Generation:
     """Fill every non-fixed position of `canvas` (B, L); `model` maps ids (B, T) to logits (B, T, V).
 
@@ -275,19 +289,34 @@ def generate(
     for the whole batch. `remasking` overrides `config.remasking` (e.g. a critic). Steps in which no row commits
     anything are skipped without calling the model (they happen when a block has fewer masked positions than
     steps), and a row with nothing to commit in a step is left out of that step's model call and draws.
+    `self_conditioning`: feed each step the previous step's prediction (`_Denoiser`; `model` then also takes
+    `self_cond=` (B, T, V)).
     """
     strategy = remasking if remasking is not None else make_remasking(config.remasking, config.randomness_strength)
     x = torch.where(fixed, canvas, torch.full_like(canvas, mask_id))  # (B, L)
     steps = None if config.adaptive else config.steps
     blocks = plan_blocks(~fixed, block_size, config.block_length, steps)
     total_steps = sum(block.steps for block in blocks)
-    denoiser = _Denoiser(x, fixed, mask_id, config, strategy, generator, on_step, total_steps)
+    denoiser = _Denoiser(x, fixed, mask_id, config, strategy, generator, on_step, total_steps, self_conditioning)
     for b, block in enumerate(blocks):
         offset, n = block.start - block.window_start, block.end - block.start
 
-        def logits_for(rows: Tensor, block: Block = block, offset: int = offset, n: int = n) -> Tensor:
+        def logits_for(
+            rows: Tensor, self_cond: Tensor | None, block: Block = block, offset: int = offset, n: int = n
+        ) -> Tensor:
             window = x[rows, block.window_start : block.window_end]  # (R, W)
-            return model(window)[:, offset : offset + n]  # (R, n, V)
+            if self_cond is None:
+                return model(window)[:, offset : offset + n]  # (R, n, V)
+            return model(window, self_cond=place(self_cond, window.shape[1], offset))[:, offset : offset + n]
 
         denoiser.fill_block(b, block, logits_for)
     return denoiser.result()
+
+
+def place(self_cond: Tensor, width: int, offset: int) -> Tensor:
+    """The self-condition input (R, n, V) of a block placed at `offset` in a window of `width` positions: (R, W, V),
+    zeros at the window's other (known) positions."""
+    R, n, V = self_cond.shape
+    out = self_cond.new_zeros(R, width, V)
+    out[:, offset : offset + n] = self_cond
+    return out

@@ -224,7 +224,7 @@ class BlockDiffusion(_ModelStrategy):
         mc = self.config
         return generate_block_diffusion(
             self.model, canvas, fixed, self.mask_id, mc.block_size, mc.diffusion_block, config, generators, on_step,
-            remasking,
+            remasking, self_conditioning=mc.self_conditioning,
         )  # fmt: skip
 
 
@@ -253,7 +253,10 @@ class FullSequence(_ModelStrategy):
         remasking: Remasking | None,
     ) -> Generation:
         block_size = self.config.block_size
-        return generate(self.model, canvas, fixed, self.mask_id, block_size, config, generators, on_step, remasking)
+        return generate(
+            self.model, canvas, fixed, self.mask_id, block_size, config, generators, on_step, remasking,
+            self_conditioning=self.config.self_conditioning,
+        )  # fmt: skip
 
 
 class PolicyOrder:

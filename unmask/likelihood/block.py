@@ -41,6 +41,7 @@ from unmask.curriculum.masking import random_k_subsets
 from unmask.errors import UserError
 from unmask.likelihood.elbo import ESTIMATORS, _row_stats, exact_k_masks, real_char_log_probs, t_masks
 from unmask.likelihood.estimators import all_subsets, bernoulli_masks, count_from_uniform, systematic_uniforms
+from unmask.likelihood.self_condition import first_pass_input
 
 MAX_EXACT_BLOCK = 12  # 2^12 - 1 mask sets per block for the enumeration
 
@@ -155,13 +156,20 @@ def sample_block_exact_k(B: int, L: int, block_length: int, generator: torch.Gen
 
 
 def block_masked_log_probs(
-    model: torch.nn.Module, clean: Tensor, selected: Tensor, mask_id: int, block_length: int
+    model: torch.nn.Module,
+    clean: Tensor,
+    selected: Tensor,
+    mask_id: int,
+    block_length: int,
+    self_condition: bool = False,
 ) -> Tensor:
     """log p(x_i | noisy block of i, clean blocks before) at the selected positions, (N,) float32, row-major.
 
     One forward pass over [x_t ; x_0] (B, L + C) with the block-diffusion mask, C = `clean_context_length`
     (the last clean block is left out: nothing noisy attends to it), logits only at the masked noisy positions,
-    [MASK] dropped from the softmax.
+    [MASK] dropped from the softmax. `self_condition`: a first no-grad pass of the same layout gives the
+    self-condition input (`unmask.likelihood.self_condition`): its prediction at the masked noisy positions, zeros on
+    the clean half, whose keys and values thus stay those of clean text, as in sampling's KV cache.
     """
     B, L = clean.shape
     C = clean_context_length(L, block_length)
@@ -170,18 +178,27 @@ def block_masked_log_probs(
     positions = torch.cat((selected, selected.new_zeros(B, C)), dim=1)  # (B, L + C): masked noisy positions
     pos = torch.cat((torch.arange(L, device=clean.device), torch.arange(C, device=clean.device)))  # (L + C,)
     mask = training_attn_mask(L, block_length, clean.device)  # (L + C, L + C)
-    logits = model(idx, positions=positions, attn_mask=mask, pos=pos)  # (N, V)
+    extra = {}
+    if self_condition:
+        extra["self_cond"] = first_pass_input(model, idx, positions, mask_id, attn_mask=mask, pos=pos)  # (B, L+C, V)
+    logits = model(idx, positions=positions, attn_mask=mask, pos=pos, **extra)  # (N, V)
     logp = real_char_log_probs(logits, mask_id)  # (N, V)
     return logp.gather(1, clean[selected][:, None]).squeeze(1)  # (N,)
 
 
 def block_diffusion_weighted_loss(
-    model: torch.nn.Module, clean: Tensor, selected: Tensor, weight: Tensor, mask_id: int, block_length: int
+    model: torch.nn.Module,
+    clean: Tensor,
+    selected: Tensor,
+    weight: Tensor,
+    mask_id: int,
+    block_length: int,
+    self_condition: bool = False,
 ) -> Tensor:
     """sum over masked positions of weight * -log p, divided by B * L (nats per character); scalar. selected and
-    weight (B, L) as `sample_block_training_masks` draws them."""
+    weight (B, L) as `sample_block_training_masks` draws them; `self_condition` as in `block_masked_log_probs`."""
     B, L = clean.shape
-    nll = -block_masked_log_probs(model, clean, selected, mask_id, block_length)  # (N,)
+    nll = -block_masked_log_probs(model, clean, selected, mask_id, block_length, self_condition)  # (N,)
     return (nll * weight[selected]).sum() / (B * L)
 
 

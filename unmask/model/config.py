@@ -32,6 +32,10 @@ class ModelConfig:
     # 0: not a block-diffusion model. K > 0: block length K of a block-diffusion model (Arriola et al. 2025):
     # forward(x) over a clean sequence uses the block-causal mask. K = 1 is autoregressive-like, K = L is MDLM.
     diffusion_block: int = 0
+    # Self-conditioning (Chen et al. 2022, "Analog Bits"; here for masked diffusion): forward takes an optional
+    # `self_cond` (B, T, V), a previous prediction's probabilities over the vocabulary, mapped into the embedding
+    # space and added to the token embedding. False: no such input and no extra parameters.
+    self_conditioning: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -55,6 +59,8 @@ class ModelConfig:
             raise ValueError(f"diffusion_block={self.diffusion_block} must be >= 0 (0: not a block-diffusion model)")
         if self.diffusion_block > 0 and self.causal:
             raise ValueError(f"diffusion_block={self.diffusion_block} needs causal=False: blocks are bidirectional")
+        if self.self_conditioning and (self.causal or self.head != "lm"):
+            raise ValueError("self_conditioning is for bidirectional language models (causal=False, head='lm')")
 
     @property
     def head_dim(self) -> int:

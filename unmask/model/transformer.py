@@ -51,7 +51,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token embedding -> n_layer pre-LN blocks -> LayerNorm -> output head (tied LM head, or a binary head)."""
+    """Token embedding (plus a self-condition input, `ModelConfig.self_conditioning`) -> n_layer pre-LN blocks ->
+    LayerNorm -> output head (tied LM head, or a binary head)."""
+
+    self_cond_proj: nn.Linear  # only with `ModelConfig.self_conditioning`
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -68,7 +71,6 @@ class Transformer(nn.Module):
             # Untied 2-class head. A bias (unlike the original's) lets a linear probe on frozen features shift
             # its decision threshold; it costs 2 parameters.
             self.head = nn.Linear(config.n_embd, 2, bias=True)
-
         # Non-persistent: derived from the config, so they stay out of checkpoints.
         cos, sin = rope_cache(config.head_dim, torch.arange(config.block_size), config.rope_base)
         self.rope_cos: Tensor
@@ -91,6 +93,13 @@ class Transformer(nn.Module):
         if config.head != "lm":
             # Small logits at the start: both classes near 50%, as the original's binary head.
             nn.init.normal_(self.head.weight, mean=0.0, std=BINARY_HEAD_INIT_STD)
+        if config.self_conditioning:
+            # A previous prediction p (B, T, V) enters as its expected token embedding p @ tok_emb (the tied table)
+            # through a zero-initialised linear map without bias: a fresh self-conditioned model computes exactly
+            # what a plain one does, and a zero input adds exactly nothing. Built last, so the other weights get the
+            # same draws as a plain model's of the same seed.
+            self.self_cond_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+            nn.init.zeros_(self.self_cond_proj.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -109,6 +118,7 @@ class Transformer(nn.Module):
         pos: Tensor | None = None,
         cache: KVCache | None = None,
         update_cache: bool = False,
+        self_cond: Tensor | None = None,
     ) -> Tensor:
         """Token ids (B, T) -> final hidden states (B, T, C), after the last LayerNorm.
 
@@ -120,6 +130,14 @@ class Transformer(nn.Module):
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
         B, seq_len = idx.shape
         cfg = self.config
+        if self_cond is not None:
+            if not cfg.self_conditioning:
+                raise ValueError("self_cond needs a model built with self_conditioning=True")
+            if self_cond.shape != (B, seq_len, cfg.vocab_size) or not self_cond.dtype.is_floating_point:
+                raise ValueError(
+                    f"self_cond must be a float tensor of shape ({B}, {seq_len}, {cfg.vocab_size}), got "
+                    f"{self_cond.dtype} {tuple(self_cond.shape)}"
+                )
         mask: Tensor | None = None
         is_causal: bool | None = None  # None: the model's own `causal` (SDPA's fused causal path)
         if cache is not None:
@@ -181,7 +199,11 @@ class Transformer(nn.Module):
             keys = ~pad[:, None, None, :]  # (B, 1, 1, T): True = may be attended to
             mask = keys if mask is None else mask & keys  # (B, 1, T|1, T)
         block_mask = self._flex_block_mask(mask) if cache is None and self._use_flex(mask, idx.device) else None
-        x = self.drop(self.tok_emb(idx))  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self_cond is not None:
+            emb = self.tok_emb.weight  # (V, C)
+            x = x + self.self_cond_proj(self_cond.to(emb.dtype) @ emb)  # (B, T, C)
+        x = self.drop(x)  # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(
                 x,
@@ -235,6 +257,7 @@ class Transformer(nn.Module):
         pos: Tensor | None = None,
         cache: KVCache | None = None,
         update_cache: bool = False,
+        self_cond: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, V), or with a bool mask `positions` (B, T) only the selected rows (N, V).
 
@@ -254,8 +277,15 @@ class Transformer(nn.Module):
         block, e.g. the noisy current block, sees all of itself and the cached blocks; a multi-block prompt fed at
         once gets the training layout). `update_cache=True` appends the new keys/values to the cache.
         cache.length + T must be <= block_size.
+
+        `self_cond` (B, T, V), only for a model with `self_conditioning`: a previous prediction's probabilities over
+        the vocabulary at each position (zeros where there is none), added to the token embedding through
+        `self_cond_proj`. None is the same as zeros, without the cost. A zero row leaves that position's keys and
+        values exactly those of a pass without the input (the exact cached commit of block diffusion relies on it).
         """
-        h = self.hidden_states(idx, pad, attn_mask=attn_mask, pos=pos, cache=cache, update_cache=update_cache)
+        h = self.hidden_states(
+            idx, pad, attn_mask=attn_mask, pos=pos, cache=cache, update_cache=update_cache, self_cond=self_cond
+        )
         if self.config.head == "sequence_binary":
             keep = torch.ones_like(idx, dtype=h.dtype) if pad is None else (~pad).to(h.dtype)  # (B, T)
             pooled = (h * keep.unsqueeze(-1)).sum(dim=1) / keep.sum(dim=1, keepdim=True)  # (B, C)

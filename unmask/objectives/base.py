@@ -224,7 +224,8 @@ class LanguageModel(Objective[BatchT]):
         self.train_source = BatchSource(self.data.train, self.window, self.rt.device, self.paragraphs["train"])
 
     def model_fields(self) -> dict[str, Any]:
-        return {"causal": self.causal}
+        # --self_conditioning is refused for the autoregressive objective by the config.
+        return {"causal": self.causal, "self_conditioning": self.cfg.self_conditioning}
 
     def prepare_model(self, model: Transformer) -> list[str]:
         """From pretrained weights a language model keeps their vocabulary and copies every weight (unless

@@ -10,17 +10,20 @@ import torch
 from torch import Tensor
 
 from unmask.likelihood.block import block_diffusion_weighted_loss, sample_block_training_masks
+from unmask.likelihood.self_condition import draw_self_condition
 from unmask.objectives.base import LanguageModel, RunInputs
 from unmask.training import validation
 
 
 @dataclass
 class BlockBatch:
-    """Clean windows (B, L) with their block masks drawn: selected (B, L) bool, weight (B, L) float32."""
+    """Clean windows (B, L) with their block masks drawn: selected (B, L) bool, weight (B, L) float32, and whether
+    the loss self-conditions (`unmask.objectives.self_condition`)."""
 
     clean: Tensor
     selected: Tensor
     weight: Tensor
+    self_condition: bool = False
 
 
 class BlockDiffusion(LanguageModel[BlockBatch]):
@@ -36,7 +39,7 @@ class BlockDiffusion(LanguageModel[BlockBatch]):
         self.val_windows = self.fixed_val_windows()  # scored by the block NELBO
 
     def model_fields(self) -> dict[str, Any]:
-        return {"causal": False, "diffusion_block": self.cfg.diffusion_block}
+        return {**super().model_fields(), "causal": False, "diffusion_block": self.cfg.diffusion_block}
 
     def batch(self, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool) -> BlockBatch:
         cfg = self.cfg
@@ -45,11 +48,13 @@ class BlockDiffusion(LanguageModel[BlockBatch]):
         window = cfg.mask_rate_window if training else (0.0, 1.0)
         K, estimator = cfg.diffusion_block, cfg.training_estimator
         selected, weight = sample_block_training_masks(windows, K, mask_gen, window, estimator)
-        return BlockBatch(windows, selected, weight)
+        return BlockBatch(windows, selected, weight, draw_self_condition(cfg.self_conditioning, mask_gen, training))
 
     def loss(self, model: torch.nn.Module, batch: BlockBatch) -> Tensor:
-        K = self.cfg.diffusion_block
-        return block_diffusion_weighted_loss(model, batch.clean, batch.selected, batch.weight, self.vocab.mask_id, K)
+        K, mask_id = self.cfg.diffusion_block, self.vocab.mask_id
+        return block_diffusion_weighted_loss(
+            model, batch.clean, batch.selected, batch.weight, mask_id, K, self_condition=batch.self_condition
+        )
 
     def validate(self, model: torch.nn.Module) -> dict[str, Any]:
         cfg = self.cfg

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from unmask.curriculum.masking import random_k_subsets
 from unmask.likelihood.estimators import bernoulli_masks, count_from_uniform, systematic_uniforms
+from unmask.likelihood.self_condition import draw_self_condition, first_pass_input
 from unmask.objectives.base import DiffusionModel, char_cross_entropy
 
 MDLM_ESTIMATORS = ("antithetic_t", "exact_k")
@@ -52,13 +53,15 @@ def sample_exact_k_batch(x: Tensor, mask_id: int, generator: torch.Generator) ->
 
 @dataclass
 class MDLMBatch:
-    """Clean windows with their masks drawn: x (B, L) clean, x_masked (B, L), selected (B, L) bool, and the weight
-    of each row's masked cross-entropy (B,) float32."""
+    """Clean windows with their masks drawn: x (B, L) clean, x_masked (B, L), selected (B, L) bool, the weight
+    of each row's masked cross-entropy (B,) float32, and whether the loss self-conditions
+    (`unmask.objectives.self_condition`)."""
 
     x: Tensor
     x_masked: Tensor
     selected: Tensor
     weight: Tensor
+    self_condition: bool = False
 
 
 def draw_mdlm_batch(
@@ -83,12 +86,20 @@ def draw_mdlm_batch(
     return MDLMBatch(x, x_masked, selected, weight)
 
 
-def mdlm_batch_loss(model: torch.nn.Module, batch: MDLMBatch, drop_id: int | None = None) -> Tensor:
+def mdlm_batch_loss(
+    model: torch.nn.Module, batch: MDLMBatch, drop_id: int | None = None, mask_id: int | None = None
+) -> Tensor:
     """MDLM objective (scalar): mean over the batch of the weighted masked CE, divided by L (nats per character).
-    `drop_id` (the [MASK] id under zero-masking) is left out of the softmax."""
+    `drop_id` (the [MASK] id under zero-masking) is left out of the softmax. A `batch.self_condition` batch feeds
+    the prediction of a first no-grad pass (`mask_id`: the [MASK] id, dropped from it) to the trained pass."""
     B, L = batch.x.shape
     selected = batch.selected
-    logits = model(batch.x_masked, positions=selected)  # (N, V)
+    extra = {}
+    if batch.self_condition:
+        if mask_id is None:
+            raise ValueError("a self-conditioned batch needs mask_id")
+        extra["self_cond"] = first_pass_input(model, batch.x_masked, selected, mask_id)  # (B, L, V)
+    logits = model(batch.x_masked, positions=selected, **extra)  # (N, V)
     ce = char_cross_entropy(logits, batch.x[selected], drop_id, reduction="none")  # (N,)
     row = torch.arange(B, device=batch.x.device)[:, None].expand_as(selected)[selected]  # (N,)
     return (ce * batch.weight[row]).sum() / (B * L)
@@ -115,7 +126,10 @@ class MDLM(DiffusionModel[MDLMBatch]):
 
     def batch(self, data_gen: torch.Generator, mask_gen: torch.Generator, training: bool) -> MDLMBatch:
         windows = self.clean_windows(data_gen)
-        return draw_mdlm_batch(windows, self.vocab.mask_id, mask_gen, estimator=self.cfg.training_estimator)
+        batch = draw_mdlm_batch(windows, self.vocab.mask_id, mask_gen, estimator=self.cfg.training_estimator)
+        batch.self_condition = draw_self_condition(self.cfg.self_conditioning, mask_gen, training)
+        return batch
 
     def loss(self, model: torch.nn.Module, batch: MDLMBatch) -> Tensor:
-        return mdlm_batch_loss(model, batch, self.vocab.mask_id if self.zero_masking else None)
+        mask_id = self.vocab.mask_id
+        return mdlm_batch_loss(model, batch, mask_id if self.zero_masking else None, mask_id)

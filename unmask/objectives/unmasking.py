@@ -18,12 +18,21 @@ from torch import Tensor
 from unmask.curriculum.batches import Batch, SelectionPool
 from unmask.curriculum.plateau import Curriculum, CurriculumState
 from unmask.errors import UserError
+from unmask.likelihood.self_condition import draw_self_condition, first_pass_input
 from unmask.objectives.base import DiffusionModel, RunInputs, TrainingHooks
 
 
-def unmasking_loss(model: torch.nn.Module, batch: Batch) -> Tensor:
-    """Mean cross-entropy over the selected positions (the original framework's unmasking loss)."""
-    logits = model(batch.x, positions=batch.selected)  # (N, V)
+def _model_kwargs(model: torch.nn.Module, batch: Batch, self_cond_mask_id: int | None) -> dict[str, Tensor]:
+    """The trained pass's self-condition input, when the batch self-conditions (`self_cond_mask_id` not None)."""
+    if self_cond_mask_id is None:
+        return {}
+    return {"self_cond": first_pass_input(model, batch.x, batch.selected, self_cond_mask_id)}  # (B, T, V)
+
+
+def unmasking_loss(model: torch.nn.Module, batch: Batch, self_cond_mask_id: int | None = None) -> Tensor:
+    """Mean cross-entropy over the selected positions (the original framework's unmasking loss). With
+    `self_cond_mask_id` (the [MASK] id) the trained pass takes a first no-grad pass's prediction."""
+    logits = model(batch.x, positions=batch.selected, **_model_kwargs(model, batch, self_cond_mask_id))  # (N, V)
     return F.cross_entropy(logits.float(), batch.y[batch.selected])
 
 
@@ -43,18 +52,22 @@ def label_smoothed_cross_entropy(logits: Tensor, targets: Tensor, eps: float, n_
     return ((1.0 - eps) * nll + eps * uniform).mean()
 
 
-def smoothed_unmasking_loss(model: torch.nn.Module, batch: Batch, eps: float, n_chars: int) -> Tensor:
+def smoothed_unmasking_loss(
+    model: torch.nn.Module, batch: Batch, eps: float, n_chars: int, self_cond_mask_id: int | None = None
+) -> Tensor:
     """`unmasking_loss` with label smoothing `eps` over the `n_chars` real characters (training only)."""
-    logits = model(batch.x, positions=batch.selected)  # (N, V)
+    logits = model(batch.x, positions=batch.selected, **_model_kwargs(model, batch, self_cond_mask_id))  # (N, V)
     return label_smoothed_cross_entropy(logits, batch.y[batch.selected], eps, n_chars)
 
 
 @dataclass
 class UnmaskingBatch:
-    """A stage-masked micro-batch and the label smoothing its loss takes (0 for an evaluation's batches)."""
+    """A stage-masked micro-batch, the label smoothing its loss takes (0 for an evaluation's batches), and whether
+    it self-conditions (`unmask.objectives.self_condition`)."""
 
     stages: Batch
     label_smoothing: float
+    self_condition: bool = False
 
 
 class CurriculumHooks(TrainingHooks):
@@ -119,12 +132,14 @@ class Unmasking(DiffusionModel[UnmaskingBatch]):
         counts = self.curriculum.training_mix(cfg.batch_size)
         pool = self.pool if training else None
         stages = self.train_source.batch(counts, cfg.stages, vocab.mask_id, vocab.n_chars, data_gen, mask_gen, pool)
-        return UnmaskingBatch(stages, cfg.label_smoothing if training else 0.0)
+        self_condition = draw_self_condition(cfg.self_conditioning, mask_gen, training)
+        return UnmaskingBatch(stages, cfg.label_smoothing if training else 0.0, self_condition)
 
     def loss(self, model: torch.nn.Module, batch: UnmaskingBatch) -> Tensor:
+        sc_id = self.vocab.mask_id if batch.self_condition else None
         if batch.label_smoothing:
-            return smoothed_unmasking_loss(model, batch.stages, batch.label_smoothing, self.vocab.n_chars)
-        return unmasking_loss(model, batch.stages)
+            return smoothed_unmasking_loss(model, batch.stages, batch.label_smoothing, self.vocab.n_chars, sc_id)
+        return unmasking_loss(model, batch.stages, sc_id)
 
     def start_lines(self, resumed_at: int | None) -> list[str]:
         lines = super().start_lines(resumed_at)

@@ -285,9 +285,11 @@ def _model_problem(ckpt: dict[str, Any]) -> str | None:
         return f"model_config declares block_size={cfg.block_size}, beyond the limit of {MAX_BLOCK_SIZE:,}"
     saved = ckpt.get("config")
     if isinstance(saved, dict):
-        for key in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
-            if key in saved and saved[key] != declared.get(key):
-                return f"config {key}={saved[key]!r:.40} but model_config {key}={declared.get(key)!r:.40}"
+        # (model configs written before self_conditioning existed are plain models: the field's default)
+        values = {**declared, "self_conditioning": cfg.self_conditioning}
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "bias", "self_conditioning"):
+            if key in saved and saved[key] != values.get(key):
+                return f"config {key}={saved[key]!r:.40} but model_config {key}={values.get(key)!r:.40}"
     expected = declared_shapes(cfg)
     found = {k: tuple(v.shape) for k, v in state.items()}
     diffs = [f"{k}: missing" for k in expected if k not in found]
@@ -318,4 +320,6 @@ def declared_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
         shapes["head.weight"] = (V, C)  # tied to tok_emb, but a state dict lists it under both names
     else:
         shapes["head.weight"], shapes["head.bias"] = (2, C), (2,)
+    if getattr(cfg, "self_conditioning", False):
+        shapes["self_cond_proj.weight"] = (C, C)
     return shapes

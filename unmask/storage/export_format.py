@@ -322,7 +322,7 @@ def _parse_config(config: dict[str, Any], config_path: Path) -> tuple[ModelConfi
     for key in _INT_FIELDS:
         if key in declared and not _is_int(declared[key]):
             raise bad(f"model_config.{key}", f"must be an integer, not {declared[key]!r:.40}")
-    for key in ("bias", "causal"):
+    for key in ("bias", "causal", "self_conditioning"):
         if key in declared and not isinstance(declared[key], bool):
             raise bad(f"model_config.{key}", f"must be true or false, not {declared[key]!r:.40}")
     for key in ("dropout", "rope_base"):

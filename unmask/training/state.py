@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from unmask.config.train_config import TrainConfig, differing_fields
+from unmask.config.train_config import ARCHITECTURE_FLAGS, TrainConfig, differing_fields
 from unmask.errors import UserError
 from unmask.model import ModelConfig, Transformer
 from unmask.runtime import Runtime, check_attention_backend
@@ -54,7 +54,9 @@ def build_optimizer(
 
 def check_architecture(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
     """A resumed run must keep the checkpoint's architecture; list every differing field."""
-    diffs = differing_fields(cfg, saved)
+    # Self-conditioning changes the parameters like the architecture flags do; model configs written before the
+    # field existed are plain models.
+    diffs = differing_fields(cfg, {"self_conditioning": False, **saved}, (*ARCHITECTURE_FLAGS, "self_conditioning"))
     if diffs:
         raise UserError(f"{path}: architecture differs from the flags ({'; '.join(diffs)})")
 

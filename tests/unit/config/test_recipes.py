@@ -342,10 +342,12 @@ def test_label_smoothing_applies_to_training_steps_only(
     real = objectives.smoothed_unmasking_loss
     grad_modes: list[bool] = []
 
-    def spy(model: torch.nn.Module, batch: object, eps: float, n_chars: int) -> torch.Tensor:
+    def spy(
+        model: torch.nn.Module, batch: object, eps: float, n_chars: int, self_cond_mask_id: int | None
+    ) -> torch.Tensor:
         grad_modes.append(torch.is_grad_enabled())
-        assert eps == 0.1 and n_chars == 39
-        return real(model, batch, eps, n_chars)  # type: ignore[arg-type]
+        assert eps == 0.1 and n_chars == 39 and self_cond_mask_id is None  # a plain run never self-conditions
+        return real(model, batch, eps, n_chars, self_cond_mask_id)  # type: ignore[arg-type]
 
     monkeypatch.setattr(objectives, "smoothed_unmasking_loss", spy)
     out = tmp_path / "run"

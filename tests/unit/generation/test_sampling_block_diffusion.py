@@ -15,10 +15,16 @@ from unmask.model import KVCache, ModelConfig, Transformer
 MASK, V, K, BLOCK_SIZE = 8, 9, 4, 16  # ids 0..7 are characters, 8 is [MASK]
 
 
-def bd_model(seed: int = 0) -> Transformer:
+def bd_model(seed: int = 0, self_conditioning: bool = False) -> Transformer:
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=V, block_size=BLOCK_SIZE, n_layer=2, n_head=2, n_embd=16, diffusion_block=K)
-    return Transformer(config).eval()
+    config = ModelConfig(
+        vocab_size=V, block_size=BLOCK_SIZE, n_layer=2, n_head=2, n_embd=16, diffusion_block=K,
+        self_conditioning=self_conditioning,
+    )  # fmt: skip
+    model = Transformer(config).eval()
+    if self_conditioning:  # a trained-looking projection (a fresh one is zero: the input would change nothing)
+        torch.nn.init.normal_(model.self_cond_proj.weight, std=1.0)
+    return model
 
 
 class Recording(torch.nn.Module):
@@ -72,14 +78,16 @@ def bd_samples(
     length: int = 40,
     model: object = None,
     merge_commit: bool = True,
+    self_conditioning: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     canvas, fixed = prompt_canvas([1, 2, 3, 4, 5, 6], length, MASK)
     tokens, logprobs, nfe = [], [], []
     for first in range(0, n, batch_size):
         rows = min(batch_size, n - first)
         out = generate_block_diffusion(
-            model or bd_model(), canvas.expand(rows, -1).clone(), fixed.expand(rows, -1), MASK, BLOCK_SIZE, K,
-            config, RowGenerators.for_samples(3, first, rows), use_cache=use_cache, merge_commit=merge_commit,
+            model or bd_model(self_conditioning=self_conditioning), canvas.expand(rows, -1).clone(),
+            fixed.expand(rows, -1), MASK, BLOCK_SIZE, K, config, RowGenerators.for_samples(3, first, rows),
+            use_cache=use_cache, merge_commit=merge_commit, self_conditioning=self_conditioning,
         )  # fmt: skip
         tokens.append(out.tokens)
         logprobs.append(out.logprobs)
@@ -100,17 +108,20 @@ def bd_samples(
     ],
     ids=lambda c: f"{c.remasking}-{c.schedule}-{c.confidence_threshold}-{c.entropy_budget}",
 )
-def test_sampling_with_and_without_the_cache_gives_identical_samples(config: SamplingConfig) -> None:
-    cached, cached_lp, cached_nfe = bd_samples(config, use_cache=True)
-    plain, plain_lp, plain_nfe = bd_samples(config, use_cache=False)
+@pytest.mark.parametrize("sc", [False, True], ids=["plain", "self_conditioning"])
+def test_sampling_with_and_without_the_cache_gives_identical_samples(config: SamplingConfig, sc: bool) -> None:
+    """Also with self-conditioning: the previous step's prediction enters the block's positions only, zeros at the
+    clean ones, so the merged commit's keys and values are those of clean text."""
+    cached, cached_lp, cached_nfe = bd_samples(config, use_cache=True, self_conditioning=sc)
+    plain, plain_lp, plain_nfe = bd_samples(config, use_cache=False, self_conditioning=sc)
     assert torch.equal(cached, plain) and torch.equal(cached_nfe, plain_nfe)
     assert torch.allclose(cached_lp, plain_lp, atol=1e-5)
-    separate, separate_lp, separate_nfe = bd_samples(config, use_cache=True, merge_commit=False)
+    separate, separate_lp, separate_nfe = bd_samples(config, use_cache=True, merge_commit=False, self_conditioning=sc)
     assert torch.equal(separate, cached) and torch.equal(separate_nfe, cached_nfe)
     assert torch.allclose(separate_lp, cached_lp, atol=1e-5)
     assert (cached[:, :6] == torch.tensor([1, 2, 3, 4, 5, 6])).all() and (cached < MASK).all()
     assert len({tuple(row) for row in cached.tolist()}) > 1
-    one, _, _ = bd_samples(config, use_cache=True, batch_size=1)  # rows finishing at different times included
+    one, _, _ = bd_samples(config, use_cache=True, batch_size=1, self_conditioning=sc)  # rows finishing apart
     assert torch.equal(one, cached)
 
 

@@ -97,6 +97,13 @@ OBJECTIVE_FLAGS: dict[str, dict[str, object]] = {
     "mdlm_exact_k": {"objective": "mdlm", "mdlm_estimator": "exact_k"},
     "autoregressive": {"objective": "autoregressive"},
     "block_diffusion": {"objective": "block_diffusion", "diffusion_block": 4},
+    "mdlm_self_conditioning": {"objective": "mdlm", "self_conditioning": True},
+    "block_diffusion_self_conditioning": {
+        "objective": "block_diffusion",
+        "diffusion_block": 4,
+        "self_conditioning": True,
+    },
+    "unmasking_self_conditioning": {"self_conditioning": True},
     "binary_replaced_token": {"switch_to_binary": True},
     "binary_sequence": {"switch_to_binary": True, "binary_task": "sequence"},
 }
@@ -130,7 +137,7 @@ def test_batch_draws_everything_and_loss_is_a_function_of_model_and_batch(
         assert all(torch.equal(a, b) for a, b in zip(states, after, strict=True))  # loss drew nothing
         assert first.dim() == 0 and torch.isfinite(first) and torch.equal(first, second)
         again = objective.batch(torch.Generator().manual_seed(3), torch.Generator().manual_seed(4), training)
-        if case != "unmasking" or not training:  # (unmasking's training batches take pre-drawn selections)
+        if not case.startswith("unmasking") or not training:  # (unmasking's training batches take pre-drawn selections)
             assert torch.equal(objective.loss(model, again), first)
     trainer.lock.release()
 
