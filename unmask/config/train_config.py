@@ -96,10 +96,11 @@ class TrainConfig:
     mask_rate_window: tuple[float, float] | Literal["auto"] = bounded((0.0, 1.0), 0.0, 1.0, words=("auto",))
     """mdlm and block_diffusion with --mdlm_estimator=antithetic_t: LO,HI (0 <= LO < HI <= 1): the training mask rate
     t ~ U(LO, HI], per sequence for mdlm (at least its eps = 1e-3), per block for block_diffusion, stratified over
-    the batch inside the window (BD3-LM's clipped schedule, a variance reduction). 'auto': BD3-LM's search: at every
-    evaluation after iteration 0, the window of a grid (the full one, and widths 0.5..0.9 in steps of 0.05) whose
-    training loss varies least on fixed training batches; the full window until the first search. Evaluation always
-    integrates t over (0, 1], so val_bpc stays a bound."""
+    the batch inside the window (BD3-LM's clipped schedule, a variance reduction). 'auto': BD3-LM's search: at the
+    first evaluation after iteration 0, then whenever the iteration has doubled since the last search, the window of a
+    grid (the full one, and widths 0.5..0.9 on a 0.05 grid) whose training-loss terms vary least on fixed training
+    batches; the full window until the first search. Evaluation always integrates t over (0, 1], so val_bpc stays a
+    bound."""
     zero_masking: bool | None = None
     """mdlm and autoregressive: drop the [MASK] logit from the softmax of the training loss (MDLM's zero-masking,
     the SUBS parameterisation: [MASK] is never a target); False: the full softmax. None (default): the objective's

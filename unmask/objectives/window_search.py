@@ -13,9 +13,15 @@ diffusion: the weighted masked negative log-likelihoods summed over the sequence
 whose mean is the batch's training loss), averaged over the batches. Every window sees the same clean windows and
 the same uniform draws (a generator re-seeded per batch: common random numbers, so the windows differ only by
 where t lands), drawn from a generator of their own so the run's training streams are not touched and a resumed run
-searches exactly as an uninterrupted one. The search runs at every evaluation after iteration 0 (an untrained
-model's losses say nothing about the training to come; BD3-LM likewise skips its sanity-check validation); until the
-first search the run trains on the full window. The chosen window is checkpointed.
+searches exactly as an uninterrupted one.
+
+When: at the first evaluation after iteration 0 (an untrained model's losses say nothing about the training to
+come; BD3-LM likewise skips its sanity-check validation), then at the first evaluation at or after twice the
+iteration of the previous search (e.g. 200, 400, 800, ... with --eval_interval=200). BD3-LM searches at every
+validation, but a search costs 36 x --eval_iters forward passes, about as much as --eval_interval=200 training
+steps of a small model (measured in docs/likelihood.md), so searching at every evaluation would double a run's cost,
+while the doubling schedule costs a few per cent of a long run and still follows the model as it trains. Until the
+first search the run trains on the full window. The chosen window and the iteration of its search are checkpointed.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ SEARCH_WIDTHS = (0.5, 0.6, 0.7, 0.8, 0.9)  # BD3-LM's `clip_search_widths` of it
 SEARCH_STEP = 0.05  # BD3-LM's `clip_search_delta`
 _SEARCH_SEED_OFFSET = 104_729  # the search's own generators: apart from the training and evaluation seeds
 CHECKPOINT_KEY = "mask_rate_window_chosen"
+SEARCHED_AT_KEY = "mask_rate_window_searched_at"
 
 
 def candidate_windows(widths: Sequence[float] = SEARCH_WIDTHS, step: float = SEARCH_STEP) -> list[Window]:
@@ -106,13 +113,15 @@ class MaskRateWindow:
         self.n_batches = cfg.eval_iters
         self.rt = rt
         self.iter_num = 0
+        self.searched_at = 0  # the iteration of the latest search (0: none yet)
         self.hooks = WindowHooks(self)
         self._cleans: dict[int, Tensor] = {}  # the clean windows of the search batches, during a search
 
     @property
     def due(self) -> bool:
-        """Whether this evaluation searches: 'auto', and training has begun."""
-        return self.auto and self.iter_num > 0
+        """Whether this evaluation searches: 'auto', training has begun, and no search yet or the iteration has at
+        least doubled since the last one."""
+        return self.auto and self.iter_num > 0 and (self.searched_at == 0 or self.iter_num >= 2 * self.searched_at)
 
     def search_batch(
         self, j: int, clean_windows: Callable[[torch.Generator], Tensor]
@@ -138,7 +147,7 @@ class MaskRateWindow:
                 )
             finally:
                 self._cleans.clear()
-            self.current = result.window
+            self.current, self.searched_at = result.window, self.iter_num
             fields = {
                 "mask_rate_window_variance_full": result.full_variance,
                 "mask_rate_window_variance": result.variance,
@@ -159,17 +168,19 @@ class MaskRateWindow:
     def start_line(self) -> str:
         if self.auto:
             lo, hi = self.current
-            return f"mask rate window: auto (searched at each evaluation after iteration 0), now ({lo:g}, {hi:g}]"
+            when = "variance search after iteration 0, then as the iteration doubles"
+            return f"mask rate window: auto ({when}), now ({lo:g}, {hi:g}]"
         lo, hi = self.current
         return f"mask rate window: t ~ U({lo:g}, {hi:g}]"
 
     def state_dict(self) -> dict[str, Any]:
-        return {CHECKPOINT_KEY: list(self.current)} if self.auto else {}
+        return {CHECKPOINT_KEY: list(self.current), SEARCHED_AT_KEY: self.searched_at} if self.auto else {}
 
     def load_state(self, ckpt: dict[str, Any]) -> None:
         if self.auto and CHECKPOINT_KEY in ckpt:
             lo, hi = (float(v) for v in ckpt[CHECKPOINT_KEY])
             self.current = (lo, hi)
+            self.searched_at = int(ckpt.get(SEARCHED_AT_KEY, 0))
 
 
 class WindowHooks(TrainingHooks):

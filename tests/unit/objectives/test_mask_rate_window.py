@@ -211,42 +211,46 @@ def test_an_mdlm_run_trains_inside_its_window_and_evaluates_on_the_full_one(tiny
 def test_auto_records_the_chosen_window_and_prints_it(
     tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert (
-        main(["train", *tiny_flags(tiny_data, tmp_path, max_iters=8), "--objective=mdlm", "--mask_rate_window=auto"])
-        == 0
-    )
+    flags = [*tiny_flags(tiny_data, tmp_path, max_iters=16), "--objective=mdlm", "--mask_rate_window=auto"]
+    assert main(["train", *flags]) == 0
     out = capsys.readouterr().out
     evals = run_records(tmp_path, "eval")
-    assert [r["iter"] for r in evals] == [0, 4, 8]
-    assert evals[0]["mask_rate_window"] == [0.0, 1.0] and "mask_rate_window_variance" not in evals[0]  # no search at 0
-    for r in evals[1:]:
-        assert tuple(r["mask_rate_window"]) in candidate_windows()
-        assert r["mask_rate_window_variance"] <= r["mask_rate_window_variance_full"]
-        assert r["mask_rate_window_search_seconds"] > 0
-        lo, hi = r["mask_rate_window"]
-        assert f"mask rate window: ({lo:g}, {hi:g}] by variance search" in out
-    assert out.count("by variance search") == 2
-    ckpt = torch.load(tmp_path / "ckpt_unmasking_8.pt", weights_only=True)
+    assert [r["iter"] for r in evals] == [0, 4, 8, 12, 16]
+    searched = [r["iter"] for r in evals if "mask_rate_window_variance" in r]
+    assert searched == [4, 8, 16]  # not at 0 (untrained); then as the iteration doubles
+    assert evals[0]["mask_rate_window"] == [0.0, 1.0]
+    assert evals[3]["mask_rate_window"] == evals[2]["mask_rate_window"]  # kept between searches
+    for r in evals:
+        if r["iter"] in searched:
+            assert tuple(r["mask_rate_window"]) in candidate_windows()
+            assert r["mask_rate_window_variance"] <= r["mask_rate_window_variance_full"]
+            assert r["mask_rate_window_search_seconds"] > 0
+            lo, hi = r["mask_rate_window"]
+            assert f"mask rate window: ({lo:g}, {hi:g}] by variance search" in out
+    assert out.count("by variance search") == 3
+    ckpt = torch.load(tmp_path / "ckpt_unmasking_16.pt", weights_only=True)
     assert ckpt["mask_rate_window_chosen"] == evals[-1]["mask_rate_window"]
+    assert ckpt["mask_rate_window_searched_at"] == 16
 
 
 def test_auto_resumes_with_the_chosen_window_bit_for_bit(tiny_data: Path, tmp_path: Path) -> None:
-    """8 straight steps equal 4 + resume + 4: the window chosen at iteration 4 trains steps 4..8 in both (a resume
-    that forgot it would train them on the full window)."""
+    """12 straight steps equal 8 + resume + 4: the window chosen at iteration 8 trains steps 8..12 in both (a resume
+    that forgot it would train them on the full window), and neither searches at 12 (8 was the last search)."""
     window = ["--objective=block_diffusion", "--diffusion_block=4", "--mdlm_estimator=antithetic_t"]
     window.append("--mask_rate_window=auto")
-    assert main(["train", *tiny_flags(tiny_data, tmp_path / "a", max_iters=8), *window]) == 0
-    assert main(["train", *tiny_flags(tiny_data, tmp_path / "b", max_iters=4), *window]) == 0
-    at_4 = torch.load(tmp_path / "b" / "ckpt_unmasking_4.pt", weights_only=True)["mask_rate_window_chosen"]
-    assert at_4 != [0.0, 1.0]  # measured: (0.5, 1.0); else this test could not tell a forgotten window
-    assert main(["train", "--init_from=resume", f"--out_dir={tmp_path / 'b'}", "--max_iters=8"]) == 0
-    a = torch.load(tmp_path / "a" / "ckpt_unmasking_8.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "ckpt_unmasking_8.pt", weights_only=True)
+    assert main(["train", *tiny_flags(tiny_data, tmp_path / "a", max_iters=12), *window]) == 0
+    assert main(["train", *tiny_flags(tiny_data, tmp_path / "b", max_iters=8), *window]) == 0
+    at_8 = torch.load(tmp_path / "b" / "ckpt_unmasking_8.pt", weights_only=True)["mask_rate_window_chosen"]
+    assert at_8 != [0.0, 1.0]  # measured: (0.5, 1.0); else this test could not tell a forgotten window
+    assert main(["train", "--init_from=resume", f"--out_dir={tmp_path / 'b'}", "--max_iters=12"]) == 0
+    a = torch.load(tmp_path / "a" / "ckpt_unmasking_12.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt_unmasking_12.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert a["mask_rate_window_chosen"] == b["mask_rate_window_chosen"]
+    assert a["mask_rate_window_chosen"] == b["mask_rate_window_chosen"] == at_8
     clock = "mask_rate_window_search_seconds"
     evals = [[{k: v for k, v in r.items() if k != clock} for r in run_records(tmp_path / d, "eval")] for d in "ab"]
     assert evals[0] == evals[1]
+    assert "mask_rate_window_variance" not in evals[1][-1]  # no search at 12 after the resume either
 
 
 # --- block diffusion's zero-masking ----------------------------------------------------------------------------------
