@@ -60,8 +60,9 @@ def _type_name(hint: Any) -> str:
     if origin is Literal:
         return "{" + ",".join(str(a) for a in typing.get_args(hint)) + "}"
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _type_name(args[0]) + "|None"
+        args = typing.get_args(hint)
+        names = "|".join(_type_name(a) for a in args if a is not type(None))
+        return names + "|None" if type(None) in args else names
     if origin in (tuple, list):
         return "LIST"
     return getattr(hint, "__name__", str(hint)).upper()
@@ -81,6 +82,7 @@ class Range:
     hi: float
     lo_open: bool = False
     hi_open: bool = False
+    words: tuple[str, ...] = ()  # non-numeric values the flag also takes (e.g. `auto`), checked elsewhere
 
     def admits(self, value: float) -> bool:
         """True inside the range; False outside and for NaN (every comparison with NaN is False)."""
@@ -99,10 +101,13 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def bounded(default: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Any:
-    """A dataclass field whose flag accepts only lo..hi (each end closed unless marked open); `check_ranges` in the
-    dataclass's `__post_init__` enforces it, so flags, presets, saved configs and the library are all checked."""
-    return dataclasses.field(default=default, metadata={RANGE: Range(lo, hi, lo_open, hi_open)})
+def bounded(
+    default: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False, words: tuple[str, ...] = ()
+) -> Any:
+    """A dataclass field whose flag accepts only lo..hi (each end closed unless marked open), or one of `words`;
+    `check_ranges` in the dataclass's `__post_init__` enforces it, so flags, presets, saved configs and the library
+    are all checked."""
+    return dataclasses.field(default=default, metadata={RANGE: Range(lo, hi, lo_open, hi_open, words)})
 
 
 def field_range(field: dataclasses.Field[Any]) -> Range | None:
@@ -119,10 +124,13 @@ def shown(value: Any) -> str:
 
 def check_range(flag: str, value: Any, allowed: Range) -> None:
     """UserError `--flag=value: must be in [lo, hi]` unless `value` (a number, or a list of numbers) is in range."""
+    if isinstance(value, str) and value in allowed.words:
+        return
     values = value if isinstance(value, (list, tuple)) else [value]
     for item in values:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise UserError(f"{flag}={shown(value)}: expected a number in {allowed}")
+            words = "".join(f" or {w}" for w in allowed.words)
+            raise UserError(f"{flag}={shown(value)}: expected a number in {allowed}{words}")
         if not allowed.admits(item):
             raise UserError(f"{flag}={shown(value)}: must be in {allowed}")
 
@@ -146,14 +154,28 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
+def _words(union: Any) -> tuple[Any, ...]:
+    """The choices of the Literal members of a Union hint."""
+    args = typing.get_args(union)
+    return tuple(w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a))
+
+
+def _main_type(union: Any) -> Any:
+    """The member of a Union hint a value that is not None nor a Literal word must have: the first other member
+    (the Literal itself when there is none, so its error lists the choices)."""
+    args = [a for a in typing.get_args(union) if a is not type(None)]
+    return next((a for a in args if typing.get_origin(a) is not Literal), args[0])
+
+
 def convert(text: str, hint: Any, flag: str) -> Any:
     """Convert the string `text` given for `--flag` to the type `hint`; UserError naming the flag otherwise."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        if text in ("None", "none", "null"):
+        if type(None) in typing.get_args(hint) and text in ("None", "none", "null"):
             return None
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return convert(text, inner, flag)
+        if text in _words(hint):  # a word of a Literal member, e.g. `auto` of `tuple[float, float] | Literal["auto"]`
+            return text
+        return convert(text, _main_type(hint), flag)
     if origin is Literal:
         choices = typing.get_args(hint)
         if text not in choices:
@@ -191,10 +213,11 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
     """Type-check a value read from a preset file (already a Python object)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None:
+        if value is None and type(None) in typing.get_args(hint):
             return None
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _check_value(value, inner, where)
+        if isinstance(value, str) and value in _words(hint):
+            return value
+        return _check_value(value, _main_type(hint), where)
     if origin is Literal:
         if value not in typing.get_args(hint):
             raise UserError(f"{where}: expected one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")

@@ -93,9 +93,14 @@ class TrainConfig:
     """--objective=block_diffusion: the block length K (divides block_size). Each block is a masked-diffusion
     model of K characters conditioned on the clean blocks before it (Arriola et al. 2025, BD3-LM): K = 1 is an
     autoregressive model, K = block_size is MDLM. Committed blocks are KV-cached exactly when sampling."""
-    mask_rate_window: tuple[float, float] = bounded((0.0, 1.0), 0.0, 1.0)
-    """--objective=block_diffusion: LO,HI: each block's training mask rate t ~ U(LO, HI] (BD3-LM's clipped schedule,
-    a variance reduction). Evaluation always integrates t over (0, 1], so val_bpc stays a bound."""
+    mask_rate_window: tuple[float, float] | Literal["auto"] = bounded((0.0, 1.0), 0.0, 1.0, words=("auto",))
+    """mdlm and block_diffusion with --mdlm_estimator=antithetic_t: LO,HI (0 <= LO < HI <= 1): the training mask rate
+    t ~ U(LO, HI], per sequence for mdlm (at least its eps = 1e-3), per block for block_diffusion, stratified over
+    the batch inside the window (BD3-LM's clipped schedule, a variance reduction). 'auto': BD3-LM's search: at the
+    first evaluation after iteration 0, then whenever the iteration has doubled since the last search, the window of a
+    grid (the full one, and widths 0.5..0.9 on a 0.05 grid) whose training-loss terms vary least on fixed training
+    batches; the full window until the first search. Evaluation always integrates t over (0, 1], so val_bpc stays a
+    bound."""
     zero_masking: bool | None = None
     """mdlm and autoregressive: drop the [MASK] logit from the softmax of the training loss (MDLM's zero-masking,
     the SUBS parameterisation: [MASK] is never a target); False: the full softmax. None (default): the objective's
@@ -271,19 +276,42 @@ class TrainConfig:
         self._check_transfer()
         check_device_name(self.device)
 
-    def _check_block_diffusion(self) -> None:
-        try:
-            lo, hi = (float(v) for v in self.mask_rate_window)
-        except (TypeError, ValueError):
-            raise UserError(f"--mask_rate_window={self.mask_rate_window}: expected LO,HI such as 0.3,0.8") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi <= 1.0 and hi > 0.0):
-            raise UserError(f"--mask_rate_window={lo},{hi}: need 0 <= LO <= HI <= 1 and HI > 0")
-        self.mask_rate_window = (lo, hi)
-        if self.mask_rate_window != (0.0, 1.0) and self.training_estimator == "exact_k":
+    def _check_mask_rate_window(self) -> None:
+        window = self.mask_rate_window
+        if window != "auto":
+            try:
+                lo, hi = (float(v) for v in window)
+            except (TypeError, ValueError):
+                raise UserError(f"--mask_rate_window={window}: expected LO,HI such as 0.3,0.8, or auto") from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0):
+                raise UserError(f"--mask_rate_window={lo},{hi}: need 0 <= LO < HI <= 1")
+            self.mask_rate_window = (lo, hi)
+            if self.mask_rate_window == (0.0, 1.0):
+                return  # the full window: every objective's default
+        shown = "auto" if window == "auto" else f"{lo},{hi}"
+        # The objectives that take the window say so in their class (`Objective.run_only_flags`), imported now: the
+        # objectives import the config, so the config reads them only at run time.
+        takers = [n for n in registry.names() if "mask_rate_window" in getattr(registry.load(n), "run_only_flags", ())]
+        if self.objective not in takers:
             raise UserError(
-                f"--mask_rate_window={lo},{hi}: clips the mask rate t of --mdlm_estimator=antithetic_t; exact_k "
+                f"--mask_rate_window={shown}: applies to --objective={' and '.join(takers)} only (got {self.objective})"
+            )
+        if self.training_estimator == "exact_k":
+            raise UserError(
+                f"--mask_rate_window={shown}: clips the mask rate t of --mdlm_estimator=antithetic_t; exact_k "
                 "draws mask counts, not rates"
             )
+
+    @property
+    def fixed_mask_rate_window(self) -> tuple[float, float]:
+        """--mask_rate_window as (LO, HI); the full (0, 1) for 'auto' (where the search starts)."""
+        if self.mask_rate_window == "auto":
+            return (0.0, 1.0)
+        lo, hi = self.mask_rate_window
+        return (float(lo), float(hi))
+
+    def _check_block_diffusion(self) -> None:
+        self._check_mask_rate_window()
         if self.attention == "flex":
             if self.objective != "block_diffusion":
                 raise UserError(

@@ -35,6 +35,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from unmask.curriculum.masking import random_k_subsets
@@ -161,15 +162,17 @@ def block_masked_log_probs(
     selected: Tensor,
     mask_id: int,
     block_length: int,
+    zero_masking: bool = True,
     self_condition: bool = False,
 ) -> Tensor:
     """log p(x_i | noisy block of i, clean blocks before) at the selected positions, (N,) float32, row-major.
 
     One forward pass over [x_t ; x_0] (B, L + C) with the block-diffusion mask, C = `clean_context_length`
     (the last clean block is left out: nothing noisy attends to it), logits only at the masked noisy positions,
-    [MASK] dropped from the softmax. `self_condition`: a first no-grad pass of the same layout gives the
-    self-condition input (`unmask.likelihood.self_condition`): its prediction at the masked noisy positions, zeros on
-    the clean half, whose keys and values thus stay those of clean text, as in sampling's KV cache.
+    [MASK] dropped from the softmax (`zero_masking=False`: the full softmax, a training option only).
+    `self_condition`: a first no-grad pass of the same layout gives the self-condition input
+    (`unmask.likelihood.self_condition`): its prediction at the masked noisy positions, zeros on the clean half, whose
+    keys and values thus stay those of clean text, as in sampling's KV cache.
     """
     B, L = clean.shape
     C = clean_context_length(L, block_length)
@@ -182,7 +185,7 @@ def block_masked_log_probs(
     if self_condition:
         extra["self_cond"] = first_pass_input(model, idx, positions, mask_id, attn_mask=mask, pos=pos)  # (B, L+C, V)
     logits = model(idx, positions=positions, attn_mask=mask, pos=pos, **extra)  # (N, V)
-    logp = real_char_log_probs(logits, mask_id)  # (N, V)
+    logp = real_char_log_probs(logits, mask_id) if zero_masking else F.log_softmax(logits.float(), dim=-1)  # (N, V)
     return logp.gather(1, clean[selected][:, None]).squeeze(1)  # (N,)
 
 
@@ -193,13 +196,35 @@ def block_diffusion_weighted_loss(
     weight: Tensor,
     mask_id: int,
     block_length: int,
+    zero_masking: bool = True,
     self_condition: bool = False,
 ) -> Tensor:
     """sum over masked positions of weight * -log p, divided by B * L (nats per character); scalar. selected and
-    weight (B, L) as `sample_block_training_masks` draws them; `self_condition` as in `block_masked_log_probs`."""
+    weight (B, L) as `sample_block_training_masks` draws them; `zero_masking` and `self_condition` as in
+    `block_masked_log_probs`."""
     B, L = clean.shape
-    nll = -block_masked_log_probs(model, clean, selected, mask_id, block_length, self_condition)  # (N,)
+    nll = -block_masked_log_probs(model, clean, selected, mask_id, block_length, zero_masking, self_condition)  # (N,)
     return (nll * weight[selected]).sum() / (B * L)
+
+
+def block_unit_losses(
+    model: torch.nn.Module,
+    clean: Tensor,
+    selected: Tensor,
+    weight: Tensor,
+    mask_id: int,
+    block_length: int,
+    zero_masking: bool = True,
+) -> Tensor:
+    """Each (row, block)'s term of `block_diffusion_weighted_loss`, (B * n_blocks,) float32: its summed weight *
+    -log p over K (L a multiple of K; their mean is the loss). What BD3-LM's clipped-schedule search takes the
+    variance of (`unmask.objectives.window_search`)."""
+    B, L = clean.shape
+    nll = -block_masked_log_probs(model, clean, selected, mask_id, block_length, zero_masking)  # (N,)
+    n_blocks = -(-L // block_length)
+    cell = torch.arange(B, device=clean.device)[:, None] * n_blocks + _block_ids(L, block_length, clean.device)
+    out = torch.zeros(B * n_blocks, dtype=torch.float32, device=clean.device)
+    return out.index_add_(0, cell[selected], (nll * weight[selected]).float()) / block_length
 
 
 def block_diffusion_loss_from_masks(

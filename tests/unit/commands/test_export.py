@@ -300,9 +300,14 @@ def test_objective_params_are_the_registered_classes_own() -> None:
         "use_all_stages_for_training",
         "label_smoothing",
     )
-    assert export_mod.objective_params("mdlm") == ("elbo_draws", "zero_masking", "mdlm_estimator")
+    assert export_mod.objective_params("mdlm") == ("elbo_draws", "zero_masking", "mdlm_estimator", "mask_rate_window")
     assert export_mod.objective_params("autoregressive") == ("zero_masking",)
-    assert export_mod.objective_params("block_diffusion") == ("diffusion_block", "mask_rate_window", "elbo_draws")
+    assert export_mod.objective_params("block_diffusion") == (
+        "diffusion_block",
+        "mask_rate_window",
+        "elbo_draws",
+        "zero_masking",
+    )
     assert export_mod.objective_params("retired_objective") == ()  # a checkpoint of an objective since removed
 
     class Sharper(MDLM):
