@@ -21,7 +21,15 @@ from unmask.data.dataset import Vocab
 from unmask.errors import UserError
 from unmask.generation.canvas import build_canvas
 from unmask.generation.diffusion import SamplingConfig
-from unmask.generation.engine import DEFAULT_STEPS, GUIDE_PRESET, GUIDE_STEPS, Engine, GenerationRequest
+from unmask.generation.engine import (
+    DEFAULT_STEPS,
+    GUIDE_PRESET,
+    GUIDE_STEPS,
+    SAMPLER_CHOICES,
+    Engine,
+    GenerationRequest,
+    default_sampler,
+)
 from unmask.likelihood.score import Scorer, scorer_for
 from unmask.model import ModelConfig, Transformer
 from unmask.storage.export_format import export_config, export_dir_problem, is_export_dir, load_export, split_tied
@@ -132,6 +140,8 @@ class Model:
                     f"{', '.join(other)}: not for an autoregressive model (it takes {', '.join(AR_OPTIONS)})"
                 )
         options = dict(options)
+        if not any(name in options for name in SAMPLER_CHOICES):  # the kind's default sampler, as `unmask sample`
+            options = {**default_sampler(mc), **options}
         base = DEFAULT_STEPS
         if options.pop("preset", None) == "guide":
             options = {**GUIDE_PRESET, **options}
@@ -154,8 +164,7 @@ class Model:
             critic = load_critic(critic_ckpt, self.trained, window, self._sampling_device()).model
         engine = Engine(self.model, self.vocab, mc, self.device, critic, source)
         given = [(f"--steps={checked.steps}", checked.steps)] if "steps" in options else []
-        adaptive = checked.confidence_threshold is not None
-        steps = engine.steps(canvas.fixed, checked.block_length, adaptive, given, base)
+        steps = engine.steps(canvas.fixed, checked.block_length, checked.adaptive, given, base)
         config = replace(checked, steps=steps)
         run = engine.run(GenerationRequest(canvas.ids, canvas.fixed, config, rows, DEFAULT_BATCH, seed))
         return [t[canvas.prompt_length :] for t in run.texts] if mc.causal and not prompt else run.texts

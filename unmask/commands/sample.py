@@ -57,8 +57,8 @@ def main(argv: list[str]) -> int:
     )
     if parsed is None:
         return 0
-    args = parsed[1]
-    setup = build(args)
+    setup = build(parsed[1])
+    args = setup.args  # the checkpoint kind's default sampler filled in, when no flag chose one
 
     if args.step_counts:
         if args.sweep_out is not None and Path(args.sweep_out).exists():  # refuse before the work, not after

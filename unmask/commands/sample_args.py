@@ -7,6 +7,7 @@ from typing import Literal
 
 from unmask.config.flags import MAX_SEED, Range, bounded, check_ranges
 from unmask.errors import UserError
+from unmask.generation.engine import SAMPLER_CHOICES
 from unmask.generation.remasking import REMASKING
 from unmask.likelihood.policy import Policy
 from unmask.runtime import MAX_THREADS
@@ -45,13 +46,18 @@ class SampleArgs:
     """Sample among the k most likely characters only (0: off)."""
     top_p: float = bounded(1.0, 0.0, 1.0, lo_open=True)
     """Nucleus sampling: the smallest set of characters holding this probability (1: off)."""
-    schedule: Literal["linear", "cosine"] = "linear"
-    """How many positions are committed per step: 'linear' (equal counts) or 'cosine' (MaskGIT: few first)."""
-    remasking: str = "random"
+    schedule: Literal["linear", "cosine"] | None = None
+    """How many positions are committed per step: 'linear' (equal counts; the default) or 'cosine' (MaskGIT: few
+    first)."""
+    remasking: str | None = None
     """Which positions are committed: random (MDLM ancestral order: with temperature 1, samples of the model's own
     distribution), low_confidence (most probable first, LLaDA), margin (top-1 minus top-2), entropy (lowest
     entropy first), remask (the original sampler: fill everything, re-mask down the schedule by entropy mixed
-    with chance) or critic (remask scored by --critic_ckpt's P(wrong)). A comma list with --sweep_steps."""
+    with chance) or critic (remask scored by --critic_ckpt's P(wrong)). A comma list with --sweep_steps.
+    Default: the checkpoint kind's sampler when none of --remasking, --steps, --schedule, --confidence_threshold,
+    --entropy_budget, --policy, --preset and --sweep_steps is given (diffusion and block-diffusion checkpoints:
+    low_confidence with --entropy_budget=1, chosen from the quality table of docs/quality.md), else random.
+    """
     randomness_strength: float = bounded(0.4, 0.0, 1.0)
     """remask and critic: share of chance in choosing positions to re-mask (1: random, 0: by entropy / critic)."""
     critic_ckpt: str | None = None
@@ -135,7 +141,7 @@ class SampleArgs:
         tau, budget = self.confidence_threshold, self.entropy_budget
         if len(self.placeholder) != 1:
             raise UserError(f"--placeholder={self.placeholder}: must be a single character")
-        self.strategies = tuple(s.strip() for s in self.remasking.split(","))
+        self.strategies = tuple(s.strip() for s in (self.remasking or "random").split(","))
         unknown = [s for s in self.strategies if s not in (*REMASKING, "critic")]
         if unknown or len(set(self.strategies)) != len(self.strategies):
             names = ", ".join((*REMASKING, "critic"))
@@ -190,6 +196,12 @@ class SampleArgs:
                 "trace": None,
                 "animate": None,
             }
-            clash = [k for k, v in {**defaults, **quiet}.items() if getattr(self, k) != v]
+            clash = [k for k, v in {**defaults, **quiet}.items() if getattr(self, k) not in (v, None)]
             if clash:
                 raise UserError(f"--policy={self.policy}: not with --{clash[0]} (it draws from the model as it is)")
+
+    @property
+    def chooses_sampler(self) -> bool:
+        """Whether a flag that chooses the sampler was given (else the checkpoint kind's default sampler applies:
+        `unmask.generation.engine.DEFAULT_SAMPLERS`)."""
+        return self.sweep_steps is not None or any(getattr(self, name) is not None for name in SAMPLER_CHOICES)

@@ -25,6 +25,8 @@ from unmask.generation.engine import (
     Generated,
     GenerationRequest,
     StepHook,
+    default_sampler,
+    sampler_kind,
 )
 from unmask.generation.quality import Judge, Reference, evaluate_samples, load_reference
 from unmask.runtime import resolve_device, set_threads
@@ -97,6 +99,9 @@ def build_from(args: SampleArgs, trained: Trained, device: torch.device) -> Setu
     """The sampling setup of a loaded model: canvas, steps, the engine's checks, reference data, judge, critic."""
     trained.require_head(("lm",), "unmask sample")
     mc = trained.model_config
+    chosen = {} if args.chooses_sampler else default_sampler(mc)
+    if chosen:  # the kind's default sampler (docs/quality.md): the settings are then those of a user who gave them
+        args = replace(args, **chosen)
     if mc.causal:
         _check_autoregressive(args, trained)
     elif trained.config.get("objective") == "block_diffusion" and mc.diffusion_block <= 0:
@@ -122,6 +127,10 @@ def build_from(args: SampleArgs, trained: Trained, device: torch.device) -> Setu
     request = GenerationRequest(canvas.ids, canvas.fixed, sampling_config(args, args.strategies[0], steps))
     kind = engine.check(replace(request, policy=args.policy, per_step=args.per_step)).name
     setup = Setup(args, trained, device, engine, canvas, steps, kind, notes=list(canvas.notes))
+    if chosen:
+        flags = " ".join(f"--{k}={v:g}" if isinstance(v, float) else f"--{k}={v}" for k, v in chosen.items())
+        kind_name = sampler_kind(mc)
+        setup.notes.append(f"sampler: the default for {kind_name} checkpoints, {flags} (--remasking or --steps choose)")
     if args.metrics:
         setup.reference = load_reference(trained, args.data_dir, canvas.length, args.num_samples, setup.notes)
     if args.judge_ckpt is not None:
@@ -137,7 +146,7 @@ def build_from(args: SampleArgs, trained: Trained, device: torch.device) -> Setu
 def sampling_config(args: SampleArgs, remasking: str, steps: int) -> SamplingConfig:
     return SamplingConfig(
         steps=steps,
-        schedule=args.schedule,
+        schedule=args.schedule or "linear",
         remasking=remasking,
         randomness_strength=args.randomness_strength,
         temperature=args.temperature,
@@ -272,7 +281,8 @@ def sweep(setup: Setup) -> list[dict[str, Any]]:
         f"{'remasking':16}{'steps':>6}{'chars/s':>10}{'fwd':>6}{'rep-4':>8}{'dist-2':>8}{'H bits':>8}"
         f"{'words':>8}{'self-lp':>9}{'judge':>8}"
     )
-    print(f"steps sweep: {setup.trained.path}, {args.num_samples} x {setup.length} characters, {args.schedule}")
+    schedule = args.schedule or "linear"
+    print(f"steps sweep: {setup.trained.path}, {args.num_samples} x {setup.length} characters, {schedule}")
     print(header)
     for remasking in args.strategies:
         for steps in args.step_counts:

@@ -18,7 +18,7 @@ from tests.conftest import REPO, tiny_flags
 from unmask.cli import main
 from unmask.commands.sample import SampleArgs
 from unmask.data.dataset import MASK_GLYPH, load_dataset
-from unmask.generation.engine import DEFAULT_STEPS, GUIDE_STEPS, default_steps
+from unmask.generation.engine import DEFAULT_SAMPLERS, DEFAULT_STEPS, GUIDE_STEPS, default_steps
 from unmask.model import ModelConfig, Transformer
 from unmask.storage.checkpoint import save_checkpoint
 
@@ -255,12 +255,35 @@ def test_steps_unset_works_for_every_checkpoint_kind_and_length(
     beyond (here block_size 32: more than one per character, so one per character), at least one per block.
     Before, K = 4 at 512 characters needed 128 blocks > 64 steps, and mdlm at 1100 needed 69 blocks of 16."""
     flags = (f"--ckpt={random_ckpts[kind]}", f"--length={length}", "--num_samples=1", "--metrics=False")
-    doc = sample(capsys, *flags)
+    # --remasking chooses the sampler (else the kind's adaptive default applies), so the steps rule is what runs
+    doc = sample(capsys, *flags, *(() if kind == "autoregressive" else ("--remasking=random",)))
     text = doc["samples"][0]["text"]
     assert len(text) == length and MASK_GLYPH not in text and doc["kind"] == kind.replace("mdlm", "diffusion")
     if kind != "autoregressive":
         assert doc["settings"]["steps"] == max(64, length)
         assert doc["samples"][0]["nfe"] <= doc["settings"]["steps"]
+
+
+@pytest.mark.parametrize("kind", ["block_diffusion", "mdlm"])
+def test_no_sampler_flag_takes_the_kinds_default_sampler(
+    random_ckpts: dict[str, Path], capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    ckpt = f"--ckpt={random_ckpts[kind]}"
+    doc = sample(capsys, ckpt, "--length=40", "--num_samples=2", "--metrics=False")
+    chosen = DEFAULT_SAMPLERS["block_diffusion" if kind == "block_diffusion" else "diffusion"]
+    assert {k: doc["settings"][k] for k in chosen} == chosen
+    assert any(note.startswith(f"sampler: the default for {doc['kind']} checkpoints") for note in doc["notes"])
+    # exactly the run of a user who gives those flags
+    given = [f"--{k}={v}" for k, v in chosen.items()]
+    same = sample(capsys, ckpt, "--length=40", "--num_samples=2", "--metrics=False", *given)
+    assert [s["text"] for s in same["samples"]] == [s["text"] for s in doc["samples"]]
+    assert not any(note.startswith("sampler: the default") for note in same["notes"])
+    # any flag that chooses the sampler turns the default off; temperature does not
+    for flags in (["--steps=40"], ["--remasking=random"], ["--schedule=cosine"], ["--confidence_threshold=0.9"]):
+        other = sample(capsys, ckpt, "--length=40", "--num_samples=1", "--metrics=False", *flags)
+        assert other["settings"]["entropy_budget"] is None
+    cooler = sample(capsys, ckpt, "--length=40", "--num_samples=1", "--metrics=False", "--temperature=0.8")
+    assert {k: cooler["settings"][k] for k in chosen} == chosen
 
 
 def test_steps_given_are_used_as_given(random_ckpts: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -502,7 +525,8 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for f in dataclasses.fields(SampleArgs):
         if f.init:
             assert f"--{f.name}=" in text, f.name
-    assert "low_confidence" in text and "--remasking=STR  (default: random)" in text
+    assert "low_confidence" in text and "--remasking=STR|None  (default: None)" in text
+    assert "the checkpoint kind's sampler" in text
     assert "--steps=INT|None in [1, 1,000,000]  (default: None)" in text and "at least one per block" in text
 
 
