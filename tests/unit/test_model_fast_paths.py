@@ -1,5 +1,6 @@
 """The model's CPU fast paths compute what the plain forms compute: RoPE as one autograd node (bit for bit, forward
-and backward, in the layout attention always saw) and the last block run only on the selected rows."""
+and backward, in the layout attention always saw), the last block run only on the selected rows, and attention under
+block diffusion's training mask in two calls over the key spans the rows see."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from unmask.likelihood.block import training_attn_mask
 from unmask.model import ModelConfig, Transformer, apply_rope, rope_cache
+from unmask.model.attention import split_attention_mask
 
 VOCAB = 11
 
@@ -100,3 +103,45 @@ def test_with_active_dropout_the_rows_are_selected_after_the_full_pass() -> None
     torch.manual_seed(5)
     full = model(idx)[positions]
     assert torch.equal(sparse, full)
+
+
+def test_block_diffusion_layout_splits_off_the_clean_rows_from_the_noisy_keys() -> None:
+    L, K = 16, 4
+    mask = training_attn_mask(L, K, torch.device("cpu"))  # (L + 12, L + 12): [noisy ; clean without its last block]
+    parts = split_attention_mask(mask)
+    assert parts is not None
+    T = mask.shape[0]
+    assert [a for a, *_ in parts] + [parts[-1][1]] == [0, parts[0][1], T]  # the rows, cut once
+    for a, b, lo, hi, part in parts:
+        assert torch.equal(part, mask[a:b, lo:hi])
+        outside = mask[a:b].clone()
+        outside[:, lo:hi] = False
+        assert not outside.any()  # no row of a part sees a key outside its span
+    assert sum((b - a) * (hi - lo) for a, b, lo, hi, _ in parts) < 0.8 * T * T
+    assert split_attention_mask(torch.ones(8, 8, dtype=torch.bool)) is None  # nothing to save
+
+
+def test_split_attention_gives_the_single_call_logits() -> None:
+    L, K = 16, 4
+    model = _model(diffusion_block=K).eval()
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, VOCAB, (3, L + 12), generator=g)
+    pos = torch.cat((torch.arange(L), torch.arange(12)))
+    mask = training_attn_mask(L, K, torch.device("cpu"))
+    calls: list[int] = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    with torch.no_grad():
+        torch.nn.functional.scaled_dot_product_attention = counting
+        try:
+            split = model(idx, attn_mask=mask, pos=pos)
+            n_split = len(calls)
+            single = model(idx, attn_mask=mask.expand(3, 1, *mask.shape), pos=pos)  # a per-row mask: one call
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = original
+    assert n_split == 2 * len(model.blocks) and len(calls) - n_split == len(model.blocks)
+    assert torch.allclose(split, single, atol=1e-5)

@@ -187,6 +187,45 @@ def block_causal_mask(T: int, K: int, device: torch.device) -> Tensor:
     return block[None, :] <= block[:, None]  # (T, T)
 
 
+# A split of the query rows is taken when it leaves at most this share of the single call's query x key pairs.
+SPLIT_MAX_SHARE = 0.85
+# (first row, end row, first key, end key, the mask of those rows and keys): one attention call of a split.
+MaskPart = tuple[int, int, int, int, Tensor]
+
+
+def split_attention_mask(mask: Tensor) -> list[MaskPart] | None:
+    """Two attention calls instead of one for a (T, T) bool mask whose rows see narrow spans of keys: the query
+    rows cut in two where that is cheapest, each part attending to the span of keys its rows may see; None when
+    that saves less than 1 - SPLIT_MAX_SHARE of the query x key pairs.
+
+    Block diffusion's training layout [noisy ; clean] is the case: no clean row attends to a noisy key, so the
+    clean rows need only the clean keys (25% fewer pairs at L = 64, K = 4, where attention is a fifth of a CPU
+    step). Keys outside a part's span are masked for all its rows, so each row attends to the same keys with the
+    same weights; only the kernel's blocking over keys, hence float rounding, differs from the single call."""
+    m = mask.detach().to("cpu", torch.bool)
+    T = m.shape[0]
+    if m.dim() != 2 or m.shape[1] != T or T < 2:
+        return None
+    cols = torch.arange(T)
+    first = torch.where(m, cols, T).min(dim=1).values  # (T,) first key each row sees (T: none)
+    last = torch.where(m, cols, -1).max(dim=1).values  # (T,) last key each row sees (-1: none)
+    lo_pre, hi_pre = first.cummin(0).values, last.cummax(0).values + 1  # spans of rows 0..r
+    lo_suf = first.flip(0).cummin(0).values.flip(0)  # spans of rows r..T-1
+    hi_suf = last.flip(0).cummax(0).values.flip(0) + 1
+    p = torch.arange(1, T)  # first row of the second part
+    cost = p * (hi_pre[p - 1] - lo_pre[p - 1]).clamp(min=0) + (T - p) * (hi_suf[p] - lo_suf[p]).clamp(min=0)
+    best = int(cost.argmin())
+    if float(cost[best]) > SPLIT_MAX_SHARE * T * T:
+        return None
+    P = best + 1
+    parts = []
+    for a, b, lo, hi in ((0, P, int(lo_pre[P - 1]), int(hi_pre[P - 1])), (P, T, int(lo_suf[P]), int(hi_suf[P]))):
+        if hi <= lo:  # rows that see no key at all: nothing to split off
+            return None
+        parts.append((a, b, lo, hi, mask[a:b, lo:hi].contiguous()))
+    return parts
+
+
 class KVCache:
     """Keys/values of the positions fed so far, per layer, each (B, H, S, D); S = self.length.
 
@@ -252,10 +291,12 @@ class SelfAttention(nn.Module):
         layer: int = 0,
         update_cache: bool = False,
         rows: Tensor | None = None,
+        split: list[MaskPart] | None = None,
     ) -> Tensor:
         """(B, T, C), or with `rows` (B, T) bool the outputs at those positions only (N, C, row-major; the output
         projection runs on those alone). `attn_mask` (T, S) or (B, 1, T|1, S) bool, True where a key may be
-        attended to (None: every key).
+        attended to (None: every key); `split` (`split_attention_mask` of a (T, T) attn_mask, no dropout) computes
+        it as one attention call per part of the query rows.
 
         `is_causal` None means the model's own `causal`. With `cache`, the keys/values of `layer` cached so far are
         prepended (S = cached + T) and, with `update_cache`, the extended ones are stored back. `block_mask`
@@ -276,6 +317,14 @@ class SelfAttention(nn.Module):
                 cache.store(layer, k, v)
         if block_mask is not None:
             y = _flex(q, k, v, block_mask)  # (B, H, T, D)
+        elif split is not None:
+            y = torch.cat(
+                [
+                    F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=part)
+                    for a, b, lo, hi, part in split
+                ],
+                dim=2,
+            )  # (B, H, T, D)
         else:
             y = F.scaled_dot_product_attention(
                 q,

@@ -10,12 +10,14 @@ from torch import Tensor, nn
 
 from unmask.model.attention import (
     KVCache,
+    MaskPart,
     SelfAttention,
     block_causal_mask,
     block_mask_from_bool,
     choose_attention,
     flex_supported,
     rope_cache,
+    split_attention_mask,
 )
 from unmask.model.config import BINARY_HEAD_INIT_STD, ModelConfig
 
@@ -91,6 +93,8 @@ class Transformer(nn.Module):
         self.attention_backend: str = "auto"
         self._flex_key: Tensor | None = None  # the bool mask whose BlockMask is `_flex_mask`
         self._flex_mask: Any = None
+        self._split_key: Tensor | None = None  # the bool mask whose attention split is `_split`
+        self._split: list[MaskPart] | None = None
 
         self.apply(self._init_weights)
         # GPT-2 (Radford et al. 2019): scale the init of every projection that writes into the residual
@@ -202,9 +206,14 @@ class Transformer(nn.Module):
             keys = ~pad[:, None, None, :]  # (B, 1, 1, T): True = may be attended to
             mask = keys if mask is None else mask & keys  # (B, 1, T|1, T)
         block_mask = self._flex_block_mask(mask) if cache is None and self._use_flex(mask, idx.device) else None
+        # A (T, T) mask whose rows see narrow key spans attends in parts (block diffusion's training layout), in
+        # eager passes without attention dropout (which would draw its masks over other shapes).
+        dropout = self.training and cfg.dropout > 0
+        split = None
+        if mask is not None and mask.dim() == 2 and cache is None and block_mask is None and not dropout:
+            split = None if torch.compiler.is_compiling() else self._mask_split(mask)
         # Select after the blocks (see above) under torch.compile, and with active dropout: dropping out N rows
         # instead of B * T would draw other random masks than the full pass.
-        dropout = self.training and cfg.dropout > 0
         late_rows = rows is not None and (torch.compiler.is_compiling() or dropout)
         last = len(self.blocks) - 1
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
@@ -217,6 +226,7 @@ class Transformer(nn.Module):
                 rows if layer == last and not late_rows else None,
                 is_causal=is_causal,
                 block_mask=block_mask,
+                split=split,
                 cache=cache,
                 layer=layer,
                 update_cache=update_cache,
@@ -253,6 +263,14 @@ class Transformer(nn.Module):
             self._flex_mask = block_mask_from_bool(mask)
             self._flex_key = mask  # a strong reference, so identity cannot be confused with a freed tensor
         return self._flex_mask
+
+    def _mask_split(self, mask: Tensor) -> list[MaskPart] | None:
+        """`split_attention_mask` of `mask`, recomputed only when a different mask tensor comes (masks are
+        read-only, and the training layout's is cached per shape): once per run, not per step."""
+        if self._split_key is not mask:
+            self._split = split_attention_mask(mask)
+            self._split_key = mask  # a strong reference, so identity cannot be confused with a freed tensor
+        return self._split
 
     def forward(
         self,
