@@ -37,17 +37,24 @@ def build_model(
     return config, model
 
 
+# Device types whose AdamW takes the fused kernel (torch >= 2.4 has it on the CPU too).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
 def build_optimizer(
     cfg: TrainConfig, model: Transformer, rt: Runtime
 ) -> tuple[torch.optim.AdamW, torch.amp.GradScaler]:
-    """AdamW over the trainable parameters, and the GradScaler (enabled for float16 only)."""
+    """AdamW over the trainable parameters, and the GradScaler (enabled for float16 only).
+
+    The fused kernel on CUDA and on the CPU: on the CPU it is several times faster than the per-tensor loop (about
+    2 ms of a 60 ms step at nanoGPT's CPU shape, see BENCHMARKS.md) and matches it to float rounding."""
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     optimizer = torch.optim.AdamW(
         model.optimizer_groups(cfg.weight_decay),
         lr=cfg.learning_rate,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.adam_eps,
-        fused=rt.device.type == "cuda",
+        fused=rt.device.type in FUSED_ADAMW_DEVICES,
     )
     return optimizer, scaler
 
