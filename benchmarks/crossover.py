@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -73,6 +74,7 @@ MODEL_FLAGS = [
 # Relative cost of an iteration (block diffusion runs its model over the doubled sequence [x_t ; x_0]).
 COST = {"autoregressive": 1.0, "mdlm": 1.05, "unmasking": 1.05, "block_diffusion": 2.3}
 ITER_LINE = re.compile(r"iter (\d+)/(\d+)")
+RUNNING: set[subprocess.Popen[bytes]] = set()  # the training processes now running
 
 
 @dataclass
@@ -183,8 +185,8 @@ def run_flags(run: Run, data_dir: Path) -> list[str]:
     ]
 
 
-def train(run: Run, data_dir: Path) -> None:
-    if run.done_marker.exists():
+def train(run: Run, data_dir: Path, failed: threading.Event) -> None:
+    if run.done_marker.exists() or failed.is_set():  # after a failure no new run starts: the study stops
         return
     resume = any(run.dir.glob("*.pt"))
     cmd = [sys.executable, "-m", "unmask", "train", *run.flags, "--init_from=resume" if resume else "--overwrite=True"]
@@ -199,6 +201,7 @@ def train(run: Run, data_dir: Path) -> None:
         ).returncode
     seconds = time.perf_counter() - t0
     if rc:
+        failed.set()
         raise RuntimeError(f"c{run.corpus_chars}/{run.label} exited {rc}; see {run.log}")
     run.done_marker.write_text(json.dumps({"seconds": seconds}))
 
@@ -330,13 +333,23 @@ def main() -> None:
     reporter.start()
     # the expensive runs first, so the two workers end together
     todo.sort(key=lambda r: -r.cost)
+    failed = threading.Event()
+    # SIGINT or SIGTERM stop the study (a background job's shell would otherwise have it ignore SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    pool = ThreadPoolExecutor(max_workers=a.jobs)
     try:
-        with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-            for r, _ in zip(todo, pool.map(lambda r: train(r, data_dir), todo), strict=True):
-                print(f"[{time.strftime('%H:%M:%S')}] finished c{r.corpus_chars}/{r.label}", flush=True)
+        for r, _ in zip(todo, pool.map(lambda r: train(r, data_dir, failed), todo), strict=True):
+            print(f"[{time.strftime('%H:%M:%S')}] finished c{r.corpus_chars}/{r.label}", flush=True)
     except KeyboardInterrupt:
-        # the runs received the same SIGINT and saved a checkpoint: the same command continues them
+        # a SIGINT or SIGTERM sent to this process alone: pass it on, so every running run saves a checkpoint and stops, and
+        # start no other; the same command continues the study
+        failed.set()
+        for proc in list(RUNNING):
+            proc.send_signal(signal.SIGINT)
+        pool.shutdown(wait=True, cancel_futures=True)
         sys.exit("interrupted: run the same command again to continue")
+    pool.shutdown()
     stop.set()
     wall = time.perf_counter() - t0
 
