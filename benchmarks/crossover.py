@@ -342,8 +342,8 @@ def main() -> None:
         for r, _ in zip(todo, pool.map(lambda r: train(r, data_dir, failed), todo), strict=True):
             print(f"[{time.strftime('%H:%M:%S')}] finished c{r.corpus_chars}/{r.label}", flush=True)
     except KeyboardInterrupt:
-        # a SIGINT or SIGTERM sent to this process alone: pass it on, so every running run saves a checkpoint and stops, and
-        # start no other; the same command continues the study
+        # a SIGINT or SIGTERM sent to this process alone: pass it on, so every running run saves a checkpoint and
+        # stops, and start no other; the same command continues the study
         failed.set()
         for proc in list(RUNNING):
             proc.send_signal(signal.SIGINT)
