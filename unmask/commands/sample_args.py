@@ -54,10 +54,9 @@ class SampleArgs:
     distribution), low_confidence (most probable first, LLaDA), margin (top-1 minus top-2), entropy (lowest
     entropy first), remask (the original sampler: fill everything, re-mask down the schedule by entropy mixed
     with chance) or critic (remask scored by --critic_ckpt's P(wrong)). A comma list with --sweep_steps.
-    Default: the checkpoint kind's sampler when none of --remasking, --steps, --schedule, --confidence_threshold,
-    --entropy_budget, --policy, --preset and --sweep_steps is given (diffusion and block-diffusion checkpoints:
-    low_confidence with --entropy_budget=1, chosen from the quality table of docs/quality.md), else random.
-    """
+    Default: random, except for block-diffusion checkpoints when none of --remasking, --steps, --schedule,
+    --confidence_threshold, --entropy_budget, --policy, --preset and --sweep_steps is given: then the checkpoint
+    kind's sampler, low_confidence with --entropy_budget=1 (chosen from the quality table of docs/quality.md)."""
     randomness_strength: float = bounded(0.4, 0.0, 1.0)
     """remask and critic: share of chance in choosing positions to re-mask (1: random, 0: by entropy / critic)."""
     critic_ckpt: str | None = None
