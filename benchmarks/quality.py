@@ -61,7 +61,9 @@ RUNS: dict[str, list[str]] = {
     "block_diffusion4": ["--objective=block_diffusion", "--diffusion_block=4"],
     # the ablations of the quality levers: self-conditioning and the searched mask-rate window
     "mdlm_sc": ["--objective=mdlm", "--self_conditioning=True"],
-    "mdlm_window": ["--objective=mdlm", "--mask_rate_window=auto"],
+    # the window search runs at the first evaluation after iteration 0 and whenever the iteration has doubled:
+    # evaluations every 200 iterations make it search at 200, 400, 800 and 1600 (train on its choice from 200)
+    "mdlm_window": ["--objective=mdlm", "--mask_rate_window=auto", "--eval_interval=200"],
     "unmasking_sc": ["--objective=unmasking", "--self_conditioning=True"],
     "block_diffusion4_sc": ["--objective=block_diffusion", "--diffusion_block=4", "--self_conditioning=True"],
     "block_diffusion4_window": [
@@ -69,6 +71,7 @@ RUNS: dict[str, list[str]] = {
         "--diffusion_block=4",
         "--mdlm_estimator=antithetic_t",  # the window clips the rate t; exact_k draws counts
         "--mask_rate_window=auto",
+        "--eval_interval=200",
     ],
 }
 TABLE_RUNS = [name for name in RUNS if name != "judge"]
@@ -268,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         run_dirs[name] = out / name
         seed = a.seed + 1 if name == "judge" else a.seed
-        cmd = ["train", *model_flags, *flags, f"--seed={seed}", f"--out_dir={run_dirs[name]}"]
+        overridden = {flag.split("=")[0] for flag in flags}  # a run's own value of a shared flag wins
+        shared = [flag for flag in model_flags if flag.split("=")[0] not in overridden]
+        cmd = ["train", *shared, *flags, f"--seed={seed}", f"--out_dir={run_dirs[name]}"]
         commands[f"train {name}"] = cmd
         marker = results / f"{name}.train.json"
         if not marker.exists():
