@@ -4,8 +4,6 @@ block diffusion's training mask in two calls over the key spans the rows see."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -14,14 +12,6 @@ from unmask.model import ModelConfig, Transformer, apply_rope, rope_cache
 from unmask.model.attention import split_attention_mask
 
 VOCAB = 11
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def textbook_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

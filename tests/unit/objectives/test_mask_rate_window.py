@@ -4,7 +4,6 @@ diffusion's --zero_masking."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,6 @@ from unmask.objectives.window_search import FULL_WINDOW, candidate_windows, sear
 
 VOCAB = 6  # 5 characters + [MASK]
 MASK_ID = VOCAB - 1
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _model(diffusion_block: int = 0) -> Transformer:
