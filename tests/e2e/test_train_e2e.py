@@ -171,8 +171,8 @@ def test_nonfinite_losses_skip_updates_then_stop_cleanly(
     real = objectives.unmasking_loss
     calls = {"n": 0}
 
-    def flaky(model: torch.nn.Module, batch: object) -> torch.Tensor:
-        loss = real(model, batch)  # type: ignore[arg-type]
+    def flaky(model: torch.nn.Module, batch: object, self_cond_mask_id: int | None = None) -> torch.Tensor:
+        loss = real(model, batch, self_cond_mask_id)  # type: ignore[arg-type]
         if not torch.is_grad_enabled():
             return loss  # evaluation
         calls["n"] += 1
@@ -219,8 +219,8 @@ def test_infinite_gradient_with_a_finite_loss_is_skipped(
     real = objectives.unmasking_loss
     calls = {"n": 0}
 
-    def spiky(model: torch.nn.Module, batch: object) -> torch.Tensor:
-        loss = real(model, batch)  # type: ignore[arg-type]
+    def spiky(model: torch.nn.Module, batch: object, self_cond_mask_id: int | None = None) -> torch.Tensor:
+        loss = real(model, batch, self_cond_mask_id)  # type: ignore[arg-type]
         if torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] == 6:
