@@ -88,7 +88,6 @@ class Run:
     eval_interval: int
     dir: Path
     flags: list[str] = field(default_factory=list)
-    seconds: float = 0.0
 
     @property
     def done_marker(self) -> Path:
@@ -136,7 +135,7 @@ def make_dataset(data_dir: Path, name: str, train: str, val: str) -> None:
         sys.exit(f"{name}: prepared {len(ds.train)}/{len(ds.val)} characters, wanted {len(train)}/{len(val)}")
 
 
-def source_text(source: str | None, log_dir: Path) -> str:
+def source_text(source: str | None) -> str:
     if source:
         return Path(source).read_text(encoding="utf-8")
     from unmask.data.sources import fetch_tiny_shakespeare
@@ -310,7 +309,7 @@ def main() -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     runs = plan_runs(a, out)
     sizes = sorted({r.corpus_chars for r in runs})
-    train_text, val_text = split_source(source_text(a.source, out))
+    train_text, val_text = split_source(source_text(a.source))
     if sizes[-1] > len(train_text):
         sys.exit(f"--corpus_chars={sizes[-1]}: the source's training split has {len(train_text):,} characters")
     for n in sizes:
